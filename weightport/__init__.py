@@ -1,0 +1,39 @@
+"""weightport: move pretrained weights into the architecture you train, and say what happened.
+
+    >>> import weightport as wp
+    >>> report = wp.transfer("resnet50.pth", model)
+    >>> print(report.summary())
+"""
+
+from weightport import errors
+from weightport.api import plan, transfer
+from weightport.errors import WeightportError
+from weightport.mapping import (
+    Mapping,
+    add_prefix,
+    drop,
+    fuse,
+    list_adapters,
+    list_ops,
+    register_op,
+    rename,
+    split,
+    strip_prefix,
+    transform,
+)
+from weightport.mapping.files import list_mappings, load_mapping
+from weightport.meta import init_empty
+from weightport.plan import TransferPlan
+from weightport.report import Entry, TransferReport
+from weightport.save import save
+from weightport.sources import Source, SourceInfo, open_source
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transfer", "plan", "open_source", "load_mapping", "list_mappings", "save", "init_empty",
+    "Mapping", "rename", "drop", "strip_prefix", "add_prefix", "split", "fuse", "transform",
+    "register_op", "list_ops", "list_adapters",
+    "TransferPlan", "TransferReport", "Entry", "Source", "SourceInfo",
+    "WeightportError", "errors",
+]

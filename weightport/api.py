@@ -1,0 +1,134 @@
+"""The public entry points: :func:`transfer` and :func:`plan`. Thin orchestration only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightport.errors import PlanError
+from weightport.mapping.core import Mapping
+from weightport.mapping.rules import Rule
+from weightport.plan import TransferPlan, build_plan
+from weightport.report import TransferReport
+from weightport.sources import open_source
+
+log = logging.getLogger(__name__)
+
+
+def plan(
+    source: Any,
+    model: nn.Module,
+    *,
+    mapping: str | Mapping | None = None,
+    rules: Iterable[Rule] = (),
+    into: str | None = None,
+    on_mismatch: str = "skip",
+    strict: bool = False,
+    require: Sequence[str] = (),
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    checkpoint_key: str | None = None,
+    check_finite: bool = False,
+    trust_pickle: bool = False,
+) -> TransferPlan:
+    """Decide what :func:`transfer` would do, reading no tensor data and changing nothing.
+
+    Takes the same arguments as :func:`transfer`. ``plan.report`` is the preview;
+    ``plan.apply()`` performs it.
+    """
+    src = open_source(source, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
+    resolved = _mapping(mapping).with_rules(rules)
+    return build_plan(src, model, resolved, into=into, on_mismatch=on_mismatch, strict=strict,
+                      require=require, dtype=_dtype(dtype), device=_device(device),
+                      check_finite=check_finite)
+
+
+def transfer(
+    source: Any,
+    model: nn.Module,
+    *,
+    mapping: str | Mapping | None = None,
+    rules: Iterable[Rule] = (),
+    into: str | None = None,
+    on_mismatch: str = "skip",
+    strict: bool = False,
+    require: Sequence[str] = (),
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    checkpoint_key: str | None = None,
+    check_finite: bool = False,
+    trust_pickle: bool = False,
+) -> TransferReport:
+    """Load ``source`` into ``model``: plan everything first, then change all or nothing.
+
+    Args:
+        source: A path (file or folder), a state dict or nested checkpoint, an ``nn.Module``,
+            a :class:`~weightport.Source`, or a spec (``"torchvision:resnet50"``, ``"timm:NAME"``,
+            ``"hf:org/name"``).
+        model: The target. May be built on the meta device (see :func:`init_empty`): then only
+            tensors that load nothing are initialised, by their modules' ``reset_parameters``.
+        mapping: A shipped mapping name, a mapping file path, or a :class:`Mapping`.
+        rules: Extra rules, applied before the mapping's own.
+        into: Load into this submodule (dotted name); the rest of the model is untouched.
+        on_mismatch: For a source tensor whose shape differs from its target: ``"skip"`` keeps
+            the target's initialisation and reports it, ``"adapt"`` uses a shape adapter,
+            ``"error"`` refuses.
+        strict: Every target tensor must load and every source tensor be used.
+        require: Glob patterns of target tensors that must load (``"backbone.*"``).
+        dtype: Cast floating-point tensors in scope to this dtype.
+        device: Place tensors in scope on this device (the ``map_location`` idea).
+        checkpoint_key: Key of the weights inside a nested checkpoint.
+        check_finite: Refuse source tensors holding NaN or Inf.
+        trust_pickle: Allow full pickle loading of torch files (runs code from the file).
+
+    Returns:
+        A :class:`TransferReport` naming the fate of every target and source tensor.
+
+    Raises:
+        WeightportError: On any bad input or failed check; the model is then bitwise unchanged.
+
+    Example:
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> report = weightport.transfer("resnet18.pth", model)
+        >>> print(report.summary())
+    """
+    planned = plan(source, model, mapping=mapping, rules=rules, into=into, on_mismatch=on_mismatch,
+                   strict=strict, require=require, dtype=dtype, device=device,
+                   checkpoint_key=checkpoint_key, check_finite=check_finite, trust_pickle=trust_pickle)
+    report = planned.apply()
+    log.info("%s", report.summary().splitlines()[0])
+    return report
+
+
+def _mapping(mapping: str | Mapping | None) -> Mapping:
+    if mapping is None:
+        return Mapping()
+    if isinstance(mapping, Mapping):
+        return mapping
+    if isinstance(mapping, str):
+        from weightport.mapping.files import load_mapping
+
+        return load_mapping(mapping)
+    raise PlanError(f"mapping must be a name, a path or a weightport.Mapping, not {type(mapping).__name__}")
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype):
+        raise PlanError(f"dtype={dtype!r} is not a torch dtype (try 'float16', 'bfloat16', 'float32')")
+    return resolved
+
+
+def _device(device: torch.device | str | None) -> torch.device | None:
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PlanError(f"device={device!r} is not a torch device ({e})") from e

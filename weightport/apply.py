@@ -1,0 +1,327 @@
+"""Applying a plan: everything that can fail first, then a commit that cannot.
+
+Two phases:
+
+1. **Prepare** (may fail; the model is untouched). Every value is computed or
+   located: plain loads become zero-copy views of the mapped file (nothing is
+   read yet), op results are computed, shapes and (optionally) finiteness are
+   checked. Tensors that must change dtype or device, and every tensor of a
+   meta-built target, are filled into *new* memory here: the old tensor stays
+   in the model until the commit.
+2. **Commit** (cannot fail; interrupts are deferred until it ends). In-place
+   ``copy_`` from the prepared views into existing tensors, and identity-keeping
+   swaps of the new tensors into the model (``torch.utils.swap_tensors``, so
+   optimizers and tied modules keep seeing the same ``Parameter`` objects).
+
+A built target therefore holds one copy of its weights plus the op results;
+a meta-built target holds only the new weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from weightport.errors import NonFiniteError, PlanError, ShapeMismatchError
+from weightport.mapping.ops import fuse
+
+if TYPE_CHECKING:
+    from weightport.plan import Recipe, TransferPlan
+    from weightport.report import TransferReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Copy:
+    """Commit: ``dest.copy_(value)`` in place."""
+
+    dest: torch.Tensor
+    value: torch.Tensor
+    release: tuple[str, ...]
+
+
+@dataclass
+class _Swap:
+    """Commit: put ``new`` in place of ``old`` (same identity where possible)."""
+
+    old: torch.Tensor
+    new: torch.Tensor
+    owners: list[tuple[nn.Module, str, str]]  # (module, "_parameters" | "_buffers", attr)
+
+
+def apply_plan(plan: TransferPlan) -> TransferReport:
+    if plan._applied:
+        raise PlanError("this plan was applied already; call weightport.plan(...) again")
+    _check_unchanged(plan)
+    start = time.perf_counter()
+    writes, notes = _prepare(plan)
+    prepared = time.perf_counter()
+    with _interrupts_deferred(), torch.no_grad():
+        _commit(writes, plan)
+        plan._applied = True
+    done = time.perf_counter()
+    stats = {"prepare_s": prepared - start, "commit_s": done - prepared, "seconds": done - start,
+             "bytes_loaded": float(sum(plan.source.meta(i.key).nbytes for r in plan.recipes.values()
+                                       for i in r.inputs))}
+    warnings = plan.report.warnings + tuple(notes)
+    return replace(plan.report, applied=True, stats=stats, warnings=warnings)
+
+
+def _check_unchanged(plan: TransferPlan) -> None:
+    from weightport.plan import collect_targets
+
+    now = collect_targets(plan.scope)
+    for name, t in plan.targets.items():
+        cur = now.get(name)
+        if cur is None or cur.tensor is not t.tensor or cur.tensor.shape != t.tensor.shape:
+            raise PlanError(f"the model changed since it was planned ({name!r}); plan again")
+
+
+# -- prepare ----------------------------------------------------------------------------------------
+
+def _final(t: torch.Tensor, plan: TransferPlan) -> tuple[torch.dtype, torch.device]:
+    dtype = plan.dtype if plan.dtype is not None and t.is_floating_point() else t.dtype
+    if plan.device is not None:
+        device = plan.device
+    else:
+        device = torch.device("cpu") if t.is_meta else t.device
+    return dtype, device
+
+
+def _prepare(plan: TransferPlan) -> tuple[list[Any], list[str]]:
+    notes: list[str] = []
+    writes: list[Any] = []
+    owners = _owners(plan.scope)
+    fresh_names = [n for n, t in plan.targets.items() if n == t.canonical and n not in plan.recipes]
+    needs_init = [n for n in fresh_names if plan.targets[n].tensor.is_meta]
+    value_ops = [n for n, r in plan.recipes.items() if plan.targets[n].tensor.is_meta
+                 and any(op.target_use == "value" for op in r.ops)]
+    inits = _fresh_values(plan, needs_init + value_ops, notes)
+    for name, recipe in plan.recipes.items():
+        target = plan.targets[name].tensor
+        writes.append(_prepare_recipe(plan, recipe, target, inits.get(name), owners))
+    for name in fresh_names:
+        t = plan.targets[name].tensor
+        dtype, device = _final(t, plan)
+        if name in inits:
+            writes.append(_swap(t, inits[name].to(dtype=dtype), owners))
+        elif (dtype, device) != (t.dtype, t.device):
+            writes.append(_swap(t, t.detach().to(device=device, dtype=dtype, copy=True), owners))
+    if plan.dtype is not None or plan.device is not None:
+        writes.extend(_convert_other_buffers(plan, owners))
+    return writes, notes
+
+
+def _prepare_recipe(plan: TransferPlan, recipe: Recipe, target: torch.Tensor,
+                    init: torch.Tensor | None, owners: dict[int, list[tuple[nn.Module, str, str]]]) -> Any:
+    source = plan.source
+    dtype, device = _final(target, plan)
+    in_place = not target.is_meta and (dtype, device) == (target.dtype, target.device)
+    plain = len(recipe.inputs) == 1 and not recipe.ops and recipe.fuse_dim is None
+    keys = tuple(i.key for i in recipe.inputs)
+    if plain and not in_place and not plan.check_finite and device.type == "cpu":
+        new = torch.empty(target.shape, dtype=dtype, device=device)
+        source.read_into(keys[0], new)  # straight from the file into the new tensor
+        return _swap(target, new, owners)
+    value = compute(recipe, source, init if init is not None else target)
+    if tuple(value.shape) != tuple(target.shape):
+        raise ShapeMismatchError(
+            f"{recipe.target!r}: the ops produced shape {tuple(value.shape)} but the target is "
+            f"{tuple(target.shape)}; fix the rule's op"
+        )
+    if plan.check_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(
+            f"{', '.join(keys)} -> {recipe.target!r}: holds NaN or Inf values; the checkpoint is damaged "
+            "(pass check_finite=False to load it anyway)"
+        )
+    if in_place:
+        return _Copy(target, value, keys)
+    new = torch.empty(target.shape, dtype=dtype, device=device)
+    new.copy_(value)
+    for k in keys:
+        source.release(k)
+    return _swap(target, new, owners)
+
+
+def compute(recipe: Recipe, source: Any, target: torch.Tensor) -> torch.Tensor:
+    """The recipe's value: a zero-copy view for a plain load, op results otherwise."""
+    xs = []
+    for inp in recipe.inputs:
+        x = source.view(inp.key)
+        for op in inp.ops:
+            x = op.run(x, target)
+        xs.append(x)
+    out = fuse(xs, recipe.fuse_dim) if recipe.fuse_dim is not None else xs[0]
+    for op in recipe.post:
+        out = op.run(out, target)
+    return out
+
+
+def _owners(scope: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    found: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for module in scope.modules():
+        for kind in ("_parameters", "_buffers"):
+            for attr, t in getattr(module, kind).items():
+                if t is not None:
+                    found.setdefault(id(t), []).append((module, kind, attr))
+    return found
+
+
+def _swap(old: torch.Tensor, new: torch.Tensor, owners: dict[int, list[tuple[nn.Module, str, str]]]) -> _Swap:
+    if isinstance(old, nn.Parameter):
+        param = nn.Parameter(new, requires_grad=old.requires_grad)
+        if type(old) is not nn.Parameter:  # keep Parameter subclasses
+            param = type(old)(new, requires_grad=old.requires_grad) if _can_rebuild(old) else param
+        param.__dict__.update(old.__dict__)
+        new = param
+    return _Swap(old, new, owners.get(id(old), []))
+
+
+def _can_rebuild(p: nn.Parameter) -> bool:
+    try:
+        type(p)(torch.empty(0), requires_grad=False)
+    except Exception:  # noqa: BLE001 - a custom subclass with another constructor
+        return False
+    return True
+
+
+def _convert_other_buffers(plan: TransferPlan, owners: dict[int, list[tuple[nn.Module, str, str]]]) -> list[_Swap]:
+    """Non-persistent buffers follow ``device=`` / ``dtype=`` like the rest of the scope."""
+    seen = {id(t.tensor) for t in plan.targets.values()}
+    out = []
+    for _, b in plan.scope.named_buffers():
+        if id(b) in seen or b.is_meta:
+            continue
+        seen.add(id(b))
+        dtype, device = _final(b, plan)
+        if (dtype, device) != (b.dtype, b.device):
+            out.append(_swap(b, b.to(device=device, dtype=dtype, copy=True), owners))
+    return out
+
+
+# -- fresh tensors of a meta-built target -------------------------------------------------------------
+
+def _fresh_values(plan: TransferPlan, names: list[str], notes: list[str]) -> dict[str, torch.Tensor]:
+    """Initialise meta tensors by their modules' own ``reset_parameters``, on a shadow copy."""
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for path, members in by_module.items():
+        module = plan.scope.get_submodule(path) if path else plan.scope
+        shadow = _shadow(module, plan)
+        init = getattr(shadow, "reset_parameters", None) or getattr(shadow, "_reset_parameters", None)
+        if callable(init):
+            with torch.no_grad():
+                init()
+        else:
+            notes.append(
+                f"{path or 'the model'} ({type(module).__name__}) has no reset_parameters(): "
+                f"{', '.join(members)} initialised to zeros"
+            )
+        for name in members:
+            attr = name.rpartition(".")[2]
+            value = shadow._parameters.get(attr)
+            if value is None:
+                value = shadow._buffers.get(attr)
+            if value is None or value.is_meta:
+                raise PlanError(f"cannot materialise {name!r}: it is not a direct parameter or buffer "
+                                "of its module; build the model normally instead of on meta")
+            out[name] = value.detach()
+    return out
+
+
+def _shadow(module: nn.Module, plan: TransferPlan) -> nn.Module:
+    """A copy of ``module`` whose own meta tensors are real (zeros) and whose other tensors
+    are meta stand-ins, so ``reset_parameters`` can run without touching the model."""
+    shadow = copy.copy(module)
+    shadow._parameters = {}
+    shadow._buffers = {}
+    shadow._modules = {n: _meta_shadow(c) for n, c in module._modules.items() if c is not None}
+    for kind in ("_parameters", "_buffers"):
+        for attr, t in getattr(module, kind).items():
+            if t is None:
+                getattr(shadow, kind)[attr] = None
+                continue
+            dtype, device = _final(t, plan)
+            if t.is_meta:
+                real = torch.zeros(t.shape, dtype=dtype, device=device)
+            else:
+                real = torch.empty_like(t, device="meta")
+            getattr(shadow, kind)[attr] = nn.Parameter(real, requires_grad=t.requires_grad) \
+                if isinstance(t, nn.Parameter) else real
+    return shadow
+
+
+def _meta_shadow(module: nn.Module) -> nn.Module:
+    shadow = copy.copy(module)
+    shadow._parameters = {a: None if t is None else nn.Parameter(torch.empty_like(t, device="meta"),
+                                                                    requires_grad=t.requires_grad)
+                          for a, t in module._parameters.items()}
+    shadow._buffers = {a: None if t is None else torch.empty_like(t, device="meta")
+                       for a, t in module._buffers.items()}
+    shadow._modules = {n: _meta_shadow(c) for n, c in module._modules.items() if c is not None}
+    return shadow
+
+
+# -- commit -----------------------------------------------------------------------------------------
+
+def _commit(writes: list[Any], plan: TransferPlan) -> None:
+    source = plan.source
+    for w in writes:
+        if isinstance(w, _Copy):
+            w.dest.copy_(w.value)
+            for k in w.release:
+                source.release(k)
+        else:
+            _replace(w)
+
+
+def _replace(w: _Swap) -> None:
+    if _swappable(w.old) and _swappable(w.new) and type(w.old) is type(w.new):
+        torch.utils.swap_tensors(w.old, w.new)
+        return
+    for module, kind, attr in w.owners:
+        getattr(module, kind)[attr] = w.new
+
+
+def _swappable(t: torch.Tensor) -> bool:
+    if weakref.getweakrefs(t):
+        return False
+    try:
+        return t._use_count() <= 1
+    except AttributeError:  # older torch
+        return False
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, then raise it: the commit is never half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        received.append(signum)
+        log.warning("interrupt received during the commit; finishing the commit first")
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt

@@ -1,0 +1,150 @@
+"""The :class:`Mapping`: an ordered list of rules, compiled once into an index.
+
+The first rule whose pattern matches a key decides it; keys no rule matches
+keep their name. Resolving is pure (names in, names and ops out) and fast: rules
+are indexed by their literal segments, so each key tries only the few rules that
+could match it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from weightport.errors import MappingError
+from weightport.mapping.rules import Drop, Output, Rule
+
+__all__ = ["Mapping", "Resolution"]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What the mapping does with one source key.
+
+    Attributes:
+        rule: The rule that matched, or ``None`` (the key keeps its name).
+        outputs: The targets fed; empty for a dropped key.
+    """
+
+    rule: Rule | None
+    outputs: tuple[Output, ...]
+
+    @property
+    def dropped(self) -> bool:
+        return isinstance(self.rule, Drop)
+
+
+class _Index:
+    """Candidate lookup by fixed segment count and literal segments."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.alternatives: list[tuple[int, int, Rule]] = []  # (pattern index in rule, rule order, rule)
+        self.fixed: dict[int, dict[tuple[int, ...], dict[tuple[str, ...], list[int]]]] = {}
+        self.variable: list[int] = []
+        for order, rule in enumerate(rules):
+            for index, pattern in enumerate(rule.patterns):
+                alt = len(self.alternatives)
+                self.alternatives.append((index, order, rule))
+                skeleton = pattern.skeleton()
+                if skeleton is None:
+                    self.variable.append(alt)
+                    continue
+                count, literal = skeleton
+                positions = tuple(sorted(literal))
+                table = self.fixed.setdefault(count, {}).setdefault(positions, {})
+                table.setdefault(tuple(literal[p] for p in positions), []).append(alt)
+
+    def candidates(self, key: str) -> Iterable[int]:
+        segments = key.split(".")
+        found: list[int] = []
+        for positions, table in self.fixed.get(len(segments), {}).items():
+            hit = table.get(tuple(segments[p] for p in positions))
+            if hit:
+                found.extend(hit)
+        if self.variable:
+            found.extend(self.variable)
+        found.sort()
+        return found
+
+
+class Mapping:
+    """An ordered set of rules that renames (and transforms) source keys.
+
+    Args:
+        rules: Rules in priority order; the first that matches a key decides it.
+        name: Registry name (mapping files).
+        description: One line for humans.
+        source: The architecture the source side was verified on.
+        target: The architecture the target side was verified on.
+
+    Example:
+        >>> m = wp.Mapping([wp.strip_prefix("backbone."), wp.drop("head.**")])
+        >>> m.resolve("backbone.conv1.weight").outputs[0].target
+        'conv1.weight'
+    """
+
+    def __init__(self, rules: Iterable[Rule] = (), *, name: str | None = None,
+                 description: str | None = None, source: str | None = None,
+                 target: str | None = None, path: str | None = None) -> None:
+        self.rules: tuple[Rule, ...] = tuple(rules)
+        for r in self.rules:
+            if not isinstance(r, Rule):
+                raise MappingError(f"a mapping holds rules (wp.rename, wp.drop …), not {r!r}")
+        self.name = name
+        self.description = description
+        self.source = source
+        self.target = target
+        self.path = path
+        self._index = _Index(self.rules)
+
+    def resolve(self, key: str) -> Resolution:
+        """Where ``key`` goes. Pure: names in, names and ops out."""
+        for alt in self._index.candidates(key):
+            index, _order, rule = self._index.alternatives[alt]
+            captures = rule.patterns[index].match(key)
+            if captures is not None:
+                return Resolution(rule, rule.outputs(index, captures))
+        return Resolution(None, (Output(key),))
+
+    def with_rules(self, rules: Iterable[Rule]) -> Mapping:
+        """A mapping whose ``rules`` come before this mapping's own."""
+        extra = tuple(rules)
+        if not extra:
+            return self
+        return Mapping(extra + self.rules, name=self.name, description=self.description,
+                       source=self.source, target=self.target, path=self.path)
+
+    def inverse(self) -> Mapping:
+        """The mapping from target names back to source names.
+
+        Renames invert with their ops, splits become fuses and fuses splits; drops have
+        nothing to undo and are left out.
+
+        Raises:
+            MappingError: a rule cannot be inverted (anonymous wildcards, ``re:``, an op
+                without inverse, a capture the template does not use); the message names it.
+        """
+        inverted = [inv for r in self.rules if (inv := r.inverse()) is not None]
+        return Mapping(inverted, name=_swap_name(self.name), description=self.description,
+                       source=self.target, target=self.source)
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __repr__(self) -> str:
+        return f"<Mapping {self.name or ''} {len(self.rules)} rules>".replace("  ", " ")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "source": self.source,
+                "target": self.target, "rules": [r.described() for r in self.rules]}
+
+
+def _swap_name(name: str | None) -> str | None:
+    if name and "->" in name:
+        a, b = name.split("->", 1)
+        return f"{b}->{a}"
+    return name

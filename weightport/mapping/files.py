@@ -1,0 +1,284 @@
+"""Mapping files: TOML in ``mappings/``, validated on load.
+
+Format::
+
+    name = "torchvision.vit->timm.vit"
+    description = "torchvision VisionTransformer to timm VisionTransformer"
+    source = "torchvision:vit_b_16"          # what it was verified on
+    target = "timm:vit_base_patch16_224"
+    extends = "other.mapping"               # optional: its rules come after ours
+
+    [[rule]]
+    rename = "encoder.layers.encoder_layer_{i}.ln_{n}.{p}"
+    to = "blocks.{i}.norm{n}.{p}"
+
+    [[rule]]
+    drop = "heads.pre_logits.**"
+
+    [[rule]]
+    split = "blocks.{i}.attn.qkv.{p}"
+    to = ["a.{i}.q.{p}", "a.{i}.k.{p}", "a.{i}.v.{p}"]
+    dim = 0                                  # sizes = [...] for uneven parts
+
+    [[rule]]
+    fuse = ["x.{i}.q.{p}", "x.{i}.k.{p}", "x.{i}.v.{p}"]
+    to = "blocks.{i}.attn.qkv.{p}"
+
+    [[rule]]
+    transform = "head.weight"
+    to = "fc.weight"
+    op = "select"                            # a registered op or adapter
+    index = [0, 5, 9]                        # its parameters, inline
+
+    [[rule]]
+    strip_prefix = "backbone."               # also: add_prefix
+
+Errors name the file, the rule number and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from weightport.errors import MappingError, PatternError, WeightportError
+from weightport.mapping.core import Mapping
+from weightport.mapping.ops import get_op
+from weightport.mapping.pattern import Placeholder, Template
+from weightport.mapping.rules import (
+    Rule,
+    add_prefix,
+    drop,
+    fuse,
+    rename,
+    split,
+    strip_prefix,
+    transform,
+)
+
+__all__ = ["load_mapping", "list_mappings", "mapping_files", "parse_mapping"]
+
+TOP_FIELDS = {"name", "description", "source", "target", "extends", "rule"}
+KINDS = ("rename", "drop", "split", "fuse", "transform", "strip_prefix", "add_prefix")
+FIELDS = {
+    "rename": {"to"},
+    "drop": set(),
+    "split": {"to", "dim", "sizes"},
+    "fuse": {"to", "dim"},
+    "transform": {"to", "op", "params"},
+    "strip_prefix": set(),
+    "add_prefix": set(),
+}
+
+
+def shipped_dir() -> Path:
+    """The folder of shipped mapping files (inside the wheel, or the source checkout)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "mappings", here.parent / "mappings"):
+        if candidate.is_dir():
+            return candidate
+    return here / "mappings"
+
+
+def mapping_files() -> dict[str, Path]:
+    """Shipped mapping names and their files."""
+    out: dict[str, Path] = {}
+    folder = shipped_dir()
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            with open(path, "rb") as f:
+                name = tomllib.load(f).get("name")
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+        if isinstance(name, str):
+            out[name] = path
+    return out
+
+
+def list_mappings() -> list[str]:
+    """Names of the shipped mappings."""
+    return sorted(mapping_files())
+
+
+def load_mapping(name_or_path: str | os.PathLike[str]) -> Mapping:
+    """Load a shipped mapping by name, or a mapping file by path.
+
+    Raises:
+        MappingError: unknown name, or an invalid file (the message names file, rule and field).
+    """
+    return _load(os.fspath(name_or_path), ())
+
+
+def _load(ref: str, chain: tuple[str, ...]) -> Mapping:
+    path = _find(ref)
+    key = str(path.resolve())
+    if key in chain:
+        raise MappingError(f"{path}: 'extends' forms a cycle: {' -> '.join(chain + (key,))}")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise MappingError(f"{path}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise MappingError(f"{path}: not valid UTF-8 text: {e}") from e
+    return parse_mapping(data, str(path), chain + (key,))
+
+
+def _find(ref: str) -> Path:
+    if os.path.isfile(ref):
+        return Path(ref)
+    shipped = mapping_files()
+    if ref in shipped:
+        return shipped[ref]
+    raise MappingError(
+        f"{ref!r} is neither a mapping file nor a shipped mapping; shipped: "
+        f"{', '.join(sorted(shipped)) or 'none'}"
+    )
+
+
+def parse_mapping(data: Any, path: str = "<mapping>", chain: tuple[str, ...] = ()) -> Mapping:
+    """Validate parsed TOML and build the :class:`Mapping`."""
+    if not isinstance(data, dict):
+        raise MappingError(f"{path}: a mapping file is a TOML table")
+    unknown = sorted(set(data) - TOP_FIELDS)
+    if unknown:
+        raise MappingError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))}; "
+                           f"allowed: {', '.join(sorted(TOP_FIELDS))}")
+    for field in ("name", "description", "source", "target", "extends"):
+        if field in data and not isinstance(data[field], str):
+            raise MappingError(f"{path}: field {field!r} must be a string")
+    raw_rules = data.get("rule", [])
+    if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
+        raise MappingError(f"{path}: 'rule' must be an array of tables ([[rule]])")
+    rules = [_rule(r, f"{path} rule {i}") for i, r in enumerate(raw_rules, 1)]
+    _check_targets_unique(rules, path)
+    mapping = Mapping(rules, name=data.get("name"), description=data.get("description"),
+                      source=data.get("source"), target=data.get("target"), path=path)
+    if "extends" in data:
+        base = _load(data["extends"], chain)
+        mapping = Mapping(mapping.rules + base.rules, name=mapping.name,
+                          description=mapping.description, source=mapping.source,
+                          target=mapping.target, path=path)
+    return mapping
+
+
+def _rule(raw: dict[str, Any], where: str) -> Rule:
+    kinds = [k for k in KINDS if k in raw]
+    if len(kinds) != 1:
+        raise MappingError(f"{where}: a rule has exactly one of {', '.join(KINDS)}; found "
+                           f"{', '.join(kinds) or 'none'}")
+    kind = kinds[0]
+    where = f"{where} ({kind})"
+    allowed = FIELDS[kind] | {kind}
+    if kind == "transform":
+        op = raw.get("op")
+        if not isinstance(op, str):
+            raise MappingError(f"{where}: field 'op' must name a registered op")
+        try:
+            allowed |= get_op(op).params
+        except MappingError as e:
+            raise MappingError(f"{where}: field 'op': {e}") from None
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise MappingError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+                           f"allowed here: {', '.join(sorted(allowed))}")
+    try:
+        rule = _build(kind, raw, where)
+    except (PatternError, MappingError) as e:
+        raise MappingError(f"{where}: {_strip_where(str(e), where)}") from None
+    except WeightportError:
+        raise
+    _check_captures_used(rule, where)
+    return rule
+
+
+def _strip_where(message: str, where: str) -> str:
+    return message[len(where) + 2:] if message.startswith(where + ": ") else message
+
+
+def _field(raw: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in raw:
+        raise MappingError(f"{where}: field {name!r} is required")
+    value = raw[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise MappingError(f"{where}: field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _strings(raw: dict[str, Any], name: str, where: str) -> list[str]:
+    value = _field(raw, name, list, where)
+    if not all(isinstance(v, str) for v in value):
+        raise MappingError(f"{where}: field {name!r} must be a list of strings")
+    return value
+
+
+def _build(kind: str, raw: dict[str, Any], where: str) -> Rule:
+    dim = _field(raw, "dim", int, where) if "dim" in raw else 0
+    if kind == "rename":
+        return rename(_field(raw, kind, str, where), _field(raw, "to", str, where), origin=where)
+    if kind == "drop":
+        return drop(_field(raw, kind, str, where), origin=where)
+    if kind == "strip_prefix":
+        return strip_prefix(_field(raw, kind, str, where), origin=where)
+    if kind == "add_prefix":
+        return add_prefix(_field(raw, kind, str, where), origin=where)
+    if kind == "split":
+        sizes = raw.get("sizes")
+        if sizes is not None and not (isinstance(sizes, list) and all(type(s) is int for s in sizes)):
+            raise MappingError(f"{where}: field 'sizes' must be a list of integers")
+        return split(_field(raw, kind, str, where), _strings(raw, "to", where), dim, sizes, origin=where)
+    if kind == "fuse":
+        return fuse(_strings(raw, kind, where), _field(raw, "to", str, where), dim, origin=where)
+    params = dict(raw.get("params") or {})
+    params.update({k: v for k, v in raw.items() if k not in ("transform", "to", "op", "params")})
+    return transform(_field(raw, kind, str, where), _field(raw, "to", str, where), raw["op"],
+                     origin=where, **params)
+
+
+def _check_captures_used(rule: Rule, where: str) -> None:
+    """In files, a named capture the template ignores is an error: it maps many keys to one."""
+    templates = rule.output_templates
+    for pattern in rule.patterns:
+        if pattern.text.startswith("re:"):
+            continue
+        for t in templates:
+            unused = [n for n in pattern.names if n not in t.names]
+            if unused:
+                raise MappingError(
+                    f"{where}: placeholder(s) {', '.join('{' + n + '}' for n in unused)} captured by "
+                    f"{pattern.text!r} are not used in {t.text!r}; use '*' to match without capturing"
+                )
+
+
+def _shape_of(template: Template) -> str:
+    """A template with placeholder names erased: two rules with the same shape write the same keys."""
+    out = []
+    for t in template.tokens:
+        if isinstance(t, str):
+            out.append(t)
+        elif isinstance(t, Placeholder):
+            out.append("{}" if not t.multi else "{*}")
+    return "".join(out)
+
+
+def _check_targets_unique(rules: list[Rule], path: str) -> None:
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(rules, 1):
+        for t in rule.output_templates:
+            shape = _shape_of(t)
+            if shape in seen and seen[shape] != i:
+                raise MappingError(
+                    f"{path}: rules {seen[shape]} and {i} both write {t.text!r}; "
+                    "two rules would write the same target"
+                )
+            seen[shape] = i
+

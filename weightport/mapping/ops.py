@@ -1,0 +1,289 @@
+"""Tensor ops that rules apply on the way from source to target, in a registry.
+
+An op is a function ``fn(x, **params) -> Tensor``. Ops that need to know the
+target tensor declare ``target="shape"`` (they receive a meta tensor of the
+target's shape and dtype) or ``target="value"`` (they receive the target's
+current values, e.g. to keep its initialisation in new rows). Every op must
+also work on meta tensors: the planner runs op chains on meta tensors to learn
+output shapes without reading data.
+
+Shape adapters (``in_channels``, ``pos_embed`` …) are ops with an ``applies``
+predicate that lets ``on_mismatch="adapt"`` choose them automatically.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from weightport.errors import MappingError, OpError
+
+__all__ = ["OpSpec", "OpCall", "register_op", "get_op", "list_ops", "list_adapters"]
+
+TargetUse = str  # "none" | "shape" | "value"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """A registered op.
+
+    Attributes:
+        name: Registry name, used in rules and shown in reports.
+        fn: ``fn(x, **params)``; with ``target=...`` when ``target`` is not ``"none"``.
+        target: What the op needs of the target tensor: ``"none"``, ``"shape"`` or ``"value"``.
+        label: Renders the op and its parameters for the report.
+        inverse: Maps params to ``(op name, params)`` of the inverse op, or ``None``.
+        applies: For adapters: ``applies(name, source_shape, target_shape) -> params | None``.
+        params: Parameter names ``fn`` accepts (checked when a rule names the op).
+        required: Parameter names without a default.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    target: TargetUse = "none"
+    label: Callable[[Mapping[str, Any]], str] | None = None
+    inverse: Callable[[Mapping[str, Any]], tuple[str, dict[str, Any]] | None] | None = None
+    applies: Callable[..., dict[str, Any] | None] | None = None
+    params: frozenset[str] = frozenset()
+    required: frozenset[str] = frozenset()
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.applies is not None
+
+
+_OPS: dict[str, OpSpec] = {}
+
+
+def register_op(
+    name: str,
+    *,
+    target: TargetUse = "none",
+    label: Callable[[Mapping[str, Any]], str] | None = None,
+    inverse: Callable[[Mapping[str, Any]], tuple[str, dict[str, Any]] | None] | None = None,
+    applies: Callable[..., dict[str, Any] | None] | None = None,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``fn`` as op ``name`` (a decorator). Re-registering a name replaces it."""
+    if target not in ("none", "shape", "value"):
+        raise ValueError(f"target must be 'none', 'shape' or 'value', not {target!r}")
+
+    def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        sig = inspect.signature(fn)
+        params = [p for p in list(sig.parameters.values())[1:] if p.name != "target"]
+        names = frozenset(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        required = frozenset(p.name for p in params if p.default is p.empty and p.name in names)
+        _OPS[name] = OpSpec(name, fn, target, label, inverse, applies, names, required)
+        return fn
+
+    return decorate
+
+
+def get_op(name: str) -> OpSpec:
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise MappingError(f"unknown op {name!r}; registered ops: {', '.join(sorted(_OPS))}") from None
+
+
+def list_ops() -> list[str]:
+    """Names of registered ops that are not shape adapters."""
+    return sorted(n for n, s in _OPS.items() if not s.is_adapter)
+
+
+def list_adapters() -> list[str]:
+    """Names of registered shape adapters, in the order ``on_mismatch='adapt'`` tries them."""
+    return [n for n, s in _OPS.items() if s.is_adapter]
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """One op with its parameters, as a rule names it.
+
+    Attributes:
+        op: The registered op name, or the callable's name for a user callable.
+        params: Keyword parameters.
+        fn: The user callable, when ``op`` is not a registered name.
+    """
+
+    op: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @classmethod
+    def make(cls, op: str | Callable[[torch.Tensor], torch.Tensor], params: Mapping[str, Any],
+             where: str) -> OpCall:
+        """Validate ``op`` and ``params`` now, so a bad rule fails where it is written."""
+        if callable(op) and not isinstance(op, str):
+            if params:
+                raise MappingError(f"{where}: a callable op takes no parameters (bind them with functools.partial)")
+            return cls(getattr(op, "__name__", type(op).__name__), {}, op)
+        if not isinstance(op, str):
+            raise MappingError(f"{where}: op must be a registered name or a callable, not {op!r}")
+        try:
+            spec = get_op(op)
+        except MappingError as e:
+            raise MappingError(f"{where}: {e}") from None
+        unknown = sorted(set(params) - spec.params)
+        if unknown:
+            raise MappingError(
+                f"{where}: op {op!r} has no parameter {', '.join(map(repr, unknown))} "
+                f"(it takes: {', '.join(sorted(spec.params)) or 'none'})"
+            )
+        missing = sorted(spec.required - set(params))
+        if missing:
+            raise MappingError(f"{where}: op {op!r} needs parameter(s) {', '.join(map(repr, missing))}")
+        return cls(op, dict(params))
+
+    @property
+    def spec(self) -> OpSpec | None:
+        return None if self.fn is not None else get_op(self.op)
+
+    @property
+    def target_use(self) -> TargetUse:
+        spec = self.spec
+        return "none" if spec is None else spec.target
+
+    @property
+    def is_adapter(self) -> bool:
+        spec = self.spec
+        return spec is not None and spec.is_adapter
+
+    def label(self) -> str:
+        spec = self.spec
+        if spec is not None and spec.label is not None:
+            return spec.label(self.params)
+        if not self.params:
+            return self.op
+        args = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.op}({args})"
+
+    def inverse(self) -> OpCall | None:
+        spec = self.spec
+        if spec is None or spec.inverse is None:
+            return None
+        inv = spec.inverse(self.params)
+        return None if inv is None else OpCall(inv[0], inv[1])
+
+    def run(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the op. Errors become :class:`OpError` naming the op."""
+        try:
+            if self.fn is not None:
+                out = self.fn(x)
+            else:
+                spec = get_op(self.op)
+                if spec.target != "none":
+                    out = spec.fn(x, target=target, **self.params)
+                else:
+                    out = spec.fn(x, **self.params)
+        except (OpError, MappingError):
+            raise
+        except Exception as e:  # noqa: BLE001 - user callables and torch can raise anything
+            raise OpError(f"op {self.label()} failed on a tensor of shape {tuple(x.shape)}: "
+                          f"{type(e).__name__}: {e}") from e
+        if not isinstance(out, torch.Tensor):
+            raise OpError(f"op {self.label()} returned a {type(out).__name__}, not a tensor")
+        return out
+
+
+# -- the built-in ops ------------------------------------------------------------------------------
+
+def split_bounds(length: int, count: int, index: int, sizes: list[int] | None) -> tuple[int, int]:
+    """Start and length of part ``index`` of ``count`` along a dimension of ``length``."""
+    if sizes is not None:
+        if len(sizes) != count or sum(sizes) != length:
+            raise OpError(f"split sizes {sizes} do not add up to {length} in {count} parts")
+        return sum(sizes[:index]), sizes[index]
+    if length % count:
+        raise OpError(f"cannot split a dimension of {length} into {count} equal parts; give sizes=[...]")
+    step = length // count
+    return index * step, step
+
+
+@register_op("split", label=lambda p: f"split[{p['index'] + 1}/{p['count']}]")
+def _split(x: torch.Tensor, *, index: int, count: int, dim: int = 0, sizes: list[int] | None = None) -> torch.Tensor:
+    start, length = split_bounds(x.shape[dim], count, index, sizes)
+    return x.narrow(dim, start, length)
+
+
+@register_op("transpose", label=lambda p: f"transpose({p.get('dim0', 0)},{p.get('dim1', 1)})",
+             inverse=lambda p: ("transpose", dict(p)))
+def _transpose(x: torch.Tensor, *, dim0: int = 0, dim1: int = 1) -> torch.Tensor:
+    return x.transpose(dim0, dim1)
+
+
+def _invert_permutation(dims: list[int]) -> list[int]:
+    out = [0] * len(dims)
+    for i, d in enumerate(dims):
+        out[d] = i
+    return out
+
+
+@register_op("permute", label=lambda p: f"permute{tuple(p['dims'])}",
+             inverse=lambda p: ("permute", {"dims": _invert_permutation(list(p["dims"]))}))
+def _permute(x: torch.Tensor, *, dims: list[int]) -> torch.Tensor:
+    if sorted(dims) != list(range(x.dim())):
+        raise OpError(f"permute dims {dims} are not a permutation of the {x.dim()} dimensions")
+    return x.permute(*dims)
+
+
+@register_op("reshape", target="shape",
+             label=lambda p: f"reshape{tuple(p['shape'])}" if p.get("shape") else "reshape(target)",
+             inverse=lambda p: ("reshape", {}))
+def _reshape(x: torch.Tensor, *, target: torch.Tensor, shape: list[int] | None = None) -> torch.Tensor:
+    """Reshape to ``shape``, or to the target's shape when ``shape`` is not given."""
+    return x.reshape(tuple(shape) if shape is not None else tuple(target.shape))
+
+
+@register_op("select", label=lambda p: f"select[{len(p['index'])} along {p.get('dim', 0)}]")
+def _select(x: torch.Tensor, *, index: list[int], dim: int = 0) -> torch.Tensor:
+    n = x.shape[dim]
+    bad = [i for i in index if not -n <= i < n]
+    if bad:
+        raise OpError(f"select: index {bad[:5]} out of range for a dimension of {n}")
+    return x.index_select(dim, torch.tensor(index, dtype=torch.long, device=x.device))
+
+
+@register_op("narrow", label=lambda p: f"narrow(dim={p.get('dim', 0)},{p['start']}:+{p['length']})")
+def _narrow(x: torch.Tensor, *, start: int, length: int, dim: int = 0) -> torch.Tensor:
+    return x.narrow(dim, start, length)
+
+
+@register_op("pad", target="value", label=lambda p: "pad(keep init)" if p.get("keep_init") else f"pad({p.get('value', 0)})")
+def _pad(x: torch.Tensor, *, target: torch.Tensor, value: float = 0.0, keep_init: bool = False) -> torch.Tensor:
+    """Place ``x`` at the start of every dimension of a target-shaped tensor; the rest is
+    ``value`` or, with ``keep_init``, the target's own initialisation."""
+    if x.dim() != target.dim() or any(a > b for a, b in zip(x.shape, target.shape)):
+        raise OpError(f"pad cannot fit {tuple(x.shape)} into {tuple(target.shape)}")
+    if keep_init:
+        out = target.detach().to(dtype=x.dtype, copy=True)
+    else:
+        out = torch.full(target.shape, value, dtype=x.dtype, device=x.device)
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out
+
+
+@register_op("cast", label=lambda p: f"cast({p['dtype']})")
+def _cast(x: torch.Tensor, *, dtype: str) -> torch.Tensor:
+    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype):
+        raise OpError(f"cast: unknown dtype {dtype!r}")
+    return x.to(resolved)
+
+
+@register_op("scale", label=lambda p: f"scale({p['factor']})",
+             inverse=lambda p: ("scale", {"factor": 1.0 / p["factor"]}) if p["factor"] else None)
+def _scale(x: torch.Tensor, *, factor: float) -> torch.Tensor:
+    return x * factor
+
+
+def fuse(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate ``parts`` along ``dim`` (the op behind ``fuse`` rules)."""
+    try:
+        return torch.cat(parts, dim)
+    except Exception as e:  # noqa: BLE001
+        shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+        raise OpError(f"fuse along dim {dim} failed for parts of shapes {shapes}: {e}") from e

@@ -1,0 +1,321 @@
+"""Rules: how source names (and tensors) become target names (and tensors).
+
+Rules are frozen values, validated when they are built: a template placeholder
+the pattern does not capture, or an unknown op, fails right away. Build them
+with :func:`rename`, :func:`drop`, :func:`strip_prefix`, :func:`add_prefix`,
+:func:`split`, :func:`fuse` and :func:`transform`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from weightport.errors import MappingError
+from weightport.mapping.ops import OpCall
+from weightport.mapping.pattern import Pattern, Template
+
+__all__ = ["Rule", "Rename", "Drop", "Split", "Fuse", "Output",
+           "rename", "drop", "strip_prefix", "add_prefix", "split", "fuse", "transform"]
+
+
+@dataclass(frozen=True)
+class Output:
+    """One target a source key feeds.
+
+    Attributes:
+        target: Target key.
+        ops: Ops applied to the source tensor, in order.
+        part: For fuse rules: ``(index, count)`` of this source among the fused inputs.
+        dim: For fuse rules: the concatenation dimension.
+    """
+
+    target: str
+    ops: tuple[OpCall, ...] = ()
+    part: tuple[int, int] | None = None
+    dim: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Rule:
+    """Base of all rules. ``origin`` says where the rule was written (file and number)."""
+
+    origin: str | None = field(default=None, kw_only=True)
+
+    @property
+    def patterns(self) -> tuple[Pattern, ...]:
+        raise NotImplementedError
+
+    @property
+    def text(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def output_templates(self) -> tuple[Template, ...]:
+        """The templates that name this rule's targets."""
+        return ()
+
+    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
+        """The targets of a key that pattern ``index`` matched with ``captures``."""
+        raise NotImplementedError
+
+    def inverse(self) -> Rule | None:
+        """The rule that undoes this one, ``None`` for rules with nothing to undo (drop).
+
+        Raises:
+            MappingError: the rule cannot be inverted.
+        """
+        raise NotImplementedError
+
+    def described(self) -> str:
+        return f"{self.origin}: {self.text}" if self.origin else self.text
+
+    def _where(self) -> str:
+        return self.origin or self.text
+
+    def _need_invertible(self, pattern: Pattern, templates: Sequence[Template]) -> None:
+        if not pattern.invertible:
+            raise MappingError(
+                f"{self._where()}: cannot invert {pattern.text!r}: anonymous wildcards and 're:' "
+                "patterns lose what they matched; name the parts, e.g. '{rest*}' instead of '**'"
+            )
+        for t in templates:
+            unused = [n for n in pattern.names if n not in t.names]
+            if unused:
+                raise MappingError(
+                    f"{self._where()}: cannot invert: template {t.text!r} drops "
+                    f"{', '.join('{' + n + '}' for n in unused)} captured by {pattern.text!r}"
+                )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.described()}>"
+
+
+def _compile(pattern: str, templates: Sequence[Template], where: str) -> Pattern:
+    ints = frozenset().union(*(t.int_names for t in templates)) if templates else frozenset()
+    compiled = Pattern(pattern, int_names=ints)
+    for t in templates:
+        t.check_against(compiled, where)
+    return compiled
+
+
+@dataclass(frozen=True, eq=False)
+class Rename(Rule):
+    """``pattern -> template``, optionally through ops (then it is a transform)."""
+
+    pattern: Pattern
+    template: Template
+    ops: tuple[OpCall, ...] = ()
+
+    @property
+    def patterns(self) -> tuple[Pattern, ...]:
+        return (self.pattern,)
+
+    @property
+    def output_templates(self) -> tuple[Template, ...]:
+        return (self.template,)
+
+    @property
+    def text(self) -> str:
+        via = f" via {', '.join(op.label() for op in self.ops)}" if self.ops else ""
+        return f"{self.pattern.text!r} -> {self.template.text!r}{via}"
+
+    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
+        return (Output(self.template.render(captures, self._where()), self.ops),)
+
+    def inverse(self) -> Rule:
+        self._need_invertible(self.pattern, [self.template])
+        ops = []
+        for op in reversed(self.ops):
+            inv = op.inverse()
+            if inv is None:
+                raise MappingError(f"{self._where()}: cannot invert: op {op.label()} has no inverse")
+            ops.append(inv)
+        pattern = self.template.inverse_pattern_text(self.pattern.multi_names)
+        return Rename(_compile(pattern, [Template(self.template.inverse_text(self.pattern))], self._where()),
+                      Template(self.template.inverse_text(self.pattern)), tuple(ops), origin=self.origin)
+
+
+@dataclass(frozen=True, eq=False)
+class Drop(Rule):
+    """Source keys matching ``pattern`` are deliberately not used."""
+
+    pattern: Pattern
+
+    @property
+    def patterns(self) -> tuple[Pattern, ...]:
+        return (self.pattern,)
+
+    @property
+    def text(self) -> str:
+        return f"drop {self.pattern.text!r}"
+
+    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
+        return ()
+
+    def inverse(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class Split(Rule):
+    """One source tensor into several targets along ``dim``.
+
+    ``sizes=None`` takes the sizes from the target tensors when they add up, else equal parts.
+    """
+
+    pattern: Pattern
+    templates: tuple[Template, ...]
+    dim: int = 0
+    sizes: tuple[int, ...] | None = None
+
+    @property
+    def patterns(self) -> tuple[Pattern, ...]:
+        return (self.pattern,)
+
+    @property
+    def output_templates(self) -> tuple[Template, ...]:
+        return self.templates
+
+    @property
+    def text(self) -> str:
+        sizes = f", sizes={list(self.sizes)}" if self.sizes else ""
+        return f"split {self.pattern.text!r} -> [{', '.join(repr(t.text) for t in self.templates)}] (dim={self.dim}{sizes})"
+
+    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
+        n = len(self.templates)
+        sizes = list(self.sizes) if self.sizes else None
+        return tuple(
+            Output(t.render(captures, self._where()),
+                   (OpCall("split", {"index": i, "count": n, "dim": self.dim, "sizes": sizes}),))
+            for i, t in enumerate(self.templates)
+        )
+
+    def inverse(self) -> Rule:
+        self._need_invertible(self.pattern, self.templates)
+        patterns = tuple(t.inverse_pattern_text(self.pattern.multi_names) for t in self.templates)
+        template = Template(self.templates[0].inverse_text(self.pattern))
+        return Fuse(tuple(_compile(p, [template], self._where()) for p in patterns), template,
+                    self.dim, origin=self.origin)
+
+
+@dataclass(frozen=True, eq=False)
+class Fuse(Rule):
+    """Several source tensors concatenated along ``dim`` into one target."""
+
+    sources: tuple[Pattern, ...]
+    template: Template
+    dim: int = 0
+
+    @property
+    def patterns(self) -> tuple[Pattern, ...]:
+        return self.sources
+
+    @property
+    def output_templates(self) -> tuple[Template, ...]:
+        return (self.template,)
+
+    @property
+    def text(self) -> str:
+        return f"fuse [{', '.join(repr(p.text) for p in self.sources)}] -> {self.template.text!r} (dim={self.dim})"
+
+    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
+        target = self.template.render(captures, self._where())
+        return (Output(target, (), (index, len(self.sources)), self.dim),)
+
+    def inverse(self) -> Rule:
+        for p in self.sources:
+            self._need_invertible(p, [self.template])
+        templates = tuple(Template(self.template.inverse_text(p)) for p in self.sources)
+        pattern = self.template.inverse_pattern_text(self.sources[0].multi_names)
+        return Split(_compile(pattern, templates, self._where()), templates, self.dim, None,
+                     origin=self.origin)
+
+
+# -- builders -------------------------------------------------------------------------------------
+
+def _check_prefix(prefix: str, what: str) -> str:
+    if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "{}*"):
+        raise MappingError(f"{what}: the prefix must be a non-empty literal string without '{{', '}}' or '*', got {prefix!r}")
+    return prefix
+
+
+def rename(pattern: str, template: str, *, origin: str | None = None) -> Rename:
+    """Rename keys matching ``pattern`` to ``template``.
+
+    Example:
+        >>> wp.rename("encoder.layers.encoder_layer_{i}.ln_{n}.{p}", "blocks.{i}.norm{n}.{p}")
+    """
+    where = origin or f"rename({pattern!r}, {template!r})"
+    t = Template(template)
+    return Rename(_compile(pattern, [t], where), t, origin=origin)
+
+
+def drop(pattern: str, *, origin: str | None = None) -> Drop:
+    """Do not use source keys matching ``pattern`` (reported as dropped, not unused)."""
+    return Drop(Pattern(pattern), origin=origin)
+
+
+def strip_prefix(prefix: str, *, origin: str | None = None) -> Rename:
+    """Remove a literal ``prefix`` from keys that start with it."""
+    p = _check_prefix(prefix, "strip_prefix")
+    return rename(f"{p}{{rest*}}", "{rest}", origin=origin)
+
+
+def add_prefix(prefix: str, *, origin: str | None = None) -> Rename:
+    """Prepend a literal ``prefix`` to every key (place it last: it matches everything)."""
+    p = _check_prefix(prefix, "add_prefix")
+    return rename("{rest*}", f"{p}{{rest}}", origin=origin)
+
+
+def split(pattern: str, templates: Sequence[str], dim: int = 0, sizes: Sequence[int] | None = None,
+          *, origin: str | None = None) -> Split:
+    """Split one tensor into ``len(templates)`` targets along ``dim``.
+
+    Args:
+        pattern: Source keys to split, e.g. ``"blocks.{i}.attn.qkv.{p}"``.
+        templates: One target template per part, in order.
+        dim: The dimension to split.
+        sizes: Part sizes for uneven splits (grouped-query attention). ``None``: the target
+            tensors' sizes when they add up, else equal parts.
+    """
+    where = origin or f"split({pattern!r})"
+    if isinstance(templates, str) or len(templates) < 2:
+        raise MappingError(f"{where}: split needs a list of at least two target templates")
+    ts = tuple(Template(t) for t in templates)
+    if sizes is not None and (len(sizes) != len(ts) or not all(isinstance(s, int) and s > 0 for s in sizes)):
+        raise MappingError(f"{where}: sizes must be {len(ts)} positive integers, got {sizes!r}")
+    return Split(_compile(pattern, ts, where), ts, int(dim), tuple(sizes) if sizes else None, origin=origin)
+
+
+def fuse(patterns: Sequence[str], template: str, dim: int = 0, *, origin: str | None = None) -> Fuse:
+    """Concatenate the tensors matching ``patterns`` (in order) into one target.
+
+    Every pattern must capture the placeholders the template uses, so the parts of one
+    target are found by their common captures.
+    """
+    where = origin or f"fuse({template!r})"
+    if isinstance(patterns, str) or len(patterns) < 2:
+        raise MappingError(f"{where}: fuse needs a list of at least two source patterns")
+    t = Template(template)
+    return Fuse(tuple(_compile(p, [t], where) for p in patterns), t, int(dim), origin=origin)
+
+
+def transform(pattern: str, template: str, op: str | Callable[[torch.Tensor], torch.Tensor],
+              *, origin: str | None = None, **params: Any) -> Rename:
+    """Rename and change the tensor with ``op`` (a registered op or adapter name, or a callable).
+
+    Example:
+        >>> wp.transform("head.weight", "fc.weight", "select", index=[0, 5, 9])
+    """
+    where = origin or f"transform({pattern!r}, {template!r})"
+    t = Template(template)
+    call = OpCall.make(op, params, where)
+    return Rename(_compile(pattern, [t], where), t, (call,), origin=origin)
+
+
+def with_origin(rule: Rule, origin: str) -> Rule:
+    return replace(rule, origin=origin)

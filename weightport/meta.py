@@ -1,0 +1,53 @@
+"""Building models without paying for an initialisation that a transfer overwrites."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def init_empty() -> Iterator[None]:
+    """Build modules with parameters on the meta device and buffers real.
+
+    Parameters cost no memory and no random initialisation; buffers (BatchNorm
+    statistics, position ids, rotary tables) keep the values their modules compute.
+    :func:`weightport.transfer` then loads what the checkpoint has and initialises the
+    rest with each module's own ``reset_parameters``.
+
+    Example:
+        >>> with weightport.init_empty():
+        ...     model = torchvision.models.vit_l_16()
+        >>> weightport.transfer("vit_l_16.safetensors", model)
+    """
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and not param.is_meta:
+            meta = type(param)(param.to("meta"), requires_grad=param.requires_grad) \
+                if type(param) is nn.Parameter else nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            self._parameters[name] = meta
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def is_meta(module: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``module`` is on the meta device."""
+    return any(t.is_meta for t in _tensors(module))
+
+
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+

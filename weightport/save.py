@@ -1,0 +1,105 @@
+"""Saving weights: safetensors, streamed tensor by tensor, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightport._atomic import atomic_write
+from weightport.errors import WeightportError
+from weightport.sources.safetensors import DTYPE_NAMES
+
+ALIGN = 8
+
+
+def save(state_dict_or_module: Mapping[str, torch.Tensor] | nn.Module, path: str | os.PathLike[str], *,
+         metadata: Mapping[str, str] | None = None) -> None:
+    """Save tensors to a safetensors file, atomically.
+
+    Tensors shared under several names (tied weights) are stored once; the other
+    names are recorded in the metadata and come back when weightport opens the file.
+
+    Args:
+        state_dict_or_module: A ``Mapping[str, Tensor]`` or a module (its ``state_dict()``).
+        path: Destination file; the previous file stays intact until the new one is complete.
+        metadata: String key/values stored in the header (``__metadata__``).
+
+    Raises:
+        WeightportError: a value is not a tensor, is on the meta device, has a dtype
+            safetensors cannot hold, or metadata is not ``str -> str``.
+    """
+    tensors = state_dict_or_module.state_dict() if isinstance(state_dict_or_module, nn.Module) \
+        else state_dict_or_module
+    if not isinstance(tensors, Mapping):
+        raise WeightportError(f"save() takes a state dict or a module, not {type(tensors).__name__}")
+    stored, aliases = _dedupe(tensors)
+    meta = _metadata(metadata, aliases)
+    header, order = _header(stored, meta)
+    with atomic_write(path) as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for name in order:
+            _write_tensor(f, stored[name])
+
+
+def _dedupe(tensors: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise WeightportError(f"save(): key {name!r} is not a string")
+        if not isinstance(t, torch.Tensor):
+            raise WeightportError(f"save(): {name!r} is a {type(t).__name__}, not a tensor")
+        if t.is_meta:
+            raise WeightportError(f"save(): {name!r} is on the meta device and has no values; load it first")
+        if t.dtype not in DTYPE_NAMES:
+            raise WeightportError(f"save(): {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+               tuple(t.stride()), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        stored[name] = t.detach()
+    return stored, aliases
+
+
+def _metadata(metadata: Mapping[str, str] | None, aliases: dict[str, str]) -> dict[str, str]:
+    meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise WeightportError(f"save(): metadata must map str to str; {k!r}: {v!r} does not")
+    if aliases:
+        meta["weightport.aliases"] = json.dumps(aliases, sort_keys=True)
+    return meta
+
+
+def _header(stored: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[bytes, list[str]]:
+    order = sorted(stored)
+    entries: dict[str, Any] = {}
+    if meta:
+        entries["__metadata__"] = meta
+    offset = 0
+    for name in order:
+        t = stored[name]
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % ALIGN)
+    return raw, order
+
+
+def _write_tensor(f: Any, t: torch.Tensor) -> None:
+    if t.numel() == 0:
+        return
+    data = t.contiguous().cpu() if t.device.type != "cpu" or not t.is_contiguous() else t
+    f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))

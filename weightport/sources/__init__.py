@@ -1,0 +1,129 @@
+"""Where tensors come from. :func:`open_source` turns any accepted spec into a :class:`Source`.
+
+Zoo schemes (``torchvision:``, ``timm:``, ``hf:``) are registered openers; see
+:func:`register_scheme` and :func:`list_schemes`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from weightport.errors import HashMismatchError, SourceError
+from weightport.sources.base import Source, SourceInfo, TensorMeta
+from weightport.sources.files import open_mapping, open_path
+from weightport.sources.memory import TensorSource
+from weightport.sources.unwrap import strip_wrapper_prefixes
+
+__all__ = ["Source", "SourceInfo", "TensorMeta", "open_source", "register_scheme", "list_schemes"]
+
+SchemeOpener = Callable[..., Source]
+_SCHEMES: dict[str, SchemeOpener] = {}
+_SPEC = re.compile(r"^(?P<scheme>[a-z][a-z0-9_+-]+):(?!//)(?P<rest>.+)$")
+
+
+def register_scheme(name: str, opener: SchemeOpener) -> None:
+    """Register ``opener(rest, *, checkpoint_key, check_hash, trust_pickle)`` for ``name:rest`` specs."""
+    _SCHEMES[name] = opener
+
+
+def list_schemes() -> list[str]:
+    return sorted(_SCHEMES)
+
+
+def open_source(
+    source: Any,
+    *,
+    checkpoint_key: str | None = None,
+    check_hash: bool = True,
+    trust_pickle: bool = False,
+    expected_sha256: str | None = None,
+) -> Source:
+    """Open weights lazily: names, shapes and dtypes are known, no tensor data is read.
+
+    Args:
+        source: A path (file or folder), a ``Mapping[str, Tensor]`` (possibly a nested
+            checkpoint), an ``nn.Module``, a :class:`Source`, or a spec string
+            (``torchvision:resnet50``, ``timm:NAME``, ``hf:org/name``).
+        checkpoint_key: Take the weights from this key of a nested checkpoint
+            (``"state_dict_ema"``; ``"a/b"`` for deeper nesting).
+        check_hash: Verify the hash a zoo file name carries (torchvision).
+        trust_pickle: Load torch files with full pickle, which can run code from the
+            file. Only for files you trust; never needed for plain state dicts.
+        expected_sha256: Refuse a local file whose sha256 differs.
+
+    Returns:
+        A read-only :class:`Source`. ``module.`` / ``_orig_mod.`` prefixes carried by every
+        key are already stripped (see ``source.info.prefixes``).
+
+    Raises:
+        SourceNotFoundError: Nothing at the path, or a zoo source not cached while offline.
+        UnsupportedFormatError, CorruptFileError, UnsafeFileError: The file cannot be read safely.
+        HashMismatchError: ``expected_sha256`` or a zoo hash does not match.
+
+    Example:
+        >>> src = weightport.open_source("resnet18.pth")
+        >>> src.meta("fc.weight").shape
+        (1000, 512)
+    """
+    opened = _open(source, checkpoint_key, check_hash, trust_pickle)
+    if expected_sha256 is not None:
+        opened = _verify_sha256(opened, expected_sha256)
+    renames, stripped = strip_wrapper_prefixes(opened.keys())
+    if stripped:
+        opened = opened.renamed(renames, prefixes=opened.info.prefixes + tuple(stripped))
+    return opened
+
+
+def _open(source: Any, checkpoint_key: str | None, check_hash: bool, trust_pickle: bool) -> Source:
+    if isinstance(source, Source):
+        return source
+    if isinstance(source, torch.nn.Module):
+        state = source.state_dict()
+        info = SourceInfo(kind="module", location=type(source).__name__)
+        return TensorSource(state, info, state_dict_metadata=getattr(state, "_metadata", None))
+    if isinstance(source, Mapping):
+        return open_mapping(source, "<dict>", checkpoint_key)
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        match = _SPEC.match(text) if isinstance(text, str) else None
+        if match and match["scheme"] in _SCHEMES and not os.path.exists(text):
+            return _SCHEMES[match["scheme"]](
+                match["rest"], checkpoint_key=checkpoint_key, check_hash=check_hash,
+                trust_pickle=trust_pickle,
+            )
+        return open_path(text, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
+    raise SourceError(
+        f"cannot open a {type(source).__name__} as weights: pass a path, a state dict, "
+        "an nn.Module, a Source, or a spec such as 'torchvision:resnet50'"
+    )
+
+
+def _verify_sha256(source: Source, expected: str) -> Source:
+    files = [f for f in source.info.files if os.path.isfile(f)]
+    if len(files) != 1:
+        raise SourceError(
+            f"{source.info.location}: expected_sha256 applies to a single file, this source has "
+            f"{len(files)}"
+        )
+    digest = sha256_file(files[0])
+    if digest.lower() != expected.lower():
+        raise HashMismatchError(
+            f"{files[0]}: sha256 is {digest} but {expected} was expected; the file is damaged "
+            "or not the one you meant"
+        )
+    provenance = {**source.info.provenance, "sha256": digest}
+    return source.renamed({}, provenance=provenance)
+
+
+def sha256_file(path: str, chunk: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,203 @@
+"""Memory-mapped weight files and lazy references to the tensors inside them.
+
+A :class:`MappedFile` maps a file copy-on-write (writes never reach the disk)
+and hands out zero-copy tensor views. Nothing is read until a view is touched;
+:meth:`MappedFile.release` drops the pages of a view from this process once its
+values have been copied, so reading a whole checkpoint never holds more than
+the tensor in flight beyond the destination.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from weightport.errors import CorruptFileError
+
+_PAGE = mmap.PAGESIZE
+
+
+class MappedFile:
+    """A read-only, copy-on-write mapping of one file, opened on first use."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.size = os.path.getsize(self.path)
+        self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with self._lock:
+                if self._mm is None:
+                    if self.size == 0:
+                        raise CorruptFileError(f"{self.path}: the file is empty")
+                    with open(self.path, "rb") as f:
+                        self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._mm
+
+    def check_range(self, offset: int, nbytes: int, what: str) -> None:
+        """Raise :class:`CorruptFileError` if ``[offset, offset+nbytes)`` is outside the file."""
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise CorruptFileError(
+                f"{self.path}: {what} spans bytes {offset}..{offset + nbytes} but the file has "
+                f"{self.size} bytes; the file is truncated or damaged, download or save it again"
+            )
+
+    def view(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat zero-copy tensor over ``nbytes`` bytes at ``offset``."""
+        itemsize = _itemsize(dtype)
+        count = nbytes // itemsize
+        if count == 0:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(self._map(), dtype=dtype, count=count, offset=offset)
+
+    def read_into(self, offset: int, out: torch.Tensor) -> None:
+        """Read ``out.nbytes`` bytes at ``offset`` straight into contiguous CPU ``out``."""
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise CorruptFileError(f"{self.path}: unexpected end of file at byte {offset + done}")
+            done += n
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Drop the pages of ``[offset, offset+nbytes)`` from this process (a hint)."""
+        if self._mm is None or nbytes <= 0:
+            return
+        start = offset - offset % _PAGE
+        end = min(self.size, offset + nbytes)
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError, AttributeError):  # a hint only; not on every platform
+            pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # views still alive; the mapping goes with them
+                return
+            self._mm = None
+
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives in a mapped file: a (possibly strided) view of a storage.
+
+    Attributes:
+        file: The mapped file.
+        offset: Byte offset of the storage's first element in the file.
+        storage_numel: Number of elements in the storage.
+        dtype: Element type.
+        shape: Shape of the tensor.
+        stride: Strides in elements, or ``None`` for contiguous.
+        storage_offset: Offset of the tensor's first element in the storage, in elements.
+        byteswap: The file stores big-endian data.
+    """
+
+    file: MappedFile
+    offset: int
+    storage_numel: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...] | None = None
+    storage_offset: int = 0
+    byteswap: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
+    @property
+    def contiguous(self) -> bool:
+        return self.stride is None or self.stride == _contiguous_stride(self.shape)
+
+    def validate(self, what: str) -> None:
+        """Check that every element the view can touch lies inside the file."""
+        itemsize = _itemsize(self.dtype)
+        self.file.check_range(self.offset, self.storage_numel * itemsize, what)
+        if self.numel == 0:
+            return
+        stride = self.stride or _contiguous_stride(self.shape)
+        if any(s < 0 for s in stride) or self.storage_offset < 0:
+            raise CorruptFileError(f"{self.file.path}: {what} has negative strides or offset")
+        last = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, stride))
+        if last >= self.storage_numel:
+            raise CorruptFileError(
+                f"{self.file.path}: {what} reads element {last} of a storage of "
+                f"{self.storage_numel}; the file is damaged"
+            )
+
+    def view(self) -> torch.Tensor:
+        """A zero-copy tensor (a copy only when the file is big-endian)."""
+        itemsize = _itemsize(self.dtype)
+        if self.numel == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        flat = self.file.view(self.offset, self.storage_numel * itemsize, self.dtype)
+        if self.byteswap:
+            flat = _byteswap(flat)
+        stride = self.stride or _contiguous_stride(self.shape)
+        return flat.as_strided(self.shape, stride, self.storage_offset)
+
+    def read_into(self, out: torch.Tensor) -> None:
+        """Fill ``out`` (same shape) with this tensor's values, reading once."""
+        direct = (
+            self.contiguous
+            and not self.byteswap
+            and out.dtype == self.dtype
+            and out.device.type == "cpu"
+            and out.is_contiguous()
+            and self.numel > 0
+        )
+        if direct:
+            itemsize = _itemsize(self.dtype)
+            self.file.read_into(self.offset + self.storage_offset * itemsize, out)
+            return
+        out.copy_(self.view())
+        self.release()
+
+    def release(self) -> None:
+        itemsize = _itemsize(self.dtype)
+        self.file.release(self.offset, self.storage_numel * itemsize)
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+def _byteswap(flat: torch.Tensor) -> torch.Tensor:
+    itemsize = flat.element_size()
+    raw = flat.view(torch.uint8).reshape(-1, itemsize).flip(1).contiguous()
+    return raw.view(flat.dtype).reshape(-1)

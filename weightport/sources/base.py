@@ -1,0 +1,193 @@
+"""The :class:`Source` interface: a lazy, read-only ``Mapping[str, Tensor]``.
+
+A source lists names, shapes and dtypes without reading tensor data. Each
+concrete source keeps a table ``name -> handle`` and says how to describe and
+read a handle; renaming the table (unwrapping prefixes) never touches data.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from weightport.errors import TensorNotFoundError
+
+__all__ = ["Source", "SourceInfo", "TensorMeta"]
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a tensor is, without its values.
+
+    Attributes:
+        shape: The tensor's shape.
+        dtype: The tensor's element type.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where the weights came from and what was done to reach them.
+
+    Attributes:
+        kind: Format or scheme: ``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"``,
+            ``"sharded"``, ``"dict"``, ``"module"``, ``"torchvision"``, ``"timm"``, ``"hf"``.
+        location: The path or spec the source was opened from.
+        files: Every file the source may read.
+        wrapper: The key of a nested checkpoint the weights were found under (``"net"``,
+            ``"state_dict"`` …), or ``None``.
+        prefixes: Prefixes stripped from every key (``"module."``, ``"_orig_mod."``), in order.
+        ignored: Names of non-tensor entries that were skipped.
+        placeholders: Pickled globals that were replaced by inert placeholders during
+            safe extraction (nothing was imported or called).
+        metadata: Free-form string metadata stored in the file (safetensors ``__metadata__``).
+        provenance: Where the file came from: url, repository, revision, sha256 …
+        notes: Anything else worth telling the user (other candidate wrappers …).
+    """
+
+    kind: str
+    location: str
+    files: tuple[str, ...] = ()
+    wrapper: str | None = None
+    prefixes: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+    placeholders: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def with_(self, **changes: Any) -> SourceInfo:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "location": self.location,
+            "files": list(self.files),
+            "wrapper": self.wrapper,
+            "prefixes": list(self.prefixes),
+            "ignored": list(self.ignored),
+            "placeholders": list(self.placeholders),
+            "metadata": dict(self.metadata),
+            "provenance": {k: v for k, v in self.provenance.items()},
+            "notes": list(self.notes),
+        }
+
+
+class Source(Mapping[str, torch.Tensor]):
+    """A lazy, read-only mapping from tensor names to tensors.
+
+    ``source[name]`` returns an owning copy that is safe to modify. The planner
+    and applier use :meth:`meta`, :meth:`view` and :meth:`release` instead, which
+    read nothing or read once without copying twice.
+
+    Subclasses fill ``self._handles`` and implement :meth:`_meta_of`,
+    :meth:`_view_of`, and optionally :meth:`_read_into` and :meth:`_release`.
+
+    Attributes:
+        info: Where the weights came from.
+        state_dict_metadata: The ``_metadata`` a ``state_dict()`` carried (module
+            versions for ``_load_from_state_dict`` hooks), or ``None``.
+    """
+
+    info: SourceInfo
+    state_dict_metadata: Mapping[str, Any] | None = None
+
+    def __init__(self, handles: Mapping[str, Any], info: SourceInfo) -> None:
+        self._handles: dict[str, Any] = dict(handles)
+        self.info = info
+
+    # -- the part subclasses implement ---------------------------------------------
+    def _meta_of(self, handle: Any) -> TensorMeta:
+        raise NotImplementedError
+
+    def _view_of(self, handle: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _read_into(self, handle: Any, out: torch.Tensor) -> None:
+        out.copy_(self._view_of(handle))
+        self._release(handle)
+
+    def _release(self, handle: Any) -> None:
+        return None
+
+    # -- public ----------------------------------------------------------------------
+    def _handle(self, name: str) -> Any:
+        try:
+            return self._handles[name]
+        except KeyError:
+            raise TensorNotFoundError(self._missing_message(name)) from None
+
+    def _missing_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, self._handles.keys(), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        return f"{self.info.location}: no tensor named {name!r}{hint}"
+
+    def meta(self, name: str) -> TensorMeta:
+        """Shape and dtype of ``name``; reads no tensor data."""
+        return self._meta_of(self._handle(name))
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, zero-copy where the format allows. Do not modify it."""
+        return self._view_of(self._handle(name))
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy the values of ``name`` into ``out`` (same shape), reading once."""
+        self._read_into(self._handle(name), out)
+
+    def release(self, name: str) -> None:
+        """Hint that the caller is done with ``name``: its pages may leave memory."""
+        self._release(self._handle(name))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        meta = self.meta(name)
+        out = torch.empty(meta.shape, dtype=meta.dtype)
+        self.read_into(name, out)
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handles)
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._handles
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.info.location!r}: {len(self)} tensors>"
+
+    def renamed(self, names: Mapping[str, str], **info_changes: Any) -> Source:
+        """A shallow copy whose keys are renamed by ``names`` (old -> new); no data is read."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._handles = {names.get(k, k): h for k, h in self._handles.items()}
+        clone.info = self.info.with_(**info_changes)
+        return clone
+
+    def close(self) -> None:
+        """Release open files; the source must not be used afterwards."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

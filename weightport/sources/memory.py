@@ -1,0 +1,64 @@
+"""Sources backed by tensors already in memory or by mapped-file references."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from weightport.sources._mapped import MappedFile, TensorRef
+from weightport.sources.base import Source, SourceInfo, TensorMeta
+
+
+class TensorSource(Source):
+    """Tensors held in memory (a dict, a module's state dict, an eager ``torch.load``)."""
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        info: SourceInfo,
+        state_dict_metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(tensors, info)
+        self.state_dict_metadata = state_dict_metadata
+
+    def _meta_of(self, handle: torch.Tensor) -> TensorMeta:
+        return TensorMeta(tuple(handle.shape), handle.dtype)
+
+    def _view_of(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle.detach()
+
+    def _read_into(self, handle: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(handle.detach())
+
+
+class FileSource(Source):
+    """Tensors referenced inside one or more mapped files (safetensors, torch zip/legacy)."""
+
+    def __init__(
+        self,
+        refs: Mapping[str, TensorRef],
+        info: SourceInfo,
+        files: list[MappedFile],
+        state_dict_metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(refs, info)
+        self._files = files
+        self.state_dict_metadata = state_dict_metadata
+
+    def _meta_of(self, handle: TensorRef) -> TensorMeta:
+        return TensorMeta(handle.shape, handle.dtype)
+
+    def _view_of(self, handle: TensorRef) -> torch.Tensor:
+        return handle.view()
+
+    def _read_into(self, handle: TensorRef, out: torch.Tensor) -> None:
+        handle.read_into(out)
+
+    def _release(self, handle: TensorRef) -> None:
+        handle.release()
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()

@@ -1,0 +1,149 @@
+"""Reading ``.safetensors`` files: the header is parsed and checked, tensors are mapped lazily."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import torch
+
+from weightport.errors import CorruptFileError
+from weightport.sources._mapped import MappedFile, TensorRef
+from weightport.sources.base import SourceInfo
+from weightport.sources.memory import FileSource
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+}
+for _name, _attr in [("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")]:
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def is_safetensors(path: str) -> bool:
+    """Whether ``path`` starts like a safetensors file (length prefix, then ``{``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < n <= os.path.getsize(path) - 8
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """Parse and validate the header. Returns ``(header, data_start)``."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CorruptFileError(f"{path}: the file is empty")
+    if size < 8:
+        raise CorruptFileError(f"{path}: {size} bytes is too short for a safetensors file")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CorruptFileError(
+                f"{path}: header length {n} runs past the end of the file ({size} bytes); "
+                "the file is truncated or not safetensors"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path}: the safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path}: the safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def open_safetensors(path: str, location: str | None = None) -> FileSource:
+    """Open a safetensors file lazily; every entry is checked against the file's size."""
+    header, start = read_header(path)
+    file = MappedFile(path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptFileError(f"{path}: '__metadata__' is not a JSON object")
+    refs: dict[str, TensorRef] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        refs[name] = _entry_ref(path, file, start, name, entry, spans)
+    _check_overlaps(path, spans)
+    aliases = _aliases(metadata)
+    for alias, canonical in aliases.items():
+        if canonical in refs and alias not in refs:
+            refs[alias] = refs[canonical]
+    info = SourceInfo(
+        kind="safetensors",
+        location=location or path,
+        files=(path,),
+        metadata={str(k): str(v) for k, v in metadata.items()},
+    )
+    return FileSource(refs, info, [file])
+
+
+def _entry_ref(path: str, file: MappedFile, start: int, name: str, entry: object,
+               spans: list[tuple[int, int, str]]) -> TensorRef:
+    if not isinstance(entry, dict):
+        raise CorruptFileError(f"{path}: header entry {name!r} is not an object")
+    dtype_name = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if dtype_name not in DTYPES:
+        raise CorruptFileError(
+            f"{path}: tensor {name!r} has dtype {dtype_name!r}, which this torch cannot hold "
+            f"(known: {', '.join(DTYPES)})"
+        )
+    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offsets)):
+        raise CorruptFileError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
+    dtype = DTYPES[dtype_name]
+    begin, end = offsets
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end - begin != numel * itemsize:
+        raise CorruptFileError(
+            f"{path}: tensor {name!r} of shape {tuple(shape)} and dtype {dtype_name} needs "
+            f"{numel * itemsize} bytes but its data_offsets span {end - begin}"
+        )
+    file.check_range(start + begin, end - begin, f"tensor {name!r}")
+    spans.append((begin, end, name))
+    return TensorRef(file, start + begin, numel, dtype, tuple(shape))
+
+
+def _check_overlaps(path: str, spans: list[tuple[int, int, str]]) -> None:
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0 and e1 > b1 and e0 > b0:
+            raise CorruptFileError(
+                f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b0}..{e0} and {b1}..{e1}); "
+                "the file is damaged"
+            )
+
+
+def _aliases(metadata: dict) -> dict[str, str]:
+    raw = metadata.get("weightport.aliases")
+    if not raw:
+        return {}
+    try:
+        table = json.loads(raw)
+    except (TypeError, json.JSONDecodeError):
+        return {}
+    return {str(k): str(v) for k, v in table.items()} if isinstance(table, dict) else {}
