@@ -229,7 +229,7 @@ def _source_line(info: SourceInfo) -> str:
 
 
 def _shape(shape: Sequence[int] | None) -> str:
-    return "-" if shape is None else "(" + ", ".join(str(d) for d in shape) + ")"
+    return "-" if shape is None else str(tuple(shape))
 
 
 def _md(text: str) -> str:

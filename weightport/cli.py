@@ -1,0 +1,186 @@
+"""The ``weightport`` command. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from weightport.errors import StrictnessError, WeightportError
+
+EXIT_OK, EXIT_STRICT, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return int(args.run(args) or EXIT_OK)
+    except StrictnessError as e:
+        print(f"weightport: {e}", file=sys.stderr)
+        return EXIT_STRICT
+    except WeightportError as e:
+        print(f"weightport: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("weightport: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `weightport inspect big.pth | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="weightport", description="Move pretrained weights between models and zoos.")
+    sub = p.add_subparsers(dest="command")
+
+    ins = sub.add_parser("inspect", help="list the tensors of a source (nothing is loaded)")
+    ins.add_argument("source", help="file, folder, or spec (torchvision:resnet50, timm:NAME, hf:org/name)")
+    _source_options(ins)
+    ins.add_argument("--json", action="store_true", help="print JSON on stdout")
+    ins.set_defaults(run=_inspect)
+
+    port = sub.add_parser("port", help="transfer SOURCE into TARGET and report every tensor")
+    port.add_argument("source")
+    port.add_argument("target", help="package.module:factory(k=v, …), timm:NAME(…) or torchvision:NAME(…)")
+    port.add_argument("--mapping", "-m", help="shipped mapping name or mapping file")
+    port.add_argument("--rule", action="append", default=[], metavar="FROM=>TO",
+                      help="extra rename rule (repeatable); 'FROM=>' drops FROM")
+    port.add_argument("--into", help="load into this submodule")
+    port.add_argument("--on-mismatch", choices=["skip", "adapt", "error"], default="skip")
+    port.add_argument("--strict", action="store_true", help="every target loads, every source is used")
+    port.add_argument("--require", action="append", default=[], metavar="GLOB")
+    port.add_argument("--dtype", help="cast floating-point tensors (float16, bfloat16, …)")
+    port.add_argument("--out", "-o", help="save the ported weights here (safetensors)")
+    port.add_argument("--dry-run", action="store_true", help="plan only: read no tensor data, write nothing")
+    port.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    _source_options(port)
+    port.set_defaults(run=_port)
+
+    maps = sub.add_parser("mappings", help="list the shipped mappings")
+    maps.add_argument("--json", action="store_true")
+    maps.set_defaults(run=_mappings)
+    return p
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-key", help="key of the weights inside a nested checkpoint")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full pickle loading (runs code from the file: only for files you trust)")
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+
+def _inspect(args: argparse.Namespace) -> int:
+    from weightport.sources import open_source
+
+    src = open_source(args.source, checkpoint_key=args.checkpoint_key, trust_pickle=args.trust_pickle)
+    rows = []
+    for name in src:
+        m = src.meta(name)
+        rows.append({"name": name, "shape": list(m.shape), "dtype": str(m.dtype).replace("torch.", ""),
+                     "numel": m.numel, "nbytes": m.nbytes})
+    total = {"tensors": len(rows), "numel": sum(r["numel"] for r in rows),
+             "nbytes": sum(r["nbytes"] for r in rows)}
+    if args.json:
+        print(json.dumps({"source": src.info.to_dict(), "tensors": rows, "total": total}, indent=2))
+        return EXIT_OK
+    width = min(70, max((len(r["name"]) for r in rows), default=4))
+    print(f"{src.info.location} ({src.info.kind})")
+    for line in _info_lines(src.info):
+        print(f"  {line}")
+    print()
+    print(f"{'name'.ljust(width)}  {'shape':<22} {'dtype':<9} {'params':>12}")
+    for r in rows:
+        shape = str(tuple(r["shape"]))
+        print(f"{r['name'].ljust(width)}  {shape:<22} {r['dtype']:<9} {r['numel']:>12,}")
+    print(f"\n{total['tensors']} tensors, {total['numel']:,} elements, {_size(total['nbytes'])}")
+    return EXIT_OK
+
+
+def _info_lines(info: Any) -> list[str]:
+    lines = []
+    if info.wrapper:
+        lines.append(f"weights found under {info.wrapper!r}")
+    if info.prefixes:
+        lines.append("stripped prefixes: " + ", ".join(repr(p) for p in info.prefixes))
+    if info.ignored:
+        lines.append(f"ignored non-tensor entries: {', '.join(info.ignored[:10])}")
+    if info.placeholders:
+        lines.append(f"pickled globals kept inert (nothing imported or run): {', '.join(info.placeholders[:8])}")
+    for k, v in info.provenance.items():
+        lines.append(f"{k}: {v}")
+    lines.extend(info.notes)
+    return lines
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# -- port ------------------------------------------------------------------------------------------
+
+def _port(args: argparse.Namespace) -> int:
+    import weightport as wp
+    from weightport.targets import build_target
+
+    rules = [_cli_rule(r) for r in args.rule]
+    model = build_target(args.target)
+    planned = wp.plan(args.source, model, mapping=args.mapping, rules=rules, into=args.into,
+                      on_mismatch=args.on_mismatch, strict=args.strict, require=args.require,
+                      dtype=args.dtype, checkpoint_key=args.checkpoint_key, trust_pickle=args.trust_pickle)
+    report = planned.report if args.dry_run else planned.apply()
+    if args.out and not args.dry_run:
+        wp.save(model, args.out, metadata={"weightport.source": str(args.source),
+                                           "weightport.target": args.target})
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report)
+        if args.out and not args.dry_run:
+            print(f"saved to {args.out}")
+    return EXIT_OK
+
+
+def _cli_rule(text: str) -> Any:
+    import weightport as wp
+
+    if "=>" not in text:
+        raise WeightportError(f"--rule {text!r}: expected 'FROM=>TO' (or 'FROM=>' to drop)")
+    src, dst = (s.strip() for s in text.split("=>", 1))
+    return wp.drop(src) if not dst else wp.rename(src, dst)
+
+
+# -- mappings --------------------------------------------------------------------------------------
+
+def _mappings(args: argparse.Namespace) -> int:
+    import weightport as wp
+
+    rows = []
+    for name in wp.list_mappings():
+        m = wp.load_mapping(name)
+        rows.append({"name": name, "description": m.description, "source": m.source, "target": m.target,
+                     "rules": len(m.rules)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no shipped mappings")
+    for r in rows:
+        print(f"{r['name']}\n    {r['description'] or ''}\n    verified: {r['source']} -> {r['target']}"
+              f" ({r['rules']} rules)")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
