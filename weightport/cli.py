@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     _source_options(port)
     port.set_defaults(run=_port)
 
+    demo = sub.add_parser("demo", help="run the README's main job: a real transfer, offline")
+    demo.set_defaults(run=lambda args: __import__("weightport.demo", fromlist=["main"]).main())
+
     maps = sub.add_parser("mappings", help="list the shipped mappings")
     maps.add_argument("--json", action="store_true")
     maps.set_defaults(run=_mappings)
