@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightport._hooks import has_custom_loading, replay
 from weightport.errors import (
     CollisionError,
     OpError,
@@ -156,7 +157,7 @@ def build_plan(source: Source, model: nn.Module, mapping: Mapping, *, into: str 
     scope = _scope(model, into)
     targets = collect_targets(scope)
     _check_meta_buffers(scope, targets, into)
-    routing = _route(source, mapping, targets)
+    routing = _route(source, mapping, targets, scope)
     recipes, fresh_reasons, warnings = _decide(source, targets, routing, on_mismatch, scope)
     warnings += [f"rule {r.described()} matched no source tensor"
                  for r in mapping.rules if routing.hits[id(r)] == 0]
@@ -224,8 +225,9 @@ class _Routing:
     hits: Counter[int]
 
 
-def _route(source: Source, mapping: Mapping, targets: dict[str, Target]) -> _Routing:
+def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: nn.Module) -> _Routing:
     r = _Routing({}, set(), [], {}, Counter())
+    routed: list[tuple[str, Rule | None, Output]] = []
     for key in source:
         res = mapping.resolve(key)
         if res.rule is not None:
@@ -233,13 +235,18 @@ def _route(source: Source, mapping: Mapping, targets: dict[str, Target]) -> _Rou
         if res.dropped:
             r.dropped.append(key)
             continue
-        outputs = _auto_split_sizes(source, key, res.rule, res.outputs, targets)
-        for out in outputs:
-            if out.target in targets:
-                r.candidates.setdefault(out.target, []).append((key, res.rule, out))
-                r.used.add(key)
-            elif key not in r.used:
-                r.unused_reasons[key] = f"no target tensor named {out.target!r}"
+        for out in _auto_split_sizes(source, key, res.rule, res.outputs, targets):
+            routed.append((key, res.rule, out))
+    if any(has_custom_loading(m) for m in scope.modules()):
+        metas = {key: source.meta(key) for key, _, out in routed if not out.ops and out.part is None}
+        routed = replay(scope, routed, {k: m.shape for k, m in metas.items()},
+                        {k: m.dtype for k, m in metas.items()}, source.state_dict_metadata)
+    for key, rule, out in routed:
+        if out.target in targets:
+            r.candidates.setdefault(out.target, []).append((key, rule, out))
+            r.used.add(key)
+        elif key not in r.used:
+            r.unused_reasons[key] = f"no target tensor named {out.target!r}"
     return r
 
 

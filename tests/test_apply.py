@@ -1,0 +1,193 @@
+"""Applying: dict.update semantics, casting, placement, meta targets, all-or-nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from conftest import TinyNet, digest, trained
+from safetensors.torch import save_file
+from torch import nn
+
+import weightport as wp
+from weightport.errors import NonFiniteError, OpError, PlanError
+
+
+def test_loaded_tensors_overwrite_and_the_rest_keeps_its_values(tmp_path):
+    src = trained(num_classes=1000)
+    torch.save({"net": nn.DataParallel(src).state_dict()}, tmp_path / "c.pth")
+    model = TinyNet(num_classes=10)
+    fc_before = model.fc.weight.detach().clone()
+    wp.transfer(tmp_path / "c.pth", model)
+    for k, v in model.state_dict().items():
+        if k.startswith("fc."):
+            continue
+        assert torch.equal(v, src.state_dict()[k]), k
+    assert torch.equal(model.fc.weight, fc_before)
+
+
+def test_values_cast_to_the_targets_dtype(tiny):
+    state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in trained().state_dict().items()}
+    wp.transfer(state, tiny)
+    assert tiny.conv1.weight.dtype == torch.float32
+    assert torch.equal(tiny.conv1.weight, state["conv1.weight"].float())
+
+
+def test_dtype_and_device_options_keep_parameter_identity(tiny):
+    params = list(tiny.parameters())
+    tiny.fc.weight.my_flag = "keep me"  # type: ignore[attr-defined]
+    opt = torch.optim.SGD(tiny.parameters(), lr=0.1)
+    wp.transfer(trained().state_dict(), tiny, dtype="bfloat16", device="cpu")
+    assert all(p.dtype == torch.bfloat16 for p in tiny.parameters())
+    assert tiny.bn1.num_batches_tracked.dtype == torch.int64  # integer buffers keep their dtype
+    assert list(tiny.parameters()) == params  # same objects: optimizers keep working
+    assert opt.param_groups[0]["params"][0] is tiny.conv1.weight
+    assert tiny.fc.weight.my_flag == "keep me"
+    assert isinstance(tiny.fc.weight, nn.Parameter) and tiny.fc.weight.requires_grad
+
+
+def test_meta_target_materialises_everything_and_inits_only_fresh(tmp_path, monkeypatch):
+    src = trained(num_classes=1000)
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    with wp.init_empty():
+        model = TinyNet(num_classes=10)
+    assert model.fc.weight.is_meta and not model.bn1.running_mean.is_meta
+    calls = []
+    original = nn.Linear.reset_parameters
+
+    def spy(self):
+        calls.append(type(self).__name__)
+        original(self)
+
+    monkeypatch.setattr(nn.Linear, "reset_parameters", spy)
+    monkeypatch.setattr(nn.Conv2d, "reset_parameters", lambda self: calls.append("Conv2d"))
+    r = wp.transfer(tmp_path / "w.safetensors", model)
+    assert calls == ["Linear"]  # only the fresh head was initialised; nothing loaded was
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    assert model.fc.weight.std() > 0
+    for k, v in src.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(model.state_dict()[k], v), k
+    assert [e.target for e in r.fresh] == ["fc.weight", "fc.bias"]
+
+
+def test_meta_target_with_non_persistent_meta_buffer_is_refused():
+    with torch.device("meta"):
+        model = TinyNet()
+    model.register_buffer("positions", torch.arange(4, device="meta"), persistent=False)
+    with pytest.raises(PlanError, match="positions.*init_empty"):
+        wp.plan(trained().state_dict(), model)
+
+
+def test_meta_target_without_reset_parameters_is_zeroed_with_a_note():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+            self.fc = nn.Linear(3, 3)
+
+    with wp.init_empty():
+        model = Custom()
+    r = wp.transfer({"fc.weight": torch.ones(3, 3), "fc.bias": torch.ones(3)}, model)
+    assert torch.equal(model.scale, torch.zeros(3))
+    assert any("no reset_parameters" in w and "scale" in w for w in r.warnings)
+
+
+def _failing(tensor: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("boom")
+
+
+def _interrupting(tensor: torch.Tensor) -> torch.Tensor:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("meta", [False, True])
+@pytest.mark.parametrize("fault", ["op", "interrupt", "nan"])
+def test_failures_leave_the_model_unchanged(tiny, fault, meta):
+    if meta:
+        with wp.init_empty():
+            tiny = TinyNet()
+    state = trained().state_dict()
+    rules = []
+    if fault == "op":
+        rules = [wp.transform("blocks.1.0.weight", "blocks.1.0.weight", _failing)]
+    elif fault == "interrupt":
+        rules = [wp.transform("blocks.1.0.weight", "blocks.1.0.weight", _interrupting)]
+    else:
+        state["blocks.1.0.weight"][0, 0, 0, 0] = float("nan")
+    before = digest(tiny)
+    expected = {"op": OpError, "interrupt": KeyboardInterrupt, "nan": NonFiniteError}[fault]
+    with pytest.raises(expected):
+        wp.transfer(state, tiny, rules=rules, check_finite=True)
+    assert digest(tiny) == before
+
+
+def test_interrupt_during_commit_is_deferred_until_the_commit_ends(tiny):
+    state = trained().state_dict()
+    fired = []
+
+    def interrupt_once(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    plan = wp.plan(state, tiny, rules=[wp.transform("fc.bias", "fc.bias", interrupt_once)])
+    real_copy = torch.Tensor.copy_
+
+    def copy_and_signal(self, src, *a, **k):
+        if not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_copy(self, src, *a, **k)
+
+    torch.Tensor.copy_ = copy_and_signal  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            plan.apply()
+    finally:
+        torch.Tensor.copy_ = real_copy  # type: ignore[method-assign]
+    assert fired
+    for k, v in state.items():  # the commit completed before the interrupt was raised
+        assert torch.equal(tiny.state_dict()[k], v), k
+
+
+def test_a_plan_applies_once_and_refuses_a_changed_model(tiny):
+    state = trained().state_dict()
+    p = wp.plan(state, tiny)
+    p.apply()
+    with pytest.raises(PlanError, match="applied already"):
+        p.apply()
+    p2 = wp.plan(state, tiny)
+    tiny.fc = nn.Linear(8, 10)
+    with pytest.raises(PlanError, match="changed since it was planned"):
+        p2.apply()
+
+
+def test_bad_dtype_and_device_options(tiny):
+    with pytest.raises(PlanError, match="dtype='float99'"):
+        wp.transfer(trained().state_dict(), tiny, dtype="float99")
+    with pytest.raises(PlanError, match="device='nowhere'"):
+        wp.transfer(trained().state_dict(), tiny, device="nowhere")
+
+
+def test_ops_and_fuse_values_are_exact():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(4, 12)
+            self.proj = nn.Linear(4, 6, bias=False)
+
+    q, k, v = (torch.randn(4, 4) for _ in range(3))
+    qb, kb, vb = (torch.randn(4) for _ in range(3))
+    w = torch.randn(4, 6)
+    state = {"q.weight": q, "k.weight": k, "v.weight": v, "q.bias": qb, "k.bias": kb, "v.bias": vb, "p.w": w}
+    model = Net()
+    r = wp.transfer(state, model, strict=True, rules=[
+        wp.fuse(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}"),
+        wp.transform("p.w", "proj.weight", "transpose"),
+    ])
+    assert torch.equal(model.qkv.weight, torch.cat([q, k, v])) and torch.equal(model.qkv.bias, torch.cat([qb, kb, vb]))
+    assert torch.equal(model.proj.weight, w.t())
+    e = r["qkv.weight"]
+    assert (e.status, e.sources, e.ops, e.source_shape) == ("adapted", ("q.weight", "k.weight", "v.weight"),
+                                                           ("fuse[3]",), (12, 4))

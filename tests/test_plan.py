@@ -1,0 +1,174 @@
+"""Planning: matching, policies, scope, strictness, collisions, tied weights — without reading data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TiedLM, TinyNet, digest, trained
+from safetensors.torch import save_file
+from torch import nn
+
+import weightport as wp
+from weightport.errors import CollisionError, PlanError, ShapeMismatchError, StrictnessError, TargetError
+from weightport.sources import _mapped
+
+
+def test_plan_reads_no_tensor_data_and_changes_nothing(tmp_path, monkeypatch):
+    src_model = trained(num_classes=1000)
+    save_file(src_model.state_dict(), tmp_path / "w.safetensors")
+    torch.save({"net": src_model.state_dict()}, tmp_path / "w.pth")
+    model = TinyNet(num_classes=10)
+    before = digest(model)
+    reads = []
+    monkeypatch.setattr(_mapped.MappedFile, "_map", lambda self: reads.append(self.path))
+    monkeypatch.setattr(_mapped.MappedFile, "read_into", lambda *a: reads.append("read_into"))
+    for name in ("w.safetensors", "w.pth"):
+        p = wp.plan(tmp_path / name, model)
+        assert p.report.applied is False
+        assert {e.status for e in p.entries} == {"loaded", "fresh"}
+    assert reads == []
+    assert digest(model) == before
+
+
+def test_shape_mismatch_skip_reports_both_shapes(tiny):
+    p = wp.plan(trained(num_classes=1000).state_dict(), tiny)
+    fc = p.report["fc.weight"]
+    assert (fc.status, fc.reason, fc.source_shape, fc.target_shape) == ("fresh", "shape mismatch", (1000, 8), (10, 8))
+    assert p.report.skipped == [p.report["fc.weight"], p.report["fc.bias"]]
+    assert p.report.unused_reasons["fc.weight"] == "shape mismatch with 'fc.weight'"
+
+
+def test_shape_mismatch_error_names_keys_shapes_and_fix(tiny):
+    with pytest.raises(ShapeMismatchError, match=r"'fc.weight'.*\(1000, 8\).*\(10, 8\)(.|\n)*on_mismatch='skip'"):
+        wp.plan(trained(num_classes=1000).state_dict(), tiny, on_mismatch="error")
+
+
+def test_unknown_policy_is_refused(tiny):
+    with pytest.raises(PlanError, match="on_mismatch must be one of"):
+        wp.plan(tiny.state_dict(), tiny, on_mismatch="maybe")
+
+
+def test_missing_and_unused_and_dropped(tiny):
+    state = trained().state_dict()
+    state["extra.weight"] = torch.zeros(3)
+    del state["bn1.running_var"]
+    p = wp.plan(state, tiny, rules=[wp.drop("blocks.1.**")])
+    r = p.report
+    assert r["bn1.running_var"].reason == "missing"
+    assert r["blocks.1.0.weight"].reason == "dropped"
+    assert r.unused == ("extra.weight",)
+    assert set(r.dropped) == {"blocks.1.0.weight", "blocks.1.0.bias"}
+
+
+def test_into_submodule_and_bad_into():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = TinyNet()
+            self.head = nn.Linear(8, 2)
+
+    model = Wrapper()
+    head_before = digest(model.head)
+    r = wp.transfer(trained().state_dict(), model, into="backbone")
+    assert r.into == "backbone" and all(e.status == "loaded" for e in r.entries)
+    assert {e.target for e in r.entries} == set(TinyNet().state_dict())
+    assert digest(model.head) == head_before
+    with pytest.raises(TargetError, match="into='backbon'.*did you mean 'backbone'"):
+        wp.plan(trained().state_dict(), model, into="backbon")
+
+
+def test_strict_names_what_is_missing_and_unused(tiny):
+    state = trained().state_dict()
+    state["extra"] = torch.zeros(1)
+    del state["fc.bias"]
+    with pytest.raises(StrictnessError) as e:
+        wp.plan(state, tiny, strict=True)
+    assert "fc.bias" in str(e.value) and "extra" in str(e.value)
+    wp.plan(trained().state_dict(), tiny, strict=True)  # a complete match passes
+
+
+def test_require_globs(tiny):
+    state = trained(num_classes=1000).state_dict()
+    wp.plan(state, tiny, require=("conv1.*", "blocks.*"))
+    with pytest.raises(StrictnessError, match=r"require='fc\.\*': not loaded: fc.weight, fc.bias"):
+        wp.plan(state, tiny, require=("fc.*",))
+    with pytest.raises(StrictnessError, match="matches no target"):
+        wp.plan(state, tiny, require=("decoder.*",))
+
+
+def test_two_sources_writing_one_target_are_refused(tiny):
+    state = trained().state_dict()
+    state["old_fc.weight"] = state["fc.weight"].clone()
+    with pytest.raises(CollisionError) as e:
+        wp.plan(state, tiny, rules=[wp.rename("old_fc.{p}", "fc.{p}")])
+    msg = str(e.value)
+    assert "'fc.weight'" in msg and "'old_fc.weight'" in msg and "old_fc.{p}" in msg and "same name" in msg
+
+
+def test_rule_that_matched_nothing_is_a_warning(tiny):
+    p = wp.plan(trained().state_dict(), tiny, rules=[wp.rename("encoder.{p*}", "{p}")])
+    assert any("matched no source tensor" in w and "encoder.{p*}" in w for w in p.report.warnings)
+
+
+def test_tied_parameters_load_once_and_are_never_fresh():
+    src = TiedLM()
+    state = {k: v for k, v in src.state_dict().items() if k != "head.weight"}  # as HF saves tied weights
+    target = TiedLM()
+    r = wp.transfer(state, target, strict=True)
+    assert r["head.weight"].status == "loaded" and r["head.weight"].tied_to == "embed.weight"
+    assert target.head.weight is target.embed.weight
+    assert torch.equal(target.head.weight, src.embed.weight)
+    assert r.coverage == 1.0
+
+
+def test_tied_target_with_both_names_in_source_warns():
+    src = TiedLM()
+    state = dict(src.state_dict())
+    state["head.weight"] = torch.randn_like(state["head.weight"])
+    r = wp.plan(state, TiedLM()).report
+    assert any("tied" in w for w in r.warnings)
+    assert "head.weight" in r.unused
+
+
+def test_fuse_incomplete_is_reported():
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(4, 12)
+
+    state = {"q.weight": torch.ones(4, 4), "k.weight": torch.ones(4, 4)}
+    p = wp.plan(state, QKV(), rules=[wp.fuse(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}")])
+    assert p.report["qkv.weight"].status == "fresh"
+    assert any("incomplete" in w for w in p.report.warnings)
+
+
+def test_split_sizes_follow_the_targets_for_uneven_parts():
+    class GQA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(8, 8, bias=False)
+            self.k = nn.Linear(8, 2, bias=False)
+            self.v = nn.Linear(8, 2, bias=False)
+
+    fused = torch.arange(12 * 8, dtype=torch.float32).reshape(12, 8)
+    model = GQA()
+    r = wp.transfer({"qkv.weight": fused}, model,
+                    rules=[wp.split("qkv.{p}", ["q.{p}", "k.{p}", "v.{p}"])], strict=True)
+    assert torch.equal(model.k.weight, fused[8:10]) and torch.equal(model.v.weight, fused[10:12])
+    assert r["v.weight"].status == "adapted" and r["v.weight"].ops == ("split[3/3]",)
+
+
+def test_module_version_hooks_are_replayed():
+    from torchvision.models.vision_transformer import MLPBlock
+
+    from conftest import with_metadata
+
+    ref = MLPBlock(8, 16, 0.0)
+    sd = ref.state_dict()
+    old = with_metadata({"linear_1.weight": sd["0.weight"], "linear_1.bias": sd["0.bias"],
+                         "linear_2.weight": sd["3.weight"], "linear_2.bias": sd["3.bias"]}, {"": {"version": 1}})
+    target = MLPBlock(8, 16, 0.0)
+    r = wp.transfer(old, target, strict=True)
+    assert "MLPBlock._load_from_state_dict" in r["0.weight"].rule
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(target(x), ref(x), rtol=0, atol=0)
