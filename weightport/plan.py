@@ -289,9 +289,12 @@ def _decide(source: Source, targets: dict[str, Target], routing: _Routing, on_mi
         if chosen is None:
             fresh[canonical] = ("dropped" if any(n in dropped for n in group) else "missing", None)
             continue
+        chosen_key = routing.candidates[chosen][0][0]
         for other in group:
             if other != chosen and other in routing.candidates:
-                keys = [k for k, _, _ in routing.candidates[other]]
+                keys = [k for k, _, _ in routing.candidates[other] if not source.same_tensor(k, chosen_key)]
+                if not keys:
+                    continue  # the source ties them too
                 warnings.append(f"{chosen!r} and {other!r} are one tied tensor: loaded from "
                                 f"{routing.candidates[chosen][0][0]!r}, ignored {', '.join(map(repr, keys))}")
                 for k in keys:

@@ -153,6 +153,13 @@ class Source(Mapping[str, torch.Tensor]):
         """Copy the values of ``name`` into ``out`` (same shape), reading once."""
         self._read_into(self._handle(name), out)
 
+    def same_tensor(self, a: str, b: str) -> bool:
+        """Whether names ``a`` and ``b`` hold one shared tensor (tied weights saved once)."""
+        return self._same(self._handle(a), self._handle(b))
+
+    def _same(self, a: Any, b: Any) -> bool:
+        return a is b
+
     def release(self, name: str) -> None:
         """Hint that the caller is done with ``name``: its pages may leave memory."""
         self._release(self._handle(name))

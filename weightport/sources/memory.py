@@ -32,6 +32,12 @@ class TensorSource(Source):
     def _read_into(self, handle: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(handle.detach())
 
+    def _same(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a is b or (
+            a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.numel() > 0 and a.data_ptr() == b.data_ptr()
+        )
+
 
 class FileSource(Source):
     """Tensors referenced inside one or more mapped files (safetensors, torch zip/legacy)."""

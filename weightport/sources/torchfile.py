@@ -71,6 +71,10 @@ def parse_torch_file(path: str, *, trust_pickle: bool = False) -> Parsed:
         return _parse_pickle_stream(path)
     except NeedsTorchLoad:
         return _torch_load(path, weights_only=True)
+    except CorruptFileError as e:
+        if str(e).startswith(path):
+            raise
+        raise CorruptFileError(f"{path}: not a readable torch or pickle file: {e}") from e
 
 
 def _is_tar(path: str) -> bool:

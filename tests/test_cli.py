@@ -1,0 +1,86 @@
+"""The command line: inspect, port, mappings; exit codes; one clear line on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import trained
+from safetensors.torch import load_file
+
+from weightport.cli import main
+
+TARGET = "conftest:TinyNet"
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"net": torch.nn.DataParallel(trained(num_classes=1000)).state_dict(), "epoch": 3}, path)
+    return path
+
+
+def test_inspect_text_and_json(ckpt, capsys):
+    assert main(["inspect", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "weights found under 'net'" in out and "stripped prefixes: 'module.'" in out
+    assert "conv1.weight" in out and "(8, 3, 3, 3)" in out and "tensors" in out
+    assert main(["inspect", str(ckpt), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["source"]["wrapper"] == "net"
+    assert {"name": "fc.weight", "shape": [1000, 8], "dtype": "float32", "numel": 8000, "nbytes": 32000} in d["tensors"]
+    assert d["total"]["tensors"] == len(d["tensors"])
+
+
+def test_port_dry_run_json_writes_nothing(ckpt, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    assert main(["port", str(ckpt), f"{TARGET}(num_classes=10)", "--dry-run", "--json", "--out", str(out)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["applied"] is False and d["counts"]["fresh"] == 2
+    assert not out.exists()
+
+
+def test_port_saves_and_applies_rules(ckpt, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    code = main(["port", str(ckpt), f"{TARGET}(num_classes=10)", "--rule", "blocks.1.{p*}=>", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "dropped" in text and f"saved to {out}" in text
+    saved = load_file(out)
+    assert torch.equal(saved["conv1.weight"], trained(num_classes=1000).state_dict()["conv1.weight"])
+
+
+def test_strictness_failure_exits_1(ckpt, capsys):
+    assert main(["port", str(ckpt), TARGET, "--strict"]) == 1
+    assert "strict=True" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["inspect", "/no/such/file.pth"], "/no/such/file.pth: no such file"),
+        (["port", "CKPT", "conftest:NoSuchFactory"], "has no attribute 'NoSuchFactory'"),
+        (["port", "CKPT", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
+        (["port", "CKPT", f"{TARGET}(num_classes=os.system('x'))"], "must be Python literals"),
+        (["port", "CKPT", TARGET, "--rule", "nonsense"], "--rule 'nonsense'"),
+        (["port", "CKPT", TARGET, "--into", "nothing"], "into='nothing'"),
+        (["port", "CKPT", TARGET, "--mapping", "no.such.mapping"], "'no.such.mapping' is neither"),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_line(ckpt, capsys, argv, needle):
+    argv = [str(ckpt) if a == "CKPT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert err.startswith("weightport: error:")
+
+
+def test_console_script_runs_as_a_process(ckpt, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "weightport", "inspect", str(tmp_path / "missing.pt")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "missing.pt" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "weightport"], capture_output=True, text=True)
+    assert res.returncode == 2 and "inspect" in res.stdout

@@ -1,0 +1,80 @@
+"""The report: entries, statuses, coverage, grouping and every renderer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TinyNet, trained
+from rich.console import Console
+
+import weightport as wp
+from weightport.report import group_names
+
+
+@pytest.fixture
+def report() -> wp.TransferReport:
+    state = trained(num_classes=1000).state_dict()
+    state["unused.weight"] = torch.zeros(2)
+    return wp.transfer(state, TinyNet(), rules=[wp.drop("blocks.1.**")])
+
+
+def test_every_target_has_exactly_one_entry_and_status(report):
+    names = [e.target for e in report.entries]
+    assert names == list(TinyNet().state_dict())
+    assert all(e.status in ("loaded", "adapted", "fresh") for e in report.entries)
+    assert len(report.loaded) + len(report.adapted) + len(report.fresh) == len(report.entries)
+    assert report.unused == ("unused.weight", "fc.weight", "fc.bias") or set(report.unused) == {
+        "unused.weight", "fc.weight", "fc.bias"}
+    assert set(report.dropped) == {"blocks.1.0.weight", "blocks.1.0.bias"}
+
+
+def test_coverage_counts_parameter_elements_once():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(10, 10, bias=False)  # 100 elements
+            self.b = torch.nn.Linear(10, 10, bias=False)
+            self.b.weight = self.a.weight  # tied: counted once
+            self.c = torch.nn.Linear(10, 1, bias=False)  # 10 elements, fresh
+            self.register_buffer("big", torch.zeros(1000))  # buffers do not count
+
+    r = wp.transfer({"a.weight": torch.ones(10, 10)}, Tied())
+    assert r.coverage == pytest.approx(100 / 110)
+
+
+def test_summary_groups_names(report):
+    text = report.summary()
+    assert "coverage" in text and "fresh (shape mismatch): fc.weight, fc.bias" in text
+    assert "fresh (dropped): blocks.1.0.weight, blocks.1.0.bias" in text
+    assert group_names([f"blocks.{i}.attn.qkv.weight" for i in range(12)]) == ["blocks.{0..11}.attn.qkv.weight"]
+    assert group_names(["l.1.w", "l.3.w", "l.4.w"]) == ["l.{1,3,4}.w"]
+    assert group_names(["a.0.b.0", "a.0.b.1", "a.1.b.0"]) == ["a.0.b.{0..1}", "a.1.b.0"]  # exact, no cartesian lie
+
+
+def test_table_shows_both_shapes_and_reasons(report):
+    text = str(report)
+    line = next(l for l in text.splitlines() if l.startswith("fc.weight"))
+    assert "fresh" in line and "(1000, 8) -> (10, 8)" in line and "shape mismatch" in line
+
+
+def test_machine_readable_renderers(report):
+    d = json.loads(report.to_json())
+    assert d["counts"] == {"loaded": len(report.loaded), "adapted": 0, "fresh": len(report.fresh)}
+    fc = next(e for e in d["entries"] if e["target"] == "fc.weight")
+    assert fc["source_shape"] == [1000, 8] and fc["reason"] == "shape mismatch"
+    assert d["source"]["kind"] == "dict" and d["applied"] is True
+    md = report.to_markdown()
+    assert "| fc.weight | fresh |" in md
+    html = report._repr_html_()
+    assert "<table>" in html and "fc.weight" in html
+    console = Console(record=True, width=200)
+    console.print(report)
+    assert "fc.weight" in console.export_text()
+
+
+def test_library_logs_and_never_prints(capsys, report):
+    wp.transfer(trained().state_dict(), TinyNet())
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
