@@ -18,8 +18,9 @@ class TinyNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
-                                      for _ in range(2)])
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU()) for _ in range(2)]
+        )
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

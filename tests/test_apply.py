@@ -182,12 +182,21 @@ def test_ops_and_fuse_values_are_exact():
     w = torch.randn(4, 6)
     state = {"q.weight": q, "k.weight": k, "v.weight": v, "q.bias": qb, "k.bias": kb, "v.bias": vb, "p.w": w}
     model = Net()
-    r = wp.transfer(state, model, strict=True, rules=[
-        wp.fuse(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}"),
-        wp.transform("p.w", "proj.weight", "transpose"),
-    ])
+    r = wp.transfer(
+        state,
+        model,
+        strict=True,
+        rules=[
+            wp.fuse(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}"),
+            wp.transform("p.w", "proj.weight", "transpose"),
+        ],
+    )
     assert torch.equal(model.qkv.weight, torch.cat([q, k, v])) and torch.equal(model.qkv.bias, torch.cat([qb, kb, vb]))
     assert torch.equal(model.proj.weight, w.t())
     e = r["qkv.weight"]
-    assert (e.status, e.sources, e.ops, e.source_shape) == ("adapted", ("q.weight", "k.weight", "v.weight"),
-                                                           ("fuse[3]",), (12, 4))
+    assert (e.status, e.sources, e.ops, e.source_shape) == (
+        "adapted",
+        ("q.weight", "k.weight", "v.weight"),
+        ("fuse[3]",),
+        (12, 4),
+    )

@@ -79,8 +79,9 @@ def test_bad_input_exits_2_with_one_clear_line(ckpt, capsys, argv, needle):
 
 
 def test_console_script_runs_as_a_process(ckpt, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "weightport", "inspect", str(tmp_path / "missing.pt")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "weightport", "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr and "missing.pt" in res.stderr
     res = subprocess.run([sys.executable, "-m", "weightport"], capture_output=True, text=True)
     assert res.returncode == 2 and "inspect" in res.stdout

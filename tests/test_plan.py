@@ -152,21 +152,26 @@ def test_split_sizes_follow_the_targets_for_uneven_parts():
 
     fused = torch.arange(12 * 8, dtype=torch.float32).reshape(12, 8)
     model = GQA()
-    r = wp.transfer({"qkv.weight": fused}, model,
-                    rules=[wp.split("qkv.{p}", ["q.{p}", "k.{p}", "v.{p}"])], strict=True)
+    r = wp.transfer({"qkv.weight": fused}, model, rules=[wp.split("qkv.{p}", ["q.{p}", "k.{p}", "v.{p}"])], strict=True)
     assert torch.equal(model.k.weight, fused[8:10]) and torch.equal(model.v.weight, fused[10:12])
     assert r["v.weight"].status == "adapted" and r["v.weight"].ops == ("split[3/3]",)
 
 
 def test_module_version_hooks_are_replayed():
-    from torchvision.models.vision_transformer import MLPBlock
-
     from conftest import with_metadata
+    from torchvision.models.vision_transformer import MLPBlock
 
     ref = MLPBlock(8, 16, 0.0)
     sd = ref.state_dict()
-    old = with_metadata({"linear_1.weight": sd["0.weight"], "linear_1.bias": sd["0.bias"],
-                         "linear_2.weight": sd["3.weight"], "linear_2.bias": sd["3.bias"]}, {"": {"version": 1}})
+    old = with_metadata(
+        {
+            "linear_1.weight": sd["0.weight"],
+            "linear_1.bias": sd["0.bias"],
+            "linear_2.weight": sd["3.weight"],
+            "linear_2.bias": sd["3.bias"],
+        },
+        {"": {"version": 1}},
+    )
     target = MLPBlock(8, 16, 0.0)
     r = wp.transfer(old, target, strict=True)
     assert "MLPBlock._load_from_state_dict" in r["0.weight"].rule

@@ -26,7 +26,10 @@ def test_every_target_has_exactly_one_entry_and_status(report):
     assert all(e.status in ("loaded", "adapted", "fresh") for e in report.entries)
     assert len(report.loaded) + len(report.adapted) + len(report.fresh) == len(report.entries)
     assert report.unused == ("unused.weight", "fc.weight", "fc.bias") or set(report.unused) == {
-        "unused.weight", "fc.weight", "fc.bias"}
+        "unused.weight",
+        "fc.weight",
+        "fc.bias",
+    }
     assert set(report.dropped) == {"blocks.1.0.weight", "blocks.1.0.bias"}
 
 
@@ -55,7 +58,7 @@ def test_summary_groups_names(report):
 
 def test_table_shows_both_shapes_and_reasons(report):
     text = str(report)
-    line = next(l for l in text.splitlines() if l.startswith("fc.weight"))
+    line = next(ln for ln in text.splitlines() if ln.startswith("fc.weight"))
     assert "fresh" in line and "(1000, 8) -> (10, 8)" in line and "shape mismatch" in line
 
 

@@ -90,12 +90,14 @@ def test_builders_validate_their_arguments():
 
 
 def test_first_matching_rule_decides_and_unmatched_keys_keep_their_name():
-    m = wp.Mapping([
-        wp.drop("head.**"),
-        wp.rename("head.fc.{p}", "never.{p}"),  # shadowed by the drop above
-        wp.rename("backbone.{rest*}", "{rest}"),
-        wp.rename("{rest*}", "other.{rest}"),
-    ])
+    m = wp.Mapping(
+        [
+            wp.drop("head.**"),
+            wp.rename("head.fc.{p}", "never.{p}"),  # shadowed by the drop above
+            wp.rename("backbone.{rest*}", "{rest}"),
+            wp.rename("{rest*}", "other.{rest}"),
+        ]
+    )
     assert m.resolve("head.fc.weight").dropped
     assert _target(m, "backbone.conv.weight") == "conv.weight"
     assert _target(m, "neck.w") == "other.neck.w"
@@ -120,13 +122,15 @@ def test_split_and_fuse_outputs():
 
 
 def test_inverse_of_renames_splits_fuses_and_transposes():
-    m = wp.Mapping([
-        wp.rename("encoder.layers.encoder_layer_{i}.ln_{n}.{p}", "blocks.{i}.norm{n}.{p}"),
-        wp.rename("layer{i}.{rest*}", "stages.{i-1}.{rest}"),
-        wp.split("x.{i}.qkv.{p}", ["a.{i}.q.{p}", "a.{i}.k.{p}", "a.{i}.v.{p}"]),
-        wp.transform("proj.weight", "out.weight", "transpose"),
-        wp.drop("heads.pre_logits.**"),
-    ])
+    m = wp.Mapping(
+        [
+            wp.rename("encoder.layers.encoder_layer_{i}.ln_{n}.{p}", "blocks.{i}.norm{n}.{p}"),
+            wp.rename("layer{i}.{rest*}", "stages.{i-1}.{rest}"),
+            wp.split("x.{i}.qkv.{p}", ["a.{i}.q.{p}", "a.{i}.k.{p}", "a.{i}.v.{p}"]),
+            wp.transform("proj.weight", "out.weight", "transpose"),
+            wp.drop("heads.pre_logits.**"),
+        ]
+    )
     inv = m.inverse()
     assert _target(inv, "blocks.3.norm1.weight") == "encoder.layers.encoder_layer_3.ln_1.weight"
     assert _target(inv, "stages.0.conv.weight") == "layer1.conv.weight"
@@ -176,8 +180,11 @@ def test_rename_then_inverse_gives_back_the_original(prefix, i, rest, shift):
 
 
 @settings(max_examples=200, deadline=None)
-@given(pattern=st.text(alphabet="ab.{}*+-1i_ ", max_size=12), template=st.text(alphabet="ab.{}*+-1i_", max_size=12),
-       key=st.text(alphabet="ab.1_", max_size=12))
+@given(
+    pattern=st.text(alphabet="ab.{}*+-1i_ ", max_size=12),
+    template=st.text(alphabet="ab.{}*+-1i_", max_size=12),
+    key=st.text(alphabet="ab.1_", max_size=12),
+)
 def test_random_rules_raise_only_weightport_errors(pattern, template, key):
     try:
         m = wp.Mapping([wp.rename(pattern, template)])

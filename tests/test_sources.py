@@ -46,8 +46,10 @@ def test_every_file_format_round_trips(tmp_path, state, fmt):
             pickle.dump(state, f)
     src = wp.open_source(path)
     _same(src, state)
-    assert src.info.kind == {"safetensors": "safetensors", "zip": "torch-zip", "legacy": "torch-legacy",
-                             "pickle": "pickle"}[fmt]
+    assert (
+        src.info.kind
+        == {"safetensors": "safetensors", "zip": "torch-zip", "legacy": "torch-legacy", "pickle": "pickle"}[fmt]
+    )
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt", ".tar"])
@@ -178,7 +180,7 @@ def test_hf_folder_with_only_bin(tmp_path, state):
 
 def _shard(tmp_path, state, writer, ext):
     names = sorted(state)
-    parts = [names[: len(names) // 2], names[len(names) // 2:]]
+    parts = [names[: len(names) // 2], names[len(names) // 2 :]]
     weight_map = {}
     for i, part in enumerate(parts):
         fname = f"model-0000{i + 1}-of-00002.{ext}"

@@ -1,8 +1,8 @@
 """weightport: move pretrained weights into the architecture you train, and say what happened.
 
-    >>> import weightport as wp
-    >>> report = wp.transfer("resnet50.pth", model)
-    >>> print(report.summary())
+>>> import weightport as wp
+>>> report = wp.transfer("resnet50.pth", model)
+>>> print(report.summary())
 """
 
 from weightport import errors
@@ -31,9 +31,29 @@ from weightport.sources import Source, SourceInfo, open_source
 __version__ = "0.1.0"
 
 __all__ = [
-    "transfer", "plan", "open_source", "load_mapping", "list_mappings", "save", "init_empty",
-    "Mapping", "rename", "drop", "strip_prefix", "add_prefix", "split", "fuse", "transform",
-    "register_op", "list_ops", "list_adapters",
-    "TransferPlan", "TransferReport", "Entry", "Source", "SourceInfo",
-    "WeightportError", "errors",
+    "Entry",
+    "Mapping",
+    "Source",
+    "SourceInfo",
+    "TransferPlan",
+    "TransferReport",
+    "WeightportError",
+    "add_prefix",
+    "drop",
+    "errors",
+    "fuse",
+    "init_empty",
+    "list_adapters",
+    "list_mappings",
+    "list_ops",
+    "load_mapping",
+    "open_source",
+    "plan",
+    "register_op",
+    "rename",
+    "save",
+    "split",
+    "strip_prefix",
+    "transfer",
+    "transform",
 ]

@@ -51,12 +51,18 @@ Routed = tuple[str, Rule | None, Output]
 
 
 def has_custom_loading(module: nn.Module) -> bool:
-    return (type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
-            or bool(module._load_state_dict_pre_hooks))
+    return type(module)._load_from_state_dict is not nn.Module._load_from_state_dict or bool(
+        module._load_state_dict_pre_hooks
+    )
 
 
-def replay(scope: nn.Module, routed: list[Routed], shapes: Mapping[str, torch.Size | tuple[int, ...]],
-           dtypes: Mapping[str, torch.dtype], metadata: Mapping[str, Any] | None) -> list[Routed]:
+def replay(
+    scope: nn.Module,
+    routed: list[Routed],
+    shapes: Mapping[str, torch.Size | tuple[int, ...]],
+    dtypes: Mapping[str, torch.dtype],
+    metadata: Mapping[str, Any] | None,
+) -> list[Routed]:
     """Return ``routed`` with the renames that modules' loading hooks would perform.
 
     Only plain entries (no ops, not part of a fuse) are offered to hooks: those are the
@@ -67,8 +73,9 @@ def replay(scope: nn.Module, routed: list[Routed], shapes: Mapping[str, torch.Si
         return routed
     for path, module in modules:
         prefix = f"{path}." if path else ""
-        plain = {i: r for i, r in enumerate(routed)
-                 if r[2].target.startswith(prefix) and not r[2].ops and r[2].part is None}
+        plain = {
+            i: r for i, r in enumerate(routed) if r[2].target.startswith(prefix) and not r[2].ops and r[2].part is None
+        }
         if not plain:
             continue
         markers = {i: torch.empty(tuple(shapes[r[0]]), dtype=dtypes[r[0]], device="meta") for i, r in plain.items()}
@@ -83,7 +90,7 @@ def replay(scope: nn.Module, routed: list[Routed], shapes: Mapping[str, torch.Si
         rule = HookRename(module=type(module).__name__, version=local.get("version"))
         for i, marker in markers.items():
             new = where.get(id(marker))
-            key, old_rule, out = routed[i]
+            key, _old_rule, out = routed[i]
             if new is None:
                 log.debug("%s's loading hook removed %s", type(module).__name__, out.target)
             elif new != out.target:
@@ -94,10 +101,10 @@ def replay(scope: nn.Module, routed: list[Routed], shapes: Mapping[str, torch.Si
 def _shadow(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers are meta stand-ins."""
     shadow = copy.copy(module)
-    shadow._parameters = {a: None if t is None else nn.Parameter(torch.empty_like(t, device="meta"),
-                                                                    requires_grad=t.requires_grad)
-                          for a, t in module._parameters.items()}
-    shadow._buffers = {a: None if t is None else torch.empty_like(t, device="meta")
-                       for a, t in module._buffers.items()}
+    shadow._parameters = {
+        a: None if t is None else nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+        for a, t in module._parameters.items()
+    }
+    shadow._buffers = {a: None if t is None else torch.empty_like(t, device="meta") for a, t in module._buffers.items()}
     shadow._modules = {n: _shadow(c) for n, c in module._modules.items() if c is not None}
     return shadow

@@ -42,9 +42,18 @@ def plan(
     """
     src = open_source(source, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
     resolved = _mapping(mapping).with_rules(rules)
-    return build_plan(src, model, resolved, into=into, on_mismatch=on_mismatch, strict=strict,
-                      require=require, dtype=_dtype(dtype), device=_device(device),
-                      check_finite=check_finite)
+    return build_plan(
+        src,
+        model,
+        resolved,
+        into=into,
+        on_mismatch=on_mismatch,
+        strict=strict,
+        require=require,
+        dtype=_dtype(dtype),
+        device=_device(device),
+        check_finite=check_finite,
+    )
 
 
 def transfer(
@@ -96,9 +105,21 @@ def transfer(
         >>> report = weightport.transfer("resnet18.pth", model)
         >>> print(report.summary())
     """
-    planned = plan(source, model, mapping=mapping, rules=rules, into=into, on_mismatch=on_mismatch,
-                   strict=strict, require=require, dtype=dtype, device=device,
-                   checkpoint_key=checkpoint_key, check_finite=check_finite, trust_pickle=trust_pickle)
+    planned = plan(
+        source,
+        model,
+        mapping=mapping,
+        rules=rules,
+        into=into,
+        on_mismatch=on_mismatch,
+        strict=strict,
+        require=require,
+        dtype=dtype,
+        device=device,
+        checkpoint_key=checkpoint_key,
+        check_finite=check_finite,
+        trust_pickle=trust_pickle,
+    )
     report = planned.apply()
     log.info("%s", report.summary().splitlines()[0])
     return report

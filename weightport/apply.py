@@ -72,9 +72,12 @@ def apply_plan(plan: TransferPlan) -> TransferReport:
         _commit(writes, plan)
         plan._applied = True
     done = time.perf_counter()
-    stats = {"prepare_s": prepared - start, "commit_s": done - prepared, "seconds": done - start,
-             "bytes_loaded": float(sum(plan.source.meta(i.key).nbytes for r in plan.recipes.values()
-                                       for i in r.inputs))}
+    stats = {
+        "prepare_s": prepared - start,
+        "commit_s": done - prepared,
+        "seconds": done - start,
+        "bytes_loaded": float(sum(plan.source.meta(i.key).nbytes for r in plan.recipes.values() for i in r.inputs)),
+    }
     warnings = plan.report.warnings + tuple(notes)
     return replace(plan.report, applied=True, stats=stats, warnings=warnings)
 
@@ -91,6 +94,7 @@ def _check_unchanged(plan: TransferPlan) -> None:
 
 # -- prepare ----------------------------------------------------------------------------------------
 
+
 def _final(t: torch.Tensor, plan: TransferPlan) -> tuple[torch.dtype, torch.device]:
     dtype = plan.dtype if plan.dtype is not None and t.is_floating_point() else t.dtype
     if plan.device is not None:
@@ -106,8 +110,11 @@ def _prepare(plan: TransferPlan) -> tuple[list[Any], list[str]]:
     owners = _owners(plan.scope)
     fresh_names = [n for n, t in plan.targets.items() if n == t.canonical and n not in plan.recipes]
     needs_init = [n for n in fresh_names if plan.targets[n].tensor.is_meta]
-    value_ops = [n for n, r in plan.recipes.items() if plan.targets[n].tensor.is_meta
-                 and any(op.target_use == "value" for op in r.ops)]
+    value_ops = [
+        n
+        for n, r in plan.recipes.items()
+        if plan.targets[n].tensor.is_meta and any(op.target_use == "value" for op in r.ops)
+    ]
     inits = _fresh_values(plan, needs_init + value_ops, notes)
     for name, recipe in plan.recipes.items():
         target = plan.targets[name].tensor
@@ -124,8 +131,13 @@ def _prepare(plan: TransferPlan) -> tuple[list[Any], list[str]]:
     return writes, notes
 
 
-def _prepare_recipe(plan: TransferPlan, recipe: Recipe, target: torch.Tensor,
-                    init: torch.Tensor | None, owners: dict[int, list[tuple[nn.Module, str, str]]]) -> Any:
+def _prepare_recipe(
+    plan: TransferPlan,
+    recipe: Recipe,
+    target: torch.Tensor,
+    init: torch.Tensor | None,
+    owners: dict[int, list[tuple[nn.Module, str, str]]],
+) -> Any:
     source = plan.source
     dtype, device = _final(target, plan)
     in_place = not target.is_meta and (dtype, device) == (target.dtype, target.device)
@@ -213,6 +225,7 @@ def _convert_other_buffers(plan: TransferPlan, owners: dict[int, list[tuple[nn.M
 
 # -- fresh tensors of a meta-built target -------------------------------------------------------------
 
+
 def _fresh_values(plan: TransferPlan, names: list[str], notes: list[str]) -> dict[str, torch.Tensor]:
     """Initialise meta tensors by their modules' own ``reset_parameters``, on a shadow copy."""
     by_module: dict[str, list[str]] = {}
@@ -237,8 +250,10 @@ def _fresh_values(plan: TransferPlan, names: list[str], notes: list[str]) -> dic
             if value is None:
                 value = shadow._buffers.get(attr)
             if value is None or value.is_meta:
-                raise PlanError(f"cannot materialise {name!r}: it is not a direct parameter or buffer "
-                                "of its module; build the model normally instead of on meta")
+                raise PlanError(
+                    f"cannot materialise {name!r}: it is not a direct parameter or buffer "
+                    "of its module; build the model normally instead of on meta"
+                )
             out[name] = value.detach()
     return out
 
@@ -260,23 +275,25 @@ def _shadow(module: nn.Module, plan: TransferPlan) -> nn.Module:
                 real = torch.zeros(t.shape, dtype=dtype, device=device)
             else:
                 real = torch.empty_like(t, device="meta")
-            getattr(shadow, kind)[attr] = nn.Parameter(real, requires_grad=t.requires_grad) \
-                if isinstance(t, nn.Parameter) else real
+            getattr(shadow, kind)[attr] = (
+                nn.Parameter(real, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else real
+            )
     return shadow
 
 
 def _meta_shadow(module: nn.Module) -> nn.Module:
     shadow = copy.copy(module)
-    shadow._parameters = {a: None if t is None else nn.Parameter(torch.empty_like(t, device="meta"),
-                                                                    requires_grad=t.requires_grad)
-                          for a, t in module._parameters.items()}
-    shadow._buffers = {a: None if t is None else torch.empty_like(t, device="meta")
-                       for a, t in module._buffers.items()}
+    shadow._parameters = {
+        a: None if t is None else nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+        for a, t in module._parameters.items()
+    }
+    shadow._buffers = {a: None if t is None else torch.empty_like(t, device="meta") for a, t in module._buffers.items()}
     shadow._modules = {n: _meta_shadow(c) for n, c in module._modules.items() if c is not None}
     return shadow
 
 
 # -- commit -----------------------------------------------------------------------------------------
+
 
 def _commit(writes: list[Any], plan: TransferPlan) -> None:
     source = plan.source

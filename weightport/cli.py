@@ -50,8 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     port.add_argument("source")
     port.add_argument("target", help="package.module:factory(k=v, …), timm:NAME(…) or torchvision:NAME(…)")
     port.add_argument("--mapping", "-m", help="shipped mapping name or mapping file")
-    port.add_argument("--rule", action="append", default=[], metavar="FROM=>TO",
-                      help="extra rename rule (repeatable); 'FROM=>' drops FROM")
+    port.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="FROM=>TO",
+        help="extra rename rule (repeatable); 'FROM=>' drops FROM",
+    )
     port.add_argument("--into", help="load into this submodule")
     port.add_argument("--on-mismatch", choices=["skip", "adapt", "error"], default="skip")
     port.add_argument("--strict", action="store_true", help="every target loads, every source is used")
@@ -74,23 +79,33 @@ def _parser() -> argparse.ArgumentParser:
 
 def _source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-key", help="key of the weights inside a nested checkpoint")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow full pickle loading (runs code from the file: only for files you trust)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow full pickle loading (runs code from the file: only for files you trust)",
+    )
 
 
 # -- inspect ---------------------------------------------------------------------------------------
+
 
 def _inspect(args: argparse.Namespace) -> int:
     from weightport.sources import open_source
 
     src = open_source(args.source, checkpoint_key=args.checkpoint_key, trust_pickle=args.trust_pickle)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in src:
         m = src.meta(name)
-        rows.append({"name": name, "shape": list(m.shape), "dtype": str(m.dtype).replace("torch.", ""),
-                     "numel": m.numel, "nbytes": m.nbytes})
-    total = {"tensors": len(rows), "numel": sum(r["numel"] for r in rows),
-             "nbytes": sum(r["nbytes"] for r in rows)}
+        rows.append(
+            {
+                "name": name,
+                "shape": list(m.shape),
+                "dtype": str(m.dtype).replace("torch.", ""),
+                "numel": m.numel,
+                "nbytes": m.nbytes,
+            }
+        )
+    total = {"tensors": len(rows), "numel": sum(r["numel"] for r in rows), "nbytes": sum(r["nbytes"] for r in rows)}
     if args.json:
         print(json.dumps({"source": src.info.to_dict(), "tensors": rows, "total": total}, indent=2))
         return EXIT_OK
@@ -133,19 +148,29 @@ def _size(n: float) -> str:
 
 # -- port ------------------------------------------------------------------------------------------
 
+
 def _port(args: argparse.Namespace) -> int:
     import weightport as wp
     from weightport.targets import build_target
 
     rules = [_cli_rule(r) for r in args.rule]
     model = build_target(args.target)
-    planned = wp.plan(args.source, model, mapping=args.mapping, rules=rules, into=args.into,
-                      on_mismatch=args.on_mismatch, strict=args.strict, require=args.require,
-                      dtype=args.dtype, checkpoint_key=args.checkpoint_key, trust_pickle=args.trust_pickle)
+    planned = wp.plan(
+        args.source,
+        model,
+        mapping=args.mapping,
+        rules=rules,
+        into=args.into,
+        on_mismatch=args.on_mismatch,
+        strict=args.strict,
+        require=args.require,
+        dtype=args.dtype,
+        checkpoint_key=args.checkpoint_key,
+        trust_pickle=args.trust_pickle,
+    )
     report = planned.report if args.dry_run else planned.apply()
     if args.out and not args.dry_run:
-        wp.save(model, args.out, metadata={"weightport.source": str(args.source),
-                                           "weightport.target": args.target})
+        wp.save(model, args.out, metadata={"weightport.source": str(args.source), "weightport.target": args.target})
     if args.json:
         print(report.to_json())
     else:
@@ -166,22 +191,26 @@ def _cli_rule(text: str) -> Any:
 
 # -- mappings --------------------------------------------------------------------------------------
 
+
 def _mappings(args: argparse.Namespace) -> int:
     import weightport as wp
 
     rows = []
     for name in wp.list_mappings():
         m = wp.load_mapping(name)
-        rows.append({"name": name, "description": m.description, "source": m.source, "target": m.target,
-                     "rules": len(m.rules)})
+        rows.append(
+            {"name": name, "description": m.description, "source": m.source, "target": m.target, "rules": len(m.rules)}
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     if not rows:
         print("no shipped mappings")
     for r in rows:
-        print(f"{r['name']}\n    {r['description'] or ''}\n    verified: {r['source']} -> {r['target']}"
-              f" ({r['rules']} rules)")
+        print(
+            f"{r['name']}\n    {r['description'] or ''}\n    verified: {r['source']} -> {r['target']}"
+            f" ({r['rules']} rules)"
+        )
     return EXIT_OK
 
 

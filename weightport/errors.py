@@ -9,24 +9,24 @@ weightport. Messages name the file, key or rule at fault and say what to do.
 from __future__ import annotations
 
 __all__ = [
-    "WeightportError",
+    "CheckpointError",
+    "CollisionError",
+    "CorruptFileError",
+    "HashMismatchError",
+    "MappingError",
+    "NonFiniteError",
+    "OpError",
+    "PatternError",
+    "PlanError",
+    "ShapeMismatchError",
     "SourceError",
     "SourceNotFoundError",
-    "UnsupportedFormatError",
-    "CorruptFileError",
-    "UnsafeFileError",
-    "HashMismatchError",
-    "TensorNotFoundError",
-    "PatternError",
-    "MappingError",
-    "OpError",
-    "PlanError",
-    "CollisionError",
-    "ShapeMismatchError",
     "StrictnessError",
     "TargetError",
-    "NonFiniteError",
-    "CheckpointError",
+    "TensorNotFoundError",
+    "UnsafeFileError",
+    "UnsupportedFormatError",
+    "WeightportError",
 ]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import nn
@@ -29,8 +28,11 @@ def init_empty() -> Iterator[None]:
     def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(self, name, param)
         if param is not None and not param.is_meta:
-            meta = type(param)(param.to("meta"), requires_grad=param.requires_grad) \
-                if type(param) is nn.Parameter else nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            meta = (
+                type(param)(param.to("meta"), requires_grad=param.requires_grad)
+                if type(param) is nn.Parameter
+                else nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            )
             meta.__dict__.update(param.__dict__)
             self._parameters[name] = meta
 
@@ -49,5 +51,3 @@ def is_meta(module: nn.Module) -> bool:
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.parameters()
     yield from module.buffers()
-
-

@@ -104,9 +104,19 @@ class TransferPlan:
         report: The preview :class:`TransferReport` (``applied=False``).
     """
 
-    def __init__(self, *, source: Source, scope: nn.Module, into: str | None,
-                 targets: dict[str, Target], recipes: dict[str, Recipe], report: TransferReport,
-                 dtype: torch.dtype | None, device: torch.device | None, check_finite: bool) -> None:
+    def __init__(
+        self,
+        *,
+        source: Source,
+        scope: nn.Module,
+        into: str | None,
+        targets: dict[str, Target],
+        recipes: dict[str, Recipe],
+        report: TransferReport,
+        dtype: torch.dtype | None,
+        device: torch.device | None,
+        check_finite: bool,
+    ) -> None:
         self.source = source
         self.scope = scope
         self.into = into
@@ -145,10 +155,20 @@ class TransferPlan:
 
 # -- entry point ----------------------------------------------------------------------------------
 
-def build_plan(source: Source, model: nn.Module, mapping: Mapping, *, into: str | None = None,
-               on_mismatch: str = "skip", strict: bool = False, require: Sequence[str] = (),
-               dtype: torch.dtype | None = None, device: torch.device | None = None,
-               check_finite: bool = False) -> TransferPlan:
+
+def build_plan(
+    source: Source,
+    model: nn.Module,
+    mapping: Mapping,
+    *,
+    into: str | None = None,
+    on_mismatch: str = "skip",
+    strict: bool = False,
+    require: Sequence[str] = (),
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    check_finite: bool = False,
+) -> TransferPlan:
     """Decide the fate of every target and source tensor; read no tensor data."""
     if on_mismatch not in ON_MISMATCH:
         raise PlanError(f"on_mismatch must be one of {', '.join(map(repr, ON_MISMATCH))}, not {on_mismatch!r}")
@@ -159,8 +179,7 @@ def build_plan(source: Source, model: nn.Module, mapping: Mapping, *, into: str 
     _check_meta_buffers(scope, targets, into)
     routing = _route(source, mapping, targets, scope)
     recipes, fresh_reasons, warnings = _decide(source, targets, routing, on_mismatch, scope)
-    warnings += [f"rule {r.described()} matched no source tensor"
-                 for r in mapping.rules if routing.hits[id(r)] == 0]
+    warnings += [f"rule {r.described()} matched no source tensor" for r in mapping.rules if routing.hits[id(r)] == 0]
     entries = _entries(source, targets, recipes, fresh_reasons)
     unused = [k for k in source if k not in routing.used and k not in routing.dropped]
     reasons = {k: routing.unused_reasons.get(k, "no target tensor with this name") for k in unused}
@@ -170,11 +189,28 @@ def build_plan(source: Source, model: nn.Module, mapping: Mapping, *, into: str 
             f"{len(unused)} source tensors unused and {missing} target tensors missing: the names "
             "probably differ; try a mapping (weightport mappings) or `weightport suggest SOURCE TARGET`"
         )
-    report = TransferReport(tuple(entries), tuple(unused), tuple(routing.dropped), tuple(warnings),
-                            source.info, applied=False, into=into, unused_reasons=reasons)
+    report = TransferReport(
+        tuple(entries),
+        tuple(unused),
+        tuple(routing.dropped),
+        tuple(warnings),
+        source.info,
+        applied=False,
+        into=into,
+        unused_reasons=reasons,
+    )
     _check_strictness(report, strict, require)
-    return TransferPlan(source=source, scope=scope, into=into, targets=targets, recipes=recipes,
-                        report=report, dtype=dtype, device=device, check_finite=check_finite)
+    return TransferPlan(
+        source=source,
+        scope=scope,
+        into=into,
+        targets=targets,
+        recipes=recipes,
+        report=report,
+        dtype=dtype,
+        device=device,
+        check_finite=check_finite,
+    )
 
 
 def _scope(model: nn.Module, into: str | None) -> nn.Module:
@@ -216,6 +252,7 @@ def _check_meta_buffers(scope: nn.Module, targets: dict[str, Target], into: str 
 
 # -- routing: names only ----------------------------------------------------------------------------
 
+
 @dataclass
 class _Routing:
     candidates: dict[str, list[tuple[str, Rule | None, Output]]]
@@ -239,8 +276,13 @@ def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: 
             routed.append((key, res.rule, out))
     if any(has_custom_loading(m) for m in scope.modules()):
         metas = {key: source.meta(key) for key, _, out in routed if not out.ops and out.part is None}
-        routed = replay(scope, routed, {k: m.shape for k, m in metas.items()},
-                        {k: m.dtype for k, m in metas.items()}, source.state_dict_metadata)
+        routed = replay(
+            scope,
+            routed,
+            {k: m.shape for k, m in metas.items()},
+            {k: m.dtype for k, m in metas.items()},
+            source.state_dict_metadata,
+        )
     for key, rule, out in routed:
         if out.target in targets:
             r.candidates.setdefault(out.target, []).append((key, rule, out))
@@ -250,8 +292,9 @@ def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: 
     return r
 
 
-def _auto_split_sizes(source: Source, key: str, rule: Rule | None, outputs: tuple[Output, ...],
-                      targets: dict[str, Target]) -> tuple[Output, ...]:
+def _auto_split_sizes(
+    source: Source, key: str, rule: Rule | None, outputs: tuple[Output, ...], targets: dict[str, Target]
+) -> tuple[Output, ...]:
     """For a split without sizes, take the sizes from the targets when they add up."""
     if not isinstance(rule, Split) or rule.sizes is not None:
         return outputs
@@ -273,8 +316,10 @@ def _auto_split_sizes(source: Source, key: str, rule: Rule | None, outputs: tupl
 
 # -- deciding: shapes, collisions, policies --------------------------------------------------------
 
-def _decide(source: Source, targets: dict[str, Target], routing: _Routing, on_mismatch: str,
-            scope: nn.Module) -> tuple[dict[str, Recipe], dict[str, tuple[str, tuple[int, ...] | None]], list[str]]:
+
+def _decide(
+    source: Source, targets: dict[str, Target], routing: _Routing, on_mismatch: str, scope: nn.Module
+) -> tuple[dict[str, Recipe], dict[str, tuple[str, tuple[int, ...] | None]], list[str]]:
     recipes: dict[str, Recipe] = {}
     fresh: dict[str, tuple[str, tuple[int, ...] | None]] = {}
     warnings: list[str] = []
@@ -295,8 +340,10 @@ def _decide(source: Source, targets: dict[str, Target], routing: _Routing, on_mi
                 keys = [k for k, _, _ in routing.candidates[other] if not source.same_tensor(k, chosen_key)]
                 if not keys:
                     continue  # the source ties them too
-                warnings.append(f"{chosen!r} and {other!r} are one tied tensor: loaded from "
-                                f"{routing.candidates[chosen][0][0]!r}, ignored {', '.join(map(repr, keys))}")
+                warnings.append(
+                    f"{chosen!r} and {other!r} are one tied tensor: loaded from "
+                    f"{routing.candidates[chosen][0][0]!r}, ignored {', '.join(map(repr, keys))}"
+                )
                 for k in keys:
                     routing.used.discard(k)
                     routing.unused_reasons[k] = f"{other!r} is tied to {chosen!r}, which was loaded"
@@ -311,14 +358,17 @@ def _decide(source: Source, targets: dict[str, Target], routing: _Routing, on_mi
                 routing.used.discard(inp.key)
                 routing.unused_reasons[inp.key] = f"shape mismatch with {chosen!r}"
             continue
-        recipes[canonical] = Recipe(canonical, fitted.inputs, fitted.fuse_dim, fitted.post, fitted.rule,
-                                    fitted.shape)
+        recipes[canonical] = Recipe(canonical, fitted.inputs, fitted.fuse_dim, fitted.post, fitted.rule, fitted.shape)
     if collisions:
-        raise CollisionError("two source tensors would write one target:\n  " + "\n  ".join(collisions[:20])
-                             + "\nadd a drop rule for one of them, or fix the rule that renames it")
+        raise CollisionError(
+            "two source tensors would write one target:\n  "
+            + "\n  ".join(collisions[:20])
+            + "\nadd a drop rule for one of them, or fix the rule that renames it"
+        )
     if mismatches:
         raise ShapeMismatchError(
-            "shape mismatch (on_mismatch='error'):\n  " + "\n  ".join(mismatches[:20])
+            "shape mismatch (on_mismatch='error'):\n  "
+            + "\n  ".join(mismatches[:20])
             + (f"\n  … and {len(mismatches) - 20} more" if len(mismatches) > 20 else "")
             + "\nadd a rule or adapter for them, or pass on_mismatch='skip' (keep the target's init) "
             "or on_mismatch='adapt'"
@@ -326,8 +376,13 @@ def _decide(source: Source, targets: dict[str, Target], routing: _Routing, on_mi
     return recipes, fresh, warnings
 
 
-def _recipe(name: str, cands: list[tuple[str, Rule | None, Output]], collisions: list[str],
-            warnings: list[str], routing: _Routing) -> Recipe | None:
+def _recipe(
+    name: str,
+    cands: list[tuple[str, Rule | None, Output]],
+    collisions: list[str],
+    warnings: list[str],
+    routing: _Routing,
+) -> Recipe | None:
     parts = [c for c in cands if c[2].part is not None]
     if parts and len(parts) == len(cands) and len({id(c[1]) for c in parts}) == 1:
         rule = parts[0][1]
@@ -336,14 +391,18 @@ def _recipe(name: str, cands: list[tuple[str, Rule | None, Output]], collisions:
         for key, _, out in parts:
             index = out.part[0]  # type: ignore[index]
             if index in slots:
-                collisions.append(f"{name!r} <- {slots[index][0]!r} and {key!r} (both part {index + 1} "
-                                  f"of rule {rule.described() if rule else '?'})")
+                collisions.append(
+                    f"{name!r} <- {slots[index][0]!r} and {key!r} (both part {index + 1} "
+                    f"of rule {rule.described() if rule else '?'})"
+                )
             slots[index] = (key, out)
         missing = [i + 1 for i in range(count) if i not in slots]
         if missing:
             keys = [k for k, _ in slots.values()]
-            warnings.append(f"fuse into {name!r} is incomplete: part(s) {missing} of {count} not in the "
-                            f"source (have {', '.join(map(repr, keys))})")
+            warnings.append(
+                f"fuse into {name!r} is incomplete: part(s) {missing} of {count} not in the "
+                f"source (have {', '.join(map(repr, keys))})"
+            )
             for k in keys:
                 routing.unused_reasons[k] = f"incomplete fuse into {name!r}"
                 routing.used.discard(k)
@@ -358,8 +417,15 @@ def _recipe(name: str, cands: list[tuple[str, Rule | None, Output]], collisions:
     return Recipe(name, (Input(key, out.ops),), None, (), rule, None)
 
 
-def _fit(recipe: Recipe, source: Source, target: Target, on_mismatch: str, scope: nn.Module,
-         mismatches: list[str], warnings: list[str]) -> Recipe | None:
+def _fit(
+    recipe: Recipe,
+    source: Source,
+    target: Target,
+    on_mismatch: str,
+    scope: nn.Module,
+    mismatches: list[str],
+    warnings: list[str],
+) -> Recipe | None:
     """Infer the recipe's output shape; apply the mismatch policy when it differs."""
     want = tuple(target.tensor.shape)
     try:
@@ -401,8 +467,7 @@ def infer_shape(recipe: Recipe, source: Source, target: torch.Tensor) -> tuple[i
     return tuple(out.shape)
 
 
-def _adapt(recipe: Recipe, source: Source, target: Target, shape: tuple[int, ...],
-           scope: nn.Module) -> Recipe | None:
+def _adapt(recipe: Recipe, source: Source, target: Target, shape: tuple[int, ...], scope: nn.Module) -> Recipe | None:
     owner = _owner(scope, target.name)
     meta = TensorMeta(shape, source.meta(recipe.inputs[0].key).dtype)
     for name in list_adapters():
@@ -411,15 +476,15 @@ def _adapt(recipe: Recipe, source: Source, target: Target, shape: tuple[int, ...
         params = spec.applies(name=target.name, source=meta, target=target.tensor, module=owner)
         if params is None:
             continue
-        candidate = Recipe(recipe.target, recipe.inputs, recipe.fuse_dim,
-                           recipe.post + (OpCall(name, params),), recipe.rule, None)
+        candidate = Recipe(
+            recipe.target, recipe.inputs, recipe.fuse_dim, recipe.post + (OpCall(name, params),), recipe.rule, None
+        )
         try:
             got = infer_shape(candidate, source, target.tensor)
         except OpError:
             continue
         if got == tuple(target.tensor.shape):
-            return Recipe(candidate.target, candidate.inputs, candidate.fuse_dim, candidate.post,
-                          candidate.rule, got)
+            return Recipe(candidate.target, candidate.inputs, candidate.fuse_dim, candidate.post, candidate.rule, got)
     return None
 
 
@@ -433,22 +498,36 @@ def _owner(scope: nn.Module, name: str) -> nn.Module | None:
 
 # -- entries and checks -----------------------------------------------------------------------------
 
-def _entries(source: Source, targets: dict[str, Target], recipes: dict[str, Recipe],
-             fresh: dict[str, tuple[str, tuple[int, ...] | None]]) -> list[Entry]:
+
+def _entries(
+    source: Source,
+    targets: dict[str, Target],
+    recipes: dict[str, Recipe],
+    fresh: dict[str, tuple[str, tuple[int, ...] | None]],
+) -> list[Entry]:
     out = []
     for name, t in targets.items():
         recipe = recipes.get(t.canonical)
         tied = t.canonical if t.canonical != name else None
-        common = dict(target_shape=tuple(t.tensor.shape), tied_to=tied, numel=t.tensor.numel(),
-                      is_parameter=t.is_parameter)
+        common: dict[str, Any] = dict(
+            target_shape=tuple(t.tensor.shape), tied_to=tied, numel=t.tensor.numel(), is_parameter=t.is_parameter
+        )
         if recipe is None:
             reason, shape = fresh.get(t.canonical, ("missing", None))
             out.append(Entry(name, "fresh", reason=reason, source_shape=shape, **common))
             continue
         status = "adapted" if recipe.adapted else "loaded"
-        out.append(Entry(name, status, tuple(i.key for i in recipe.inputs),
-                         recipe.rule.described() if recipe.rule else None, recipe.labels(),
-                         _source_shape(source, recipe), **common))
+        out.append(
+            Entry(
+                name,
+                status,
+                tuple(i.key for i in recipe.inputs),
+                recipe.rule.described() if recipe.rule else None,
+                recipe.labels(),
+                _source_shape(source, recipe),
+                **common,
+            )
+        )
     return out
 
 
@@ -474,18 +553,17 @@ def _check_strictness(report: TransferReport, strict: bool, require: Iterable[st
         if fresh:
             problems.append(f"require={pattern!r}: not loaded: {', '.join(group_names(fresh)[:10])}")
     if strict:
-        fresh = [e for e in report.entries if e.status == "fresh"]
-        if fresh:
-            problems.append("strict=True: target tensors not loaded: "
-                            + ", ".join(f"{n}" for n in group_names(e.target for e in fresh)[:12]))
+        not_loaded = [e.target for e in report.entries if e.status == "fresh"]
+        if not_loaded:
+            problems.append("strict=True: target tensors not loaded: " + ", ".join(group_names(not_loaded)[:12]))
         if report.unused:
-            problems.append("strict=True: source tensors not used: "
-                            + ", ".join(group_names(report.unused)[:12]))
+            problems.append("strict=True: source tensors not used: " + ", ".join(group_names(report.unused)[:12]))
     if problems:
         raise StrictnessError("\n".join(problems) + "\n" + _strict_hint(report))
 
 
 def _strict_hint(report: TransferReport) -> str:
-    return ("fix the mapping (rules that rename or drop these), or relax strict=/require=; "
-            "wp.plan(...) with strict=False shows the full report")
-
+    return (
+        "fix the mapping (rules that rename or drop these), or relax strict=/require=; "
+        "wp.plan(...) with strict=False shows the full report"
+    )

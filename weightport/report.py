@@ -49,10 +49,15 @@ class Entry:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "target": self.target, "status": self.status, "sources": list(self.sources),
-            "rule": self.rule, "ops": list(self.ops),
+            "target": self.target,
+            "status": self.status,
+            "sources": list(self.sources),
+            "rule": self.rule,
+            "ops": list(self.ops),
             "source_shape": list(self.source_shape) if self.source_shape is not None else None,
-            "target_shape": list(self.target_shape), "reason": self.reason, "tied_to": self.tied_to,
+            "target_shape": list(self.target_shape),
+            "reason": self.reason,
+            "tied_to": self.tied_to,
         }
 
 
@@ -151,9 +156,15 @@ class TransferReport:
                 shapes = f"{_shape(e.source_shape)} -> {_shape(e.target_shape)}"
             else:
                 shapes = _shape(e.target_shape)
-            detail = "; ".join(x for x in (
-                ", ".join(e.ops), e.reason or "", f"tied to {e.tied_to}" if e.tied_to else "",
-            ) if x)
+            detail = "; ".join(
+                x
+                for x in (
+                    ", ".join(e.ops),
+                    e.reason or "",
+                    f"tied to {e.tied_to}" if e.tied_to else "",
+                )
+                if x
+            )
             out.append((e.target, e.status, src, shapes, detail))
         return out
 
@@ -195,15 +206,21 @@ class TransferReport:
     def _repr_html_(self) -> str:
         colors = {"loaded": "#2e7d32", "adapted": "#1565c0", "fresh": "#e65100"}
         rows = "".join(
-            "<tr>" + "".join(
-                f"<td style='color:{colors.get(c, 'inherit')}'>{html.escape(c)}</td>" if i == 1
+            "<tr>"
+            + "".join(
+                f"<td style='color:{colors.get(c, 'inherit')}'>{html.escape(c)}</td>"
+                if i == 1
                 else f"<td><code>{html.escape(c)}</code></td>"
-                for i, c in enumerate(r)) + "</tr>"
+                for i, c in enumerate(r)
+            )
+            + "</tr>"
             for r in self.rows()
         )
         summary = "<br>".join(html.escape(line) for line in self.summary().splitlines())
-        return (f"<div><p>{summary}</p><table><thead><tr><th>target</th><th>status</th>"
-                f"<th>source</th><th>shape</th><th>detail</th></tr></thead><tbody>{rows}</tbody></table></div>")
+        return (
+            f"<div><p>{summary}</p><table><thead><tr><th>target</th><th>status</th>"
+            f"<th>source</th><th>shape</th><th>detail</th></tr></thead><tbody>{rows}</tbody></table></div>"
+        )
 
     def __rich__(self) -> Any:
         from rich.console import Group
@@ -260,14 +277,16 @@ def group_names(names: Iterable[str]) -> list[str]:
         groups: dict[tuple[Any, ...], list[int] | None] = {}
         for it in items:
             if p < len(it) and type(it[p]) is int:
-                key = it[:p] + (None,) + it[p + 1:]
+                key = it[:p] + (None,) + it[p + 1 :]
                 values = groups.setdefault(key, [])
                 assert values is not None
                 values.append(it[p])
             else:
                 groups.setdefault(it, None)
-        items = [key if values is None else key[:p] + (_Range(sorted(set(values))),) + key[p + 1:]
-                 for key, values in groups.items()]
+        items = [
+            key if values is None else key[:p] + (_Range(sorted(set(values))),) + key[p + 1 :]
+            for key, values in groups.items()
+        ]
     return [".".join(_render(s) for s in it) for it in items]
 
 

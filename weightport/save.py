@@ -17,8 +17,12 @@ from weightport.sources.safetensors import DTYPE_NAMES
 ALIGN = 8
 
 
-def save(state_dict_or_module: Mapping[str, torch.Tensor] | nn.Module, path: str | os.PathLike[str], *,
-         metadata: Mapping[str, str] | None = None) -> None:
+def save(
+    state_dict_or_module: Mapping[str, torch.Tensor] | nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Save tensors to a safetensors file, atomically.
 
     Tensors shared under several names (tied weights) are stored once; the other
@@ -33,8 +37,7 @@ def save(state_dict_or_module: Mapping[str, torch.Tensor] | nn.Module, path: str
         WeightportError: a value is not a tensor, is on the meta device, has a dtype
             safetensors cannot hold, or metadata is not ``str -> str``.
     """
-    tensors = state_dict_or_module.state_dict() if isinstance(state_dict_or_module, nn.Module) \
-        else state_dict_or_module
+    tensors = state_dict_or_module.state_dict() if isinstance(state_dict_or_module, nn.Module) else state_dict_or_module
     if not isinstance(tensors, Mapping):
         raise WeightportError(f"save() takes a state dict or a module, not {type(tensors).__name__}")
     stored, aliases = _dedupe(tensors)
@@ -60,8 +63,11 @@ def _dedupe(tensors: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
             raise WeightportError(f"save(): {name!r} is on the meta device and has no values; load it first")
         if t.dtype not in DTYPE_NAMES:
             raise WeightportError(f"save(): {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-               tuple(t.stride()), t.dtype) if t.numel() else None
+        key = (
+            (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if t.numel()
+            else None
+        )
         if key is not None and key in seen:
             aliases[name] = seen[key]
             continue
@@ -90,8 +96,11 @@ def _header(stored: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[byte
     for name in order:
         t = stored[name]
         nbytes = t.numel() * t.element_size()
-        entries[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                         "data_offsets": [offset, offset + nbytes]}
+        entries[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % ALIGN)
@@ -102,4 +111,4 @@ def _write_tensor(f: Any, t: torch.Tensor) -> None:
     if t.numel() == 0:
         return
     data = t.contiguous().cpu() if t.device.type != "cpu" or not t.is_contiguous() else t
-    f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+    f.write(data.reshape(-1).view(torch.uint8).numpy().data)

@@ -59,7 +59,7 @@ def build_target(spec: str) -> nn.Module:
         model = factory(*args, **kwargs)
     except TargetError:
         raise
-    except Exception as e:  # noqa: BLE001 - user factories can raise anything
+    except Exception as e:
         raise TargetError(f"target {spec!r}: building it failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise TargetError(f"target {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module")

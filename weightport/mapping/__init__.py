@@ -19,7 +19,25 @@ from weightport.mapping.rules import (
 )
 
 __all__ = [
-    "Mapping", "Resolution", "OpCall", "OpSpec", "get_op", "list_ops", "list_adapters", "register_op",
-    "Rule", "Rename", "Drop", "Split", "Fuse", "Output",
-    "rename", "drop", "strip_prefix", "add_prefix", "split", "fuse", "transform",
+    "Drop",
+    "Fuse",
+    "Mapping",
+    "OpCall",
+    "OpSpec",
+    "Output",
+    "Rename",
+    "Resolution",
+    "Rule",
+    "Split",
+    "add_prefix",
+    "drop",
+    "fuse",
+    "get_op",
+    "list_adapters",
+    "list_ops",
+    "register_op",
+    "rename",
+    "split",
+    "strip_prefix",
+    "transform",
 ]

@@ -84,9 +84,16 @@ class Mapping:
         'conv1.weight'
     """
 
-    def __init__(self, rules: Iterable[Rule] = (), *, name: str | None = None,
-                 description: str | None = None, source: str | None = None,
-                 target: str | None = None, path: str | None = None) -> None:
+    def __init__(
+        self,
+        rules: Iterable[Rule] = (),
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        source: str | None = None,
+        target: str | None = None,
+        path: str | None = None,
+    ) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
         for r in self.rules:
             if not isinstance(r, Rule):
@@ -112,8 +119,14 @@ class Mapping:
         extra = tuple(rules)
         if not extra:
             return self
-        return Mapping(extra + self.rules, name=self.name, description=self.description,
-                       source=self.source, target=self.target, path=self.path)
+        return Mapping(
+            extra + self.rules,
+            name=self.name,
+            description=self.description,
+            source=self.source,
+            target=self.target,
+            path=self.path,
+        )
 
     def inverse(self) -> Mapping:
         """The mapping from target names back to source names.
@@ -126,8 +139,9 @@ class Mapping:
                 without inverse, a capture the template does not use); the message names it.
         """
         inverted = [inv for r in self.rules if (inv := r.inverse()) is not None]
-        return Mapping(inverted, name=_swap_name(self.name), description=self.description,
-                       source=self.target, target=self.source)
+        return Mapping(
+            inverted, name=_swap_name(self.name), description=self.description, source=self.target, target=self.source
+        )
 
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)
@@ -139,8 +153,13 @@ class Mapping:
         return f"<Mapping {self.name or ''} {len(self.rules)} rules>".replace("  ", " ")
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "source": self.source,
-                "target": self.target, "rules": [r.described() for r in self.rules]}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "target": self.target,
+            "rules": [r.described() for r in self.rules],
+        }
 
 
 def _swap_name(name: str | None) -> str | None:

@@ -63,7 +63,7 @@ from weightport.mapping.rules import (
     transform,
 )
 
-__all__ = ["load_mapping", "list_mappings", "mapping_files", "parse_mapping"]
+__all__ = ["list_mappings", "load_mapping", "mapping_files", "parse_mapping"]
 
 TOP_FIELDS = {"name", "description", "source", "target", "extends", "rule"}
 KINDS = ("rename", "drop", "split", "fuse", "transform", "strip_prefix", "add_prefix")
@@ -140,8 +140,7 @@ def _find(ref: str) -> Path:
     if ref in shipped:
         return shipped[ref]
     raise MappingError(
-        f"{ref!r} is neither a mapping file nor a shipped mapping; shipped: "
-        f"{', '.join(sorted(shipped)) or 'none'}"
+        f"{ref!r} is neither a mapping file nor a shipped mapping; shipped: {', '.join(sorted(shipped)) or 'none'}"
     )
 
 
@@ -151,8 +150,9 @@ def parse_mapping(data: Any, path: str = "<mapping>", chain: tuple[str, ...] = (
         raise MappingError(f"{path}: a mapping file is a TOML table")
     unknown = sorted(set(data) - TOP_FIELDS)
     if unknown:
-        raise MappingError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                           f"allowed: {', '.join(sorted(TOP_FIELDS))}")
+        raise MappingError(
+            f"{path}: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(TOP_FIELDS))}"
+        )
     for field in ("name", "description", "source", "target", "extends"):
         if field in data and not isinstance(data[field], str):
             raise MappingError(f"{path}: field {field!r} must be a string")
@@ -161,21 +161,31 @@ def parse_mapping(data: Any, path: str = "<mapping>", chain: tuple[str, ...] = (
         raise MappingError(f"{path}: 'rule' must be an array of tables ([[rule]])")
     rules = [_rule(r, f"{path} rule {i}") for i, r in enumerate(raw_rules, 1)]
     _check_targets_unique(rules, path)
-    mapping = Mapping(rules, name=data.get("name"), description=data.get("description"),
-                      source=data.get("source"), target=data.get("target"), path=path)
+    mapping = Mapping(
+        rules,
+        name=data.get("name"),
+        description=data.get("description"),
+        source=data.get("source"),
+        target=data.get("target"),
+        path=path,
+    )
     if "extends" in data:
         base = _load(data["extends"], chain)
-        mapping = Mapping(mapping.rules + base.rules, name=mapping.name,
-                          description=mapping.description, source=mapping.source,
-                          target=mapping.target, path=path)
+        mapping = Mapping(
+            mapping.rules + base.rules,
+            name=mapping.name,
+            description=mapping.description,
+            source=mapping.source,
+            target=mapping.target,
+            path=path,
+        )
     return mapping
 
 
 def _rule(raw: dict[str, Any], where: str) -> Rule:
     kinds = [k for k in KINDS if k in raw]
     if len(kinds) != 1:
-        raise MappingError(f"{where}: a rule has exactly one of {', '.join(KINDS)}; found "
-                           f"{', '.join(kinds) or 'none'}")
+        raise MappingError(f"{where}: a rule has exactly one of {', '.join(KINDS)}; found {', '.join(kinds) or 'none'}")
     kind = kinds[0]
     where = f"{where} ({kind})"
     allowed = FIELDS[kind] | {kind}
@@ -189,8 +199,9 @@ def _rule(raw: dict[str, Any], where: str) -> Rule:
             raise MappingError(f"{where}: field 'op': {e}") from None
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise MappingError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                           f"allowed here: {', '.join(sorted(allowed))}")
+        raise MappingError(
+            f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; allowed here: {', '.join(sorted(allowed))}"
+        )
     try:
         rule = _build(kind, raw, where)
     except (PatternError, MappingError) as e:
@@ -202,14 +213,14 @@ def _rule(raw: dict[str, Any], where: str) -> Rule:
 
 
 def _strip_where(message: str, where: str) -> str:
-    return message[len(where) + 2:] if message.startswith(where + ": ") else message
+    return message[len(where) + 2 :] if message.startswith(where + ": ") else message
 
 
 def _field(raw: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
     if name not in raw:
         raise MappingError(f"{where}: field {name!r} is required")
     value = raw[name]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise MappingError(f"{where}: field {name!r} has the wrong type ({type(value).__name__})")
     return value
 
@@ -240,8 +251,7 @@ def _build(kind: str, raw: dict[str, Any], where: str) -> Rule:
         return fuse(_strings(raw, kind, where), _field(raw, "to", str, where), dim, origin=where)
     params = dict(raw.get("params") or {})
     params.update({k: v for k, v in raw.items() if k not in ("transform", "to", "op", "params")})
-    return transform(_field(raw, kind, str, where), _field(raw, "to", str, where), raw["op"],
-                     origin=where, **params)
+    return transform(_field(raw, kind, str, where), _field(raw, "to", str, where), raw["op"], origin=where, **params)
 
 
 def _check_captures_used(rule: Rule, where: str) -> None:
@@ -277,8 +287,6 @@ def _check_targets_unique(rules: list[Rule], path: str) -> None:
             shape = _shape_of(t)
             if shape in seen and seen[shape] != i:
                 raise MappingError(
-                    f"{path}: rules {seen[shape]} and {i} both write {t.text!r}; "
-                    "two rules would write the same target"
+                    f"{path}: rules {seen[shape]} and {i} both write {t.text!r}; two rules would write the same target"
                 )
             seen[shape] = i
-

@@ -22,7 +22,7 @@ import torch
 
 from weightport.errors import MappingError, OpError
 
-__all__ = ["OpSpec", "OpCall", "register_op", "get_op", "list_ops", "list_adapters"]
+__all__ = ["OpCall", "OpSpec", "get_op", "list_adapters", "list_ops", "register_op"]
 
 TargetUse = str  # "none" | "shape" | "value"
 
@@ -114,8 +114,7 @@ class OpCall:
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
-    def make(cls, op: str | Callable[[torch.Tensor], torch.Tensor], params: Mapping[str, Any],
-             where: str) -> OpCall:
+    def make(cls, op: str | Callable[[torch.Tensor], torch.Tensor], params: Mapping[str, Any], where: str) -> OpCall:
         """Validate ``op`` and ``params`` now, so a bad rule fails where it is written."""
         if callable(op) and not isinstance(op, str):
             if params:
@@ -181,15 +180,17 @@ class OpCall:
                     out = spec.fn(x, **self.params)
         except (OpError, MappingError):
             raise
-        except Exception as e:  # noqa: BLE001 - user callables and torch can raise anything
-            raise OpError(f"op {self.label()} failed on a tensor of shape {tuple(x.shape)}: "
-                          f"{type(e).__name__}: {e}") from e
+        except Exception as e:
+            raise OpError(
+                f"op {self.label()} failed on a tensor of shape {tuple(x.shape)}: {type(e).__name__}: {e}"
+            ) from e
         if not isinstance(out, torch.Tensor):
             raise OpError(f"op {self.label()} returned a {type(out).__name__}, not a tensor")
         return out
 
 
 # -- the built-in ops ------------------------------------------------------------------------------
+
 
 def split_bounds(length: int, count: int, index: int, sizes: list[int] | None) -> tuple[int, int]:
     """Start and length of part ``index`` of ``count`` along a dimension of ``length``."""
@@ -209,8 +210,11 @@ def _split(x: torch.Tensor, *, index: int, count: int, dim: int = 0, sizes: list
     return x.narrow(dim, start, length)
 
 
-@register_op("transpose", label=lambda p: f"transpose({p.get('dim0', 0)},{p.get('dim1', 1)})",
-             inverse=lambda p: ("transpose", dict(p)))
+@register_op(
+    "transpose",
+    label=lambda p: f"transpose({p.get('dim0', 0)},{p.get('dim1', 1)})",
+    inverse=lambda p: ("transpose", dict(p)),
+)
 def _transpose(x: torch.Tensor, *, dim0: int = 0, dim1: int = 1) -> torch.Tensor:
     return x.transpose(dim0, dim1)
 
@@ -222,17 +226,23 @@ def _invert_permutation(dims: list[int]) -> list[int]:
     return out
 
 
-@register_op("permute", label=lambda p: f"permute{tuple(p['dims'])}",
-             inverse=lambda p: ("permute", {"dims": _invert_permutation(list(p["dims"]))}))
+@register_op(
+    "permute",
+    label=lambda p: f"permute{tuple(p['dims'])}",
+    inverse=lambda p: ("permute", {"dims": _invert_permutation(list(p["dims"]))}),
+)
 def _permute(x: torch.Tensor, *, dims: list[int]) -> torch.Tensor:
     if sorted(dims) != list(range(x.dim())):
         raise OpError(f"permute dims {dims} are not a permutation of the {x.dim()} dimensions")
     return x.permute(*dims)
 
 
-@register_op("reshape", target="shape",
-             label=lambda p: f"reshape{tuple(p['shape'])}" if p.get("shape") else "reshape(target)",
-             inverse=lambda p: ("reshape", {}))
+@register_op(
+    "reshape",
+    target="shape",
+    label=lambda p: f"reshape{tuple(p['shape'])}" if p.get("shape") else "reshape(target)",
+    inverse=lambda p: ("reshape", {}),
+)
 def _reshape(x: torch.Tensor, *, target: torch.Tensor, shape: list[int] | None = None) -> torch.Tensor:
     """Reshape to ``shape``, or to the target's shape when ``shape`` is not given."""
     return x.reshape(tuple(shape) if shape is not None else tuple(target.shape))
@@ -252,7 +262,9 @@ def _narrow(x: torch.Tensor, *, start: int, length: int, dim: int = 0) -> torch.
     return x.narrow(dim, start, length)
 
 
-@register_op("pad", target="value", label=lambda p: "pad(keep init)" if p.get("keep_init") else f"pad({p.get('value', 0)})")
+@register_op(
+    "pad", target="value", label=lambda p: "pad(keep init)" if p.get("keep_init") else f"pad({p.get('value', 0)})"
+)
 def _pad(x: torch.Tensor, *, target: torch.Tensor, value: float = 0.0, keep_init: bool = False) -> torch.Tensor:
     """Place ``x`` at the start of every dimension of a target-shaped tensor; the rest is
     ``value`` or, with ``keep_init``, the target's own initialisation."""
@@ -274,8 +286,11 @@ def _cast(x: torch.Tensor, *, dtype: str) -> torch.Tensor:
     return x.to(resolved)
 
 
-@register_op("scale", label=lambda p: f"scale({p['factor']})",
-             inverse=lambda p: ("scale", {"factor": 1.0 / p["factor"]}) if p["factor"] else None)
+@register_op(
+    "scale",
+    label=lambda p: f"scale({p['factor']})",
+    inverse=lambda p: ("scale", {"factor": 1.0 / p["factor"]}) if p["factor"] else None,
+)
 def _scale(x: torch.Tensor, *, factor: float) -> torch.Tensor:
     return x * factor
 
@@ -284,6 +299,6 @@ def fuse(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Concatenate ``parts`` along ``dim`` (the op behind ``fuse`` rules)."""
     try:
         return torch.cat(parts, dim)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         shapes = ", ".join(str(tuple(p.shape)) for p in parts)
         raise OpError(f"fuse along dim {dim} failed for parts of shapes {shapes}: {e}") from e

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 from weightport.errors import MappingError, PatternError
 
-__all__ = ["Pattern", "Template", "Placeholder", "Wildcard", "parse"]
+__all__ = ["Pattern", "Placeholder", "Template", "Wildcard", "parse"]
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SEGMENT = r"[^.]+"
@@ -45,7 +44,7 @@ class Wildcard:
     multi: bool
 
 
-Token = Union[str, Placeholder, Wildcard]
+Token = str | Placeholder | Wildcard
 
 
 def parse(text: str, *, template: bool = False) -> tuple[Token, ...]:
@@ -57,7 +56,7 @@ def parse(text: str, *, template: bool = False) -> tuple[Token, ...]:
     i = 0
     while i < len(text):
         c = text[i]
-        if c in "{}" and text[i:i + 2] in ("{{", "}}"):
+        if c in "{}" and text[i : i + 2] in ("{{", "}}"):
             literal.append(c)
             i += 2
         elif c == "{":
@@ -67,17 +66,19 @@ def parse(text: str, *, template: bool = False) -> tuple[Token, ...]:
             if literal:
                 tokens.append("".join(literal))
                 literal = []
-            tokens.append(_placeholder(text, text[i + 1:end], template))
+            tokens.append(_placeholder(text, text[i + 1 : end], template))
             i = end + 1
         elif c == "}":
             raise PatternError(f"{text!r}: unmatched '}}' at position {i} (write '}}}}' for a brace)")
         elif c == "*":
             if template:
-                raise PatternError(f"{text!r}: a template cannot contain '*': name the part in the pattern, e.g. '{{rest*}}'")
+                raise PatternError(
+                    f"{text!r}: a template cannot contain '*': name the part in the pattern, e.g. '{{rest*}}'"
+                )
             if literal:
                 tokens.append("".join(literal))
                 literal = []
-            multi = text[i:i + 2] == "**"
+            multi = text[i : i + 2] == "**"
             tokens.append(Wildcard(multi))
             i += 2 if multi else 1
         else:
@@ -143,7 +144,6 @@ class Pattern:
         self.regex_source = self.to_regex()
         self.regex = re.compile(self.regex_source)
 
-
     def to_regex(self, group_prefix: str = "") -> str:
         """Regex source; capture groups are named ``group_prefix + name``."""
         if not self.tokens:
@@ -167,8 +167,7 @@ class Pattern:
         """``(segment count, {position: literal segment})`` when every key this pattern matches
         has a fixed number of segments; ``None`` otherwise. Used to index rules."""
         if not self.tokens or any(
-            isinstance(t, Wildcard) and t.multi or isinstance(t, Placeholder) and t.multi
-            for t in self.tokens
+            (isinstance(t, Wildcard) and t.multi) or (isinstance(t, Placeholder) and t.multi) for t in self.tokens
         ):
             return None
         segments: list[list[Token]] = [[]]

@@ -18,8 +18,21 @@ from weightport.errors import MappingError
 from weightport.mapping.ops import OpCall
 from weightport.mapping.pattern import Pattern, Template
 
-__all__ = ["Rule", "Rename", "Drop", "Split", "Fuse", "Output",
-           "rename", "drop", "strip_prefix", "add_prefix", "split", "fuse", "transform"]
+__all__ = [
+    "Drop",
+    "Fuse",
+    "Output",
+    "Rename",
+    "Rule",
+    "Split",
+    "add_prefix",
+    "drop",
+    "fuse",
+    "rename",
+    "split",
+    "strip_prefix",
+    "transform",
+]
 
 
 @dataclass(frozen=True)
@@ -135,8 +148,12 @@ class Rename(Rule):
                 raise MappingError(f"{self._where()}: cannot invert: op {op.label()} has no inverse")
             ops.append(inv)
         pattern = self.template.inverse_pattern_text(self.pattern.multi_names)
-        return Rename(_compile(pattern, [Template(self.template.inverse_text(self.pattern))], self._where()),
-                      Template(self.template.inverse_text(self.pattern)), tuple(ops), origin=self.origin)
+        return Rename(
+            _compile(pattern, [Template(self.template.inverse_text(self.pattern))], self._where()),
+            Template(self.template.inverse_text(self.pattern)),
+            tuple(ops),
+            origin=self.origin,
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,14 +200,17 @@ class Split(Rule):
     @property
     def text(self) -> str:
         sizes = f", sizes={list(self.sizes)}" if self.sizes else ""
-        return f"split {self.pattern.text!r} -> [{', '.join(repr(t.text) for t in self.templates)}] (dim={self.dim}{sizes})"
+        targets = ", ".join(repr(t.text) for t in self.templates)
+        return f"split {self.pattern.text!r} -> [{targets}] (dim={self.dim}{sizes})"
 
     def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
         n = len(self.templates)
         sizes = list(self.sizes) if self.sizes else None
         return tuple(
-            Output(t.render(captures, self._where()),
-                   (OpCall("split", {"index": i, "count": n, "dim": self.dim, "sizes": sizes}),))
+            Output(
+                t.render(captures, self._where()),
+                (OpCall("split", {"index": i, "count": n, "dim": self.dim, "sizes": sizes}),),
+            )
             for i, t in enumerate(self.templates)
         )
 
@@ -198,8 +218,9 @@ class Split(Rule):
         self._need_invertible(self.pattern, self.templates)
         patterns = tuple(t.inverse_pattern_text(self.pattern.multi_names) for t in self.templates)
         template = Template(self.templates[0].inverse_text(self.pattern))
-        return Fuse(tuple(_compile(p, [template], self._where()) for p in patterns), template,
-                    self.dim, origin=self.origin)
+        return Fuse(
+            tuple(_compile(p, [template], self._where()) for p in patterns), template, self.dim, origin=self.origin
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,15 +252,17 @@ class Fuse(Rule):
             self._need_invertible(p, [self.template])
         templates = tuple(Template(self.template.inverse_text(p)) for p in self.sources)
         pattern = self.template.inverse_pattern_text(self.sources[0].multi_names)
-        return Split(_compile(pattern, templates, self._where()), templates, self.dim, None,
-                     origin=self.origin)
+        return Split(_compile(pattern, templates, self._where()), templates, self.dim, None, origin=self.origin)
 
 
 # -- builders -------------------------------------------------------------------------------------
 
+
 def _check_prefix(prefix: str, what: str) -> str:
     if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "{}*"):
-        raise MappingError(f"{what}: the prefix must be a non-empty literal string without '{{', '}}' or '*', got {prefix!r}")
+        raise MappingError(
+            f"{what}: the prefix must be a non-empty literal string without '{{', '}}' or '*', got {prefix!r}"
+        )
     return prefix
 
 
@@ -271,8 +294,14 @@ def add_prefix(prefix: str, *, origin: str | None = None) -> Rename:
     return rename("{rest*}", f"{p}{{rest}}", origin=origin)
 
 
-def split(pattern: str, templates: Sequence[str], dim: int = 0, sizes: Sequence[int] | None = None,
-          *, origin: str | None = None) -> Split:
+def split(
+    pattern: str,
+    templates: Sequence[str],
+    dim: int = 0,
+    sizes: Sequence[int] | None = None,
+    *,
+    origin: str | None = None,
+) -> Split:
     """Split one tensor into ``len(templates)`` targets along ``dim``.
 
     Args:
@@ -304,8 +333,14 @@ def fuse(patterns: Sequence[str], template: str, dim: int = 0, *, origin: str | 
     return Fuse(tuple(_compile(p, [t], where) for p in patterns), t, int(dim), origin=origin)
 
 
-def transform(pattern: str, template: str, op: str | Callable[[torch.Tensor], torch.Tensor],
-              *, origin: str | None = None, **params: Any) -> Rename:
+def transform(
+    pattern: str,
+    template: str,
+    op: str | Callable[[torch.Tensor], torch.Tensor],
+    *,
+    origin: str | None = None,
+    **params: Any,
+) -> Rename:
     """Rename and change the tensor with ``op`` (a registered op or adapter name, or a callable).
 
     Example:

@@ -20,7 +20,7 @@ from weightport.sources.files import open_mapping, open_path
 from weightport.sources.memory import TensorSource
 from weightport.sources.unwrap import strip_wrapper_prefixes
 
-__all__ = ["Source", "SourceInfo", "TensorMeta", "open_source", "register_scheme", "list_schemes"]
+__all__ = ["Source", "SourceInfo", "TensorMeta", "list_schemes", "open_source", "register_scheme"]
 
 SchemeOpener = Callable[..., Source]
 _SCHEMES: dict[str, SchemeOpener] = {}
@@ -94,7 +94,9 @@ def _open(source: Any, checkpoint_key: str | None, check_hash: bool, trust_pickl
         match = _SPEC.match(text) if isinstance(text, str) else None
         if match and match["scheme"] in _SCHEMES and not os.path.exists(text):
             return _SCHEMES[match["scheme"]](
-                match["rest"], checkpoint_key=checkpoint_key, check_hash=check_hash,
+                match["rest"],
+                checkpoint_key=checkpoint_key,
+                check_hash=check_hash,
                 trust_pickle=trust_pickle,
             )
         return open_path(text, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
@@ -108,14 +110,12 @@ def _verify_sha256(source: Source, expected: str) -> Source:
     files = [f for f in source.info.files if os.path.isfile(f)]
     if len(files) != 1:
         raise SourceError(
-            f"{source.info.location}: expected_sha256 applies to a single file, this source has "
-            f"{len(files)}"
+            f"{source.info.location}: expected_sha256 applies to a single file, this source has {len(files)}"
         )
     digest = sha256_file(files[0])
     if digest.lower() != expected.lower():
         raise HashMismatchError(
-            f"{files[0]}: sha256 is {digest} but {expected} was expected; the file is damaged "
-            "or not the one you meant"
+            f"{files[0]}: sha256 is {digest} but {expected} was expected; the file is damaged or not the one you meant"
         )
     provenance = {**source.info.provenance, "sha256": digest}
     return source.renamed({}, provenance=provenance)

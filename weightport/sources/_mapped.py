@@ -94,7 +94,6 @@ class MappedFile:
                 return
             self._mm = None
 
-
     def __del__(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

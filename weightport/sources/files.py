@@ -26,8 +26,7 @@ def open_path(path: str, *, checkpoint_key: str | None = None, trust_pickle: boo
         UnsupportedFormatError: a file that is no weights format weightport reads.
     """
     if os.path.isdir(path):
-        return open_path(choose_weights_file(path), checkpoint_key=checkpoint_key,
-                         trust_pickle=trust_pickle)
+        return open_path(choose_weights_file(path), checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
     if not os.path.exists(path):
         raise SourceNotFoundError(_not_found(path))
     if path.endswith(".index.json"):
@@ -98,6 +97,7 @@ def _not_found(path: str) -> str:
 
 def open_mapping(obj: Any, location: str, checkpoint_key: str | None) -> TensorSource:
     found = find_weights(obj, location, checkpoint_key)
-    info = SourceInfo(kind="dict", location=location, wrapper=found.wrapper,
-                      ignored=tuple(found.ignored), notes=tuple(found.notes))
+    info = SourceInfo(
+        kind="dict", location=location, wrapper=found.wrapper, ignored=tuple(found.ignored), notes=tuple(found.notes)
+    )
     return TensorSource(found.tensors, info, state_dict_metadata=found.metadata)

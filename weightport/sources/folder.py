@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -43,8 +44,7 @@ def choose_weights_file(folder: str) -> str:
                 f"{folder}: several weight files ({', '.join(group)}); pass the path of the one to use"
             )
     raise SourceNotFoundError(
-        f"{folder}: no weights found (looked for {', '.join(PREFERRED)} and any "
-        f"{'/'.join(WEIGHT_SUFFIXES)} file)"
+        f"{folder}: no weights found (looked for {', '.join(PREFERRED)} and any {'/'.join(WEIGHT_SUFFIXES)} file)"
     )
 
 

@@ -34,8 +34,12 @@ class TensorSource(Source):
 
     def _same(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         return a is b or (
-            a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-            and a.numel() > 0 and a.data_ptr() == b.data_ptr()
+            a.device == b.device
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.stride() == b.stride()
+            and a.numel() > 0
+            and a.data_ptr() == b.data_ptr()
         )
 
 

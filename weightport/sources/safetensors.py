@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -29,8 +30,13 @@ DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "C64": torch.complex64,
 }
-for _name, _attr in [("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")]:
+for _name, _attr in [
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+]:
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
@@ -98,8 +104,9 @@ def open_safetensors(path: str, location: str | None = None) -> FileSource:
     return FileSource(refs, info, [file])
 
 
-def _entry_ref(path: str, file: MappedFile, start: int, name: str, entry: object,
-               spans: list[tuple[int, int, str]]) -> TensorRef:
+def _entry_ref(
+    path: str, file: MappedFile, start: int, name: str, entry: object, spans: list[tuple[int, int, str]]
+) -> TensorRef:
     if not isinstance(entry, dict):
         raise CorruptFileError(f"{path}: header entry {name!r} is not an object")
     dtype_name = entry.get("dtype")
@@ -110,9 +117,13 @@ def _entry_ref(path: str, file: MappedFile, start: int, name: str, entry: object
             f"{path}: tensor {name!r} has dtype {dtype_name!r}, which this torch cannot hold "
             f"(known: {', '.join(DTYPES)})"
         )
-    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-            or not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)):
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+    ):
         raise CorruptFileError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
     dtype = DTYPES[dtype_name]
     begin, end = offsets
@@ -130,11 +141,10 @@ def _entry_ref(path: str, file: MappedFile, start: int, name: str, entry: object
 
 def _check_overlaps(path: str, spans: list[tuple[int, int, str]]) -> None:
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    for (b0, e0, n0), (b1, e1, n1) in itertools.pairwise(spans):
         if b1 < e0 and e1 > b1 and e0 > b0:
             raise CorruptFileError(
-                f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b0}..{e0} and {b1}..{e1}); "
-                "the file is damaged"
+                f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b0}..{e0} and {b1}..{e1}); the file is damaged"
             )
 
 

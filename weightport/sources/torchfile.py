@@ -86,6 +86,7 @@ def _is_tar(path: str) -> bool:
 
 # -- zip ---------------------------------------------------------------------------------------
 
+
 def _parse_zip(path: str) -> Parsed:
     try:
         zf = zipfile.ZipFile(path)
@@ -161,6 +162,7 @@ def _storage_ref(pid: Any, path: str, *, zip_format: bool) -> StorageRef:
 
 
 # -- legacy (pre-1.6) and plain pickles --------------------------------------------------------
+
 
 def _parse_pickle_stream(path: str) -> Parsed:
     with open(path, "rb") as f:
@@ -241,6 +243,7 @@ def read_embedded_storage(data: bytes) -> StorageRef:
 
 # -- turning pickled tensors into references ---------------------------------------------------
 
+
 def _resolve(obj: Any, locate: Any, byteswap: bool, path: str) -> Any:
     """Replace every :class:`PickledTensor` in the tree by a :class:`TensorRef` (or tensor)."""
     memo: dict[int, Any] = {}
@@ -288,8 +291,9 @@ def _tensor_ref(t: PickledTensor, locate: Any, byteswap: bool, path: str) -> Any
         raise CorruptFileError(f"{path}: {what} references a storage the file does not hold")
     file, offset, nbytes = locate(ref)
     itemsize = torch.empty((), dtype=t.dtype).element_size()
-    out = TensorRef(file, offset, nbytes // itemsize, t.dtype, t.shape, t.stride,
-                    t.storage_offset + ref.view_offset, byteswap)
+    out = TensorRef(
+        file, offset, nbytes // itemsize, t.dtype, t.shape, t.stride, t.storage_offset + ref.view_offset, byteswap
+    )
     out.validate(what)
     return out
 
@@ -305,7 +309,7 @@ def _torch_load(path: str, *, weights_only: bool) -> Parsed:
             f"{path}: torch refuses to load this file with weights_only=True ({e}); "
             "if you trust the file, pass trust_pickle=True"
         ) from e
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds on damaged files
+    except Exception as e:
         raise CorruptFileError(f"{path}: torch cannot read this file: {type(e).__name__}: {e}") from e
     return Parsed(obj, "torch-load", [], [])
 

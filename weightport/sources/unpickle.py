@@ -31,8 +31,16 @@ import torch
 from weightport.errors import CorruptFileError
 from weightport.sources._mapped import TensorRef
 
-__all__ = ["Inert", "PickledTensor", "StorageRef", "RestrictedUnpickler", "NeedsTorchLoad",
-           "is_module_like", "module_state", "inert_name"]
+__all__ = [
+    "Inert",
+    "NeedsTorchLoad",
+    "PickledTensor",
+    "RestrictedUnpickler",
+    "StorageRef",
+    "inert_name",
+    "is_module_like",
+    "module_state",
+]
 
 
 class NeedsTorchLoad(Exception):
@@ -94,6 +102,7 @@ def inert_name(obj: Any) -> str:
 
 # -- lazy tensors ----------------------------------------------------------------------------
 
+
 @dataclass
 class StorageRef:
     """A pickled storage: its key in the file, element type and size.
@@ -136,12 +145,19 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any) -> PickledTensor:
     if not isinstance(storage, StorageRef) or type(storage_offset) is not int:
         raise CorruptFileError("pickled tensor does not reference a storage")
-    return PickledTensor(storage, storage_offset, _ints(size, "size"), _ints(stride, "stride"),
-                         storage.dtype)
+    return PickledTensor(storage, storage_offset, _ints(size, "size"), _ints(stride, "stride"), storage.dtype)
 
 
-def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any,
-                       requires_grad: Any, backward_hooks: Any, dtype: Any, *_: Any) -> PickledTensor:
+def _rebuild_tensor_v3(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    dtype: Any,
+    *_: Any,
+) -> PickledTensor:
     t = _rebuild_tensor(storage, storage_offset, size, stride)
     if isinstance(dtype, torch.dtype):
         t.dtype = dtype
@@ -228,9 +244,16 @@ _SAFE: dict[tuple[str, str], Any] = {
 }
 _SAFE.update({("torch", n): d for n, d in _DTYPES.items()})
 _SAFE.update({("torch", n): s for n, s in _storage_types().items()})
-for _n in ("_rebuild_qtensor", "_rebuild_sparse_tensor", "_rebuild_device_tensor_from_numpy",
-           "_rebuild_device_tensor_from_cpu_tensor", "_rebuild_meta_tensor_no_storage",
-           "_rebuild_wrapper_subclass", "_rebuild_nested_tensor", "_rebuild_xla_tensor"):
+for _n in (
+    "_rebuild_qtensor",
+    "_rebuild_sparse_tensor",
+    "_rebuild_device_tensor_from_numpy",
+    "_rebuild_device_tensor_from_cpu_tensor",
+    "_rebuild_meta_tensor_no_storage",
+    "_rebuild_wrapper_subclass",
+    "_rebuild_nested_tensor",
+    "_rebuild_xla_tensor",
+):
     _SAFE[("torch._utils", _n)] = _needs_torch
 _SAFE[("torch.serialization", "_get_layout")] = _needs_torch
 
@@ -281,11 +304,12 @@ def _checked_load(unpickler: RestrictedUnpickler) -> Any:
         raise
     except RecursionError as e:
         raise CorruptFileError(f"the pickle nests too deeply to read ({e})") from e
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged or hostile pickle
+    except Exception as e:
         raise CorruptFileError(f"the pickle cannot be read: {type(e).__name__}: {e}") from e
 
 
 # -- whole modules ---------------------------------------------------------------------------
+
 
 def _state_dict_of(obj: Inert) -> dict[str, Any] | None:
     state = obj._wp_state

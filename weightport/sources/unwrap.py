@@ -19,10 +19,18 @@ from weightport.errors import SourceError
 from weightport.sources._mapped import TensorRef
 from weightport.sources.unpickle import Inert, inert_name, is_module_like, module_state
 
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module",
-                "model_state", "params", "weights")
-EMA_KEYS = ("state_dict_ema", "model_ema", "model_ema_state_dict", "ema_state_dict", "ema",
-            "ema_model", "ema_state")
+WRAPPER_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "net",
+    "network",
+    "module",
+    "model_state",
+    "params",
+    "weights",
+)
+EMA_KEYS = ("state_dict_ema", "model_ema", "model_ema_state_dict", "ema_state_dict", "ema", "ema_model", "ema_state")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -94,10 +102,7 @@ def _only_nested(obj: Mapping[Any, Any], location: str) -> Any:
     if len(nested) == 1:
         return nested[0]
     if not nested:
-        raise SourceError(
-            f"{location}: no tensors found (top-level keys: {_preview(obj)}); "
-            "is this a weights file?"
-        )
+        raise SourceError(f"{location}: no tensors found (top-level keys: {_preview(obj)}); is this a weights file?")
     raise SourceError(
         f"{location}: weights found under several keys ({', '.join(map(repr, nested))}); "
         "pass checkpoint_key= to choose one"
@@ -111,9 +116,7 @@ def _descend(obj: Any, key: str, location: str) -> Any:
     for part in key.split("/"):
         if not isinstance(node, Mapping) or part not in node:
             keys = _preview(node) if isinstance(node, Mapping) else inert_name(node)
-            raise SourceError(
-                f"{location}: checkpoint_key={key!r} not found (available keys: {keys})"
-            )
+            raise SourceError(f"{location}: checkpoint_key={key!r} not found (available keys: {keys})")
         node = node[part]
     return node
 
@@ -169,7 +172,7 @@ def strip_wrapper_prefixes(names: Iterable[str]) -> tuple[dict[str, str], list[s
     while current:
         for p in WRAPPER_PREFIXES:
             if all(v.startswith(p) and len(v) > len(p) for v in current.values()):
-                current = {k: v[len(p):] for k, v in current.items()}
+                current = {k: v[len(p) :] for k, v in current.items()}
                 stripped.append(p)
                 break
         else:
