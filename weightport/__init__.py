@@ -5,7 +5,7 @@
     >>> print(report.summary())
 """
 
-from weightport import errors
+from weightport import checkpoint, errors
 from weightport.api import plan, transfer
 from weightport.errors import WeightportError
 from weightport.mapping import (
@@ -35,5 +35,5 @@ __all__ = [
     "Mapping", "rename", "drop", "strip_prefix", "add_prefix", "split", "fuse", "transform",
     "register_op", "list_ops", "list_adapters",
     "TransferPlan", "TransferReport", "Entry", "Source", "SourceInfo",
-    "WeightportError", "errors",
+    "WeightportError", "errors", "checkpoint",
 ]
