@@ -348,6 +348,22 @@ def test_resume_into_a_meta_built_model(trained):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
 
 
+def test_optimizer_follows_parameters_the_transfer_had_to_replace(trained):
+    import weakref
+
+    model, opt, _, path = trained
+    with wp.init_empty():
+        model2 = Net()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.01)
+    watcher = weakref.ref(model2.head.weight)  # a weak reference prevents an identity-keeping swap
+    state = wp.checkpoint.resume(path, model=model2, optimizer=opt2)
+    assert watcher() is not model2.head.weight
+    held = [p for g in opt2.param_groups for p in g["params"]]
+    assert len(held) == 8 and all(a is b for a, b in zip(held, model2.parameters()))
+    assert torch.equal(opt2.state[model2.head.weight]["exp_avg"], opt.state[model.head.weight]["exp_avg"])
+    assert any("re-pointed" in n for n in state.notes)
+
+
 def test_resume_into_another_dtype(trained):
     model, opt, _, path = trained
     model2, _, _ = _setup(seed=5)
@@ -596,3 +612,29 @@ def test_cli_inspect_plain_file_has_no_checkpoint_section(tmp_path, capsys):
     wp.save({"w": torch.ones(2)}, tmp_path / "w.safetensors")
     assert main(["inspect", str(tmp_path / "w.safetensors"), "--json"]) == 0
     assert "checkpoint" not in json.loads(capsys.readouterr().out)
+
+
+class Tied(nn.Module):
+    def __init__(self, tie: bool = True) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        if tie:
+            self.out.weight = self.emb.weight
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_weights_resume_strictly_tied_or_untied(tmp_path, tie):
+    torch.manual_seed(0)
+    model = Tied()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.out(model.emb(torch.tensor([1, 2]))).sum().backward()
+    opt.step()
+    path = wp.checkpoint.save(tmp_path / "c.safetensors", model=model, optimizer=opt)
+    model2 = Tied(tie)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    state = wp.checkpoint.resume(path, model=model2, optimizer=opt2)  # strict: the alias is no unused tensor
+    assert torch.equal(model2.out.weight, model.emb.weight) and (model2.out.weight is model2.emb.weight) == tie
+    assert len(state.optimizer.carried) == (1 if tie else 2) and not state.optimizer.fresh
+    saved = opt.state[model.emb.weight]["exp_avg"]
+    assert all(torch.equal(s["exp_avg"], saved) for s in opt2.state.values())

@@ -100,9 +100,9 @@ class PartSource(Source):
         whole: The source of the whole file.
     """
 
-    def __init__(self, inner: Source, part: str, info: SourceInfo) -> None:
+    def __init__(self, inner: Source, part: str, info: SourceInfo, hide: frozenset[str] = frozenset()) -> None:
         prefix = f"{part}/"
-        super().__init__({k[len(prefix):]: k for k in inner if k.startswith(prefix)}, info)
+        super().__init__({k[len(prefix):]: k for k in inner if k.startswith(prefix) and k not in hide}, info)
         self.whole = inner
         self._inner = inner
 
@@ -145,11 +145,24 @@ class CheckpointFile:
             self.source.close()
             raise
 
-    def part(self, name: str) -> PartSource:
-        """The tensors of one part under their own names, e.g. the model's state-dict keys."""
+    def part(self, name: str, *, hide: frozenset[str] = frozenset()) -> PartSource:
+        """The tensors of one part under their own names, e.g. the model's state-dict keys.
+
+        Args:
+            name: The part (``"model"``).
+            hide: Full keys to leave out (aliases of a tied tensor that the target ties too).
+        """
         info = SourceInfo(kind="weightport-checkpoint", location=self.path, files=(self.path,),
                           metadata=self.source.info.metadata)
-        return PartSource(self.source, name, info)
+        return PartSource(self.source, name, info, hide)
+
+    def aliases(self) -> dict[str, str]:
+        """``{alias: canonical}`` full keys of tensors stored once under several names (tied weights)."""
+        try:
+            table = json.loads(self.source.info.metadata.get("weightport.aliases", "{}"))
+        except json.JSONDecodeError:
+            return {}
+        return {str(k): str(v) for k, v in table.items()} if isinstance(table, dict) else {}
 
     def tensor(self, key: str, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """An owning copy of tensor ``key``, placed and cast in one step."""

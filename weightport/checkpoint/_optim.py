@@ -126,6 +126,26 @@ def prepare(ckpt: CheckpointFile, optimizer: torch.optim.Optimizer, model: nn.Mo
     return {**others, "state": state, "param_groups": groups}, report
 
 
+def rebinder(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+    """A callable to run after the model transfer: where the transfer had to replace a parameter object
+    (it keeps identity when it can; not when something holds a weak reference to the parameter),
+    the optimizer is pointed at the model's new parameter, so it never trains a stale one."""
+    names = _names_by_id(model)
+    before = [[names.get(id(p), [None])[0] for p in g["params"]] for g in optimizer.param_groups]
+
+    def rebind() -> str | None:
+        now = dict(model.named_parameters(remove_duplicate=False))
+        moved = 0
+        for group, group_names in zip(optimizer.param_groups, before):
+            for i, name in enumerate(group_names):
+                if name is not None and now.get(name) is not None and group["params"][i] is not now[name]:
+                    group["params"][i] = now[name]
+                    moved += 1
+        return f"optimizer re-pointed at {moved} replaced model parameters" if moved else None
+
+    return rebind
+
+
 def _type_name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
@@ -210,7 +230,10 @@ def _entry(ctx: _Context, recipe: Any, key: str, values: list[Any], shapes: list
     if stored == shapes:
         views = {i.key: ctx.ckpt.source.view(v.key) for i, v in zip(recipe.inputs, values)}
         value = compute(recipe, TensorSource(views, SourceInfo("dict", "optimizer state")), param)
-        return (_place(value, param, key, ctx.device),)
+        placed = _place(value, param, key, ctx.device)
+        for v in values:
+            ctx.ckpt.source.release(v.key)  # the copy is made: let the file's pages go
+        return (placed,)
     if recipe.adapted and any(s != () for s in stored):
         return f"optimizer state {key!r} of shape {stored[0]} cannot follow {', '.join(recipe.labels())}"
     tensors = [ctx.ckpt.tensor(v.key) for v in values]
@@ -240,7 +263,9 @@ def _place(value: torch.Tensor, param: torch.Tensor, key: str, device: torch.dev
 
 
 def _read(ctx: _Context, stored_key: str, param: torch.Tensor, key: str) -> torch.Tensor:
-    return _place(ctx.ckpt.source.view(stored_key), param, key, ctx.device)
+    placed = _place(ctx.ckpt.source.view(stored_key), param, key, ctx.device)
+    ctx.ckpt.source.release(stored_key)
+    return placed
 
 
 def _materialize(ctx: _Context, value: Any) -> Any:

@@ -152,9 +152,12 @@ def resume(
     target, _ = unwrap(model)
     with CheckpointFile(path) as ckpt:
         body = ckpt.body
-        planned = plan_transfer(ckpt.part("model"), target, mapping=mapping, rules=rules,
+        source = ckpt.part("model", hide=_tied_aliases(ckpt, target))
+        planned = plan_transfer(source, target, mapping=mapping, rules=rules,
                                 on_mismatch=on_mismatch, strict=strict, device=device)
         pending = _Pending()
+        if optimizer is not None:
+            pending.add("rebind", _optim.rebinder(optimizer, target))
         opt_report = _prepare_optimizer(ckpt, optimizer, target, planned, device, strict, pending)
         _prepare_component(ckpt, "scheduler", scheduler, strict, pending)
         _prepare_scaler(ckpt, scaler, strict, pending)
@@ -164,11 +167,23 @@ def resume(
         metrics = decode(body.get("metrics", {}), lambda k: ckpt.tensor(k), ckpt.path)
         _note_unused_parts(body, optimizer, scheduler, scaler, pending)
         report = planned.apply()
-        restored = ["model", *_run(pending, ckpt.path)]
+        restored = ["model", *(r for r in _run(pending, ckpt.path) if r != "rebind")]
     state = ResumeState(ckpt.path, body.get("epoch"), body.get("step"), extra, metrics, report, opt_report,
                         tuple(restored), tuple(pending.notes), body.get("created"))
     log.info("%s", state.summary().splitlines()[0])
     return state
+
+
+def _tied_aliases(ckpt: CheckpointFile, model: nn.Module) -> frozenset[str]:
+    """Saved aliases of a tied tensor that the model ties the same way: the canonical name loads the
+    shared tensor, and the alias must not count as an unused source tensor."""
+    tensors = model.state_dict(keep_vars=True)
+    hidden = set()
+    for alias, canonical in ckpt.aliases().items():
+        a, c = alias.partition("/")[2], canonical.partition("/")[2]
+        if alias.startswith("model/") and a in tensors and c in tensors and tensors[a] is tensors[c]:
+            hidden.add(alias)
+    return frozenset(hidden)
 
 
 def _device(map_location: str | torch.device | None) -> torch.device | None:
