@@ -115,13 +115,16 @@ def test_damaged_files_are_never_listed(tmp_path, caplog):
     assert "incomplete checkpoint" in caplog.text and "not a weightport training checkpoint" in caplog.text
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"keep_last": 0}, "keep_last"),
-    ({"keep_best": -1}, "keep_best"),
-    ({"mode": "lowest"}, "mode"),
-    ({"metric": None}, "keep_best needs metric"),
-    ({"prefix": ".hidden"}, "prefix"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"keep_last": 0}, "keep_last"),
+        ({"keep_best": -1}, "keep_best"),
+        ({"mode": "lowest"}, "mode"),
+        ({"metric": None}, "keep_best needs metric"),
+        ({"prefix": ".hidden"}, "prefix"),
+    ],
+)
 def test_bad_options(tmp_path, kwargs, match):
     with pytest.raises(CheckpointError, match=match):
         wp.checkpoint.Manager(tmp_path, **kwargs)
@@ -151,8 +154,9 @@ _KILLED_SAVE = textwrap.dedent("""
 def test_a_save_killed_midway_is_never_picked_and_is_cleaned_up(tmp_path):
     folder, flag = tmp_path / "run", tmp_path / "writing"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(folder), str(flag)], env=env,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SAVE, str(folder), str(flag)], env=env, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 120
         while not flag.exists():

@@ -26,8 +26,9 @@ OPTIMIZERS = ("sgd", "adamw")
 
 def _build(kind: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, object]:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 16), nn.ReLU(),
-                          nn.Dropout(0.3), nn.Linear(16, 1))
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1)
+    )
     if kind == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
         sched: object = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
@@ -99,8 +100,9 @@ def child(mode: str, out: Path) -> None:
 
 def _run(mode: str, out: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, __file__, mode, str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, __file__, mode, str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
 
 

@@ -53,8 +53,10 @@ def weights(path: str | os.PathLike[str]) -> PartSource:
 
 def _open_scheme(rest: str, *, checkpoint_key: str | None = None, **_: Any) -> PartSource:
     if checkpoint_key not in (None, "model"):
-        raise CheckpointError(f"checkpoint:{rest}: checkpoint_key={checkpoint_key!r} does not apply; "
-                              "the 'checkpoint:' spec gives the model weights")
+        raise CheckpointError(
+            f"checkpoint:{rest}: checkpoint_key={checkpoint_key!r} does not apply; "
+            "the 'checkpoint:' spec gives the model weights"
+        )
     return weights(rest)
 
 

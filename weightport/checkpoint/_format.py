@@ -63,8 +63,10 @@ def parse_body(metadata: Mapping[str, str], where: str) -> dict[str, Any]:
     if not isinstance(body, dict) or not isinstance(body.get("version"), int):
         raise CheckpointError(f"{where}: the checkpoint metadata has no version; the file is damaged")
     if body["version"] > VERSION:
-        raise CheckpointError(f"{where}: checkpoint format version {body['version']} is newer than this "
-                              f"weightport reads ({VERSION}); upgrade weightport")
+        raise CheckpointError(
+            f"{where}: checkpoint format version {body['version']} is newer than this "
+            f"weightport reads ({VERSION}); upgrade weightport"
+        )
     return body
 
 
@@ -82,8 +84,11 @@ def read_complete_body(path: str) -> dict[str, Any]:
     except (OSError, SourceError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from e
     metadata = header.pop("__metadata__", None) or {}
-    ends = [e["data_offsets"][1] for e in header.values()
-            if isinstance(e, dict) and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2]
+    ends = [
+        e["data_offsets"][1]
+        for e in header.values()
+        if isinstance(e, dict) and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+    ]
     expected = start + max(ends, default=0)
     size = os.path.getsize(path)
     if size != expected:
@@ -102,7 +107,7 @@ class PartSource(Source):
 
     def __init__(self, inner: Source, part: str, info: SourceInfo, hide: frozenset[str] = frozenset()) -> None:
         prefix = f"{part}/"
-        super().__init__({k[len(prefix):]: k for k in inner if k.startswith(prefix) and k not in hide}, info)
+        super().__init__({k[len(prefix) :]: k for k in inner if k.startswith(prefix) and k not in hide}, info)
         self.whole = inner
         self._inner = inner
 
@@ -152,8 +157,9 @@ class CheckpointFile:
             name: The part (``"model"``).
             hide: Full keys to leave out (aliases of a tied tensor that the target ties too).
         """
-        info = SourceInfo(kind="weightport-checkpoint", location=self.path, files=(self.path,),
-                          metadata=self.source.info.metadata)
+        info = SourceInfo(
+            kind="weightport-checkpoint", location=self.path, files=(self.path,), metadata=self.source.info.metadata
+        )
         return PartSource(self.source, name, info, hide)
 
     def aliases(self) -> dict[str, str]:
@@ -167,8 +173,9 @@ class CheckpointFile:
     def tensor(self, key: str, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """An owning copy of tensor ``key``, placed and cast in one step."""
         if key not in self.source:
-            raise CheckpointError(f"{self.path}: the metadata refers to tensor {key!r}, which the file lacks; "
-                                  "the file is damaged")
+            raise CheckpointError(
+                f"{self.path}: the metadata refers to tensor {key!r}, which the file lacks; the file is damaged"
+            )
         view = self.source.view(key)
         out = view.to(device=device or torch.device("cpu"), dtype=dtype or view.dtype, copy=True)
         self.source.release(key)

@@ -62,42 +62,62 @@ class CheckpointInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": self.path, "version": self.version, "created": self.created, "epoch": self.epoch,
-            "step": self.step, "metrics": _jsonable(self.metrics), "model_type": self.model_type,
-            "unwrapped": list(self.unwrapped), "optimizer_type": self.optimizer_type,
-            "param_groups": [_jsonable(g) for g in self.param_groups], "params_with_state": self.params_with_state,
-            "scheduler_type": self.scheduler_type, "scheduler": _jsonable(self.scheduler),
-            "scaler": _jsonable(self.scaler), "rng": list(self.rng), "extra_keys": list(self.extra_keys),
+            "path": self.path,
+            "version": self.version,
+            "created": self.created,
+            "epoch": self.epoch,
+            "step": self.step,
+            "metrics": _jsonable(self.metrics),
+            "model_type": self.model_type,
+            "unwrapped": list(self.unwrapped),
+            "optimizer_type": self.optimizer_type,
+            "param_groups": [_jsonable(g) for g in self.param_groups],
+            "params_with_state": self.params_with_state,
+            "scheduler_type": self.scheduler_type,
+            "scheduler": _jsonable(self.scheduler),
+            "scaler": _jsonable(self.scaler),
+            "rng": list(self.rng),
+            "extra_keys": list(self.extra_keys),
             "parts": {k: {"tensors": n, "nbytes": b} for k, (n, b) in self.parts.items()},
             "torch_version": self.torch_version,
         }
 
     def lines(self) -> list[str]:
         """Human-readable lines, as ``weightport inspect`` prints them."""
-        out = [f"weightport training checkpoint (format {self.version})"
-               + (f", saved {self.created}" if self.created else "")
-               + (f" with torch {self.torch_version}" if self.torch_version else "")]
+        out = [
+            f"weightport training checkpoint (format {self.version})"
+            + (f", saved {self.created}" if self.created else "")
+            + (f" with torch {self.torch_version}" if self.torch_version else "")
+        ]
         counters = ", ".join(f"{k} {v}" for k, v in (("epoch", self.epoch), ("step", self.step)) if v is not None)
         if counters:
             out.append(counters)
         if self.metrics:
             out.append("metrics: " + ", ".join(f"{k}={_short(v)}" for k, v in self.metrics.items()))
         if self.model_type:
-            out.append(f"model: {self.model_type}"
-                       + (f" (saved from inside {', '.join(self.unwrapped)})" if self.unwrapped else ""))
+            out.append(
+                f"model: {self.model_type}"
+                + (f" (saved from inside {', '.join(self.unwrapped)})" if self.unwrapped else "")
+            )
         out.extend(self._optimizer_lines())
         if self.scheduler_type:
             fields = ", ".join(f"{k.lstrip('_')}={_short(v)}" for k, v in self.scheduler.items())
             out.append(f"scheduler: {self.scheduler_type}" + (f" ({fields})" if fields else ""))
         if self.scaler is not None:
-            out.append("scaler: " + (", ".join(f"{k.lstrip('_')}={_short(v)}" for k, v in self.scaler.items())
-                                     or "disabled"))
+            out.append(
+                "scaler: " + (", ".join(f"{k.lstrip('_')}={_short(v)}" for k, v in self.scaler.items()) or "disabled")
+            )
         if self.rng:
             out.append("rng: " + ", ".join(self.rng))
         if self.extra_keys:
             out.append("extra: " + ", ".join(self.extra_keys))
-        out.append("size: " + ", ".join(f"{k} {n} tensors {_size(b)}" if k != "metadata" else f"metadata {_size(b)}"
-                                        for k, (n, b) in self.parts.items()))
+        out.append(
+            "size: "
+            + ", ".join(
+                f"{k} {n} tensors {_size(b)}" if k != "metadata" else f"metadata {_size(b)}"
+                for k, (n, b) in self.parts.items()
+            )
+        )
         return out
 
     def _optimizer_lines(self) -> list[str]:
@@ -129,18 +149,29 @@ def info(checkpoint: str | os.PathLike[str] | Source) -> CheckpointInfo:
         raise CheckpointError(f"{whole.info.location}: the saved optimizer state is damaged")
     sched = body.get("scheduler") or {}
     sched_state = decode(sched.get("state_dict") or {}, _placeholder, whole.info.location)
-    scaler = decode(body["scaler"].get("state_dict") or {}, _placeholder, whole.info.location) \
-        if "scaler" in body else None
+    scaler = (
+        decode(body["scaler"].get("state_dict") or {}, _placeholder, whole.info.location) if "scaler" in body else None
+    )
     model = body.get("model") or {}
     return CheckpointInfo(
-        path=whole.info.location, version=body["version"], created=body.get("created"), epoch=body.get("epoch"),
-        step=body.get("step"), metrics=decode(body.get("metrics", {}), _placeholder),
-        model_type=model.get("type"), unwrapped=tuple(model.get("unwrapped", ())),
-        optimizer_type=opt.get("type"), param_groups=tuple(_group(g) for g in opt_state.get("param_groups", [])),
-        params_with_state=len(opt_state.get("state", {})), scheduler_type=sched.get("type"),
+        path=whole.info.location,
+        version=body["version"],
+        created=body.get("created"),
+        epoch=body.get("epoch"),
+        step=body.get("step"),
+        metrics=decode(body.get("metrics", {}), _placeholder),
+        model_type=model.get("type"),
+        unwrapped=tuple(model.get("unwrapped", ())),
+        optimizer_type=opt.get("type"),
+        param_groups=tuple(_group(g) for g in opt_state.get("param_groups", [])),
+        params_with_state=len(opt_state.get("state", {})),
+        scheduler_type=sched.get("type"),
         scheduler={k: sched_state[k] for k in _SCHEDULER_FIELDS if isinstance(sched_state, dict) and k in sched_state},
-        scaler=scaler, rng=tuple(body.get("rng", {})), extra_keys=tuple(body.get("extra", {})),
-        parts=_parts(whole), torch_version=body.get("torch"),
+        scaler=scaler,
+        rng=tuple(body.get("rng", {})),
+        extra_keys=tuple(body.get("extra", {})),
+        parts=_parts(whole),
+        torch_version=body.get("torch"),
     )
 
 

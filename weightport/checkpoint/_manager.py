@@ -64,10 +64,17 @@ class Manager:
         ...     mgr.save(model=model, optimizer=opt, epoch=epoch, metrics={"val_loss": val_loss})
     """
 
-    def __init__(self, folder: str | os.PathLike[str], *, keep_last: int | None = 3, keep_best: int = 1,
-                 metric: str | None = "val_loss", mode: str = "min", prefix: str = "ckpt") -> None:
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
-                                      or keep_last < 1):
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        keep_last: int | None = 3,
+        keep_best: int = 1,
+        metric: str | None = "val_loss",
+        mode: str = "min",
+        prefix: str = "ckpt",
+    ) -> None:
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
             raise CheckpointError(f"keep_last must be an int >= 1 or None (keep all), not {keep_last!r}")
         if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
             raise CheckpointError(f"keep_best must be an int >= 0, not {keep_best!r}")
@@ -83,21 +90,34 @@ class Manager:
         self.metric = metric
         self.mode = mode
         self.prefix = prefix
-        self._name = re.compile(rf"^{re.escape(prefix)}(?:-e(\d+))?(?:-s(\d+))?-(\d{{8}}T\d{{6}}\.\d{{6}}Z)"
-                                r"\.safetensors$")
+        self._name = re.compile(
+            rf"^{re.escape(prefix)}(?:-e(\d+))?(?:-s(\d+))?-(\d{{8}}T\d{{6}}\.\d{{6}}Z)"
+            r"\.safetensors$"
+        )
         self._leftover = re.compile(rf"^\.{re.escape(prefix)}-.*\.safetensors\.tmp-")
         self._cache: dict[str, tuple[tuple[int, int], _Record | None]] = {}
         self._warned_metric = False
 
     def __repr__(self) -> str:
-        return (f"Manager({str(self.folder)!r}, keep_last={self.keep_last}, keep_best={self.keep_best}, "
-                f"metric={self.metric!r}, mode={self.mode!r})")
+        return (
+            f"Manager({str(self.folder)!r}, keep_last={self.keep_last}, keep_best={self.keep_best}, "
+            f"metric={self.metric!r}, mode={self.mode!r})"
+        )
 
     # -- writing ------------------------------------------------------------------------------------
-    def save(self, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-             scaler: Any = None, epoch: int | None = None, step: int | None = None,
-             metrics: Mapping[str, float] | None = None, extra: Mapping[str, Any] | None = None,
-             rng: bool = True) -> Path:
+    def save(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        epoch: int | None = None,
+        step: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        rng: bool = True,
+    ) -> Path:
         """Write a new checkpoint (see :func:`weightport.checkpoint.save`), then delete the ones
         neither among the last ``keep_last`` nor the best ``keep_best``.
 
@@ -111,8 +131,18 @@ class Manager:
         if self.keep_best and self.metric not in (metrics or {}) and not self._warned_metric:
             log.warning("Manager: metrics has no %r; this checkpoint cannot count among the best", self.metric)
             self._warned_metric = True
-        save(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch, step=step,
-             metrics=metrics, extra=extra, rng=rng)
+        save(
+            path,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            epoch=epoch,
+            step=step,
+            metrics=metrics,
+            extra=extra,
+            rng=rng,
+        )
         self._prune()
         return path
 
@@ -140,8 +170,8 @@ class Manager:
 
     def _prune(self) -> None:
         records = self._records()
-        keep = {r.path for r in (records if self.keep_last is None else records[-self.keep_last:])}
-        keep.update(r.path for r in self._ranked(records)[:self.keep_best])
+        keep = {r.path for r in (records if self.keep_last is None else records[-self.keep_last :])}
+        keep.update(r.path for r in self._ranked(records)[: self.keep_best])
         for r in records:
             if r.path not in keep:
                 try:
@@ -207,7 +237,12 @@ class Manager:
             log.warning("Manager: ignoring %s: %s", path, e)
             record = None
         else:
-            record = _Record(path, datetime.datetime.strptime(match.group(3), _STAMP), body.get("epoch"),
-                             body.get("step"), metrics if isinstance(metrics, dict) else {})
+            record = _Record(
+                path,
+                datetime.datetime.strptime(match.group(3), _STAMP),
+                body.get("epoch"),
+                body.get("step"),
+                metrics if isinstance(metrics, dict) else {},
+            )
         self._cache[str(path)] = (signature, record)
         return record

@@ -64,11 +64,20 @@ class OptimizerReport:
         return "\n".join([line, *details])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "carried": dict(self.carried), "fresh": dict(self.fresh),
-                "groups": list(self.groups)}
+        return {
+            "type": self.type,
+            "carried": dict(self.carried),
+            "fresh": dict(self.fresh),
+            "groups": list(self.groups),
+        }
 
 
 _MISSING = object()
+_NO_SOURCE = {
+    "missing": "no source tensor in the checkpoint",
+    "shape mismatch": "its source tensor has another shape",
+    "dropped": "its source tensor was dropped by a rule",
+}
 
 
 @dataclass(frozen=True)
@@ -88,8 +97,13 @@ class _Context:
     device: torch.device | None
 
 
-def prepare(ckpt: CheckpointFile, optimizer: torch.optim.Optimizer, model: nn.Module, plan: TransferPlan,
-            device: torch.device | None) -> tuple[dict[str, Any], OptimizerReport]:
+def prepare(
+    ckpt: CheckpointFile,
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    plan: TransferPlan,
+    device: torch.device | None,
+) -> tuple[dict[str, Any], OptimizerReport]:
     """The state dict to give ``optimizer.load_state_dict`` after the model transfer, and its report.
 
     Reads the carried state tensors now, onto the device and dtype each parameter will have,
@@ -101,8 +115,7 @@ def prepare(ckpt: CheckpointFile, optimizer: torch.optim.Optimizer, model: nn.Mo
         raise CheckpointError(f"{ckpt.path}: the saved optimizer state has no param_groups; the file is damaged")
     saved.setdefault("state", {})
     saved_names = [list(n) for n in part.get("param_names", [])]
-    ctx = _Context(ckpt, plan, saved, {n: i for i, names in enumerate(saved_names) for n in names},
-                   saved_names, device)
+    ctx = _Context(ckpt, plan, saved, {n: i for i, names in enumerate(saved_names) for n in names}, saved_names, device)
     names = _names_by_id(model)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
@@ -136,8 +149,8 @@ def rebinder(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
     def rebind() -> str | None:
         now = dict(model.named_parameters(remove_duplicate=False))
         moved = 0
-        for group, group_names in zip(optimizer.param_groups, before):
-            for i, name in enumerate(group_names):
+        for group, names_then in zip(optimizer.param_groups, before):
+            for i, name in enumerate(names_then):
                 if name is not None and now.get(name) is not None and group["params"][i] is not now[name]:
                     group["params"][i] = now[name]
                     moved += 1
@@ -157,8 +170,9 @@ def _names_by_id(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _carry(ctx: _Context, index: int, param: torch.Tensor,
-           names: list[str]) -> tuple[dict[str, Any], list[int], str] | str:
+def _carry(
+    ctx: _Context, index: int, param: torch.Tensor, names: list[str]
+) -> tuple[dict[str, Any], list[int], str] | str:
     """The carried state of one parameter, or the reason it starts fresh."""
     if not names:
         return _carry_unnamed(ctx, index, param)
@@ -168,8 +182,7 @@ def _carry(ctx: _Context, index: int, param: torch.Tensor,
     canonical = ctx.plan.targets[name].canonical
     recipe = ctx.plan.recipes.get(canonical)
     if recipe is None:
-        entry = ctx.plan.report[canonical]
-        return f"no source tensor ({entry.reason or 'missing'})"
+        return _NO_SOURCE.get(ctx.plan.report[canonical].reason or "missing", "no source tensor")
     blocked = [op.label() for op in recipe.ops if op.fn is not None or op.op not in REARRANGING_OPS]
     if blocked:
         return f"adapted by {', '.join(blocked)}; optimizer state does not follow a change of values"
@@ -205,8 +218,9 @@ def _carry_unnamed(ctx: _Context, index: int, param: torch.Tensor) -> tuple[dict
     return out, [index], f"<optimizer parameter {index}>"
 
 
-def _through_recipe(ctx: _Context, recipe: Any, states: Sequence[dict[str, Any]],
-                    param: torch.Tensor) -> dict[str, Any] | str:
+def _through_recipe(
+    ctx: _Context, recipe: Any, states: Sequence[dict[str, Any]], param: torch.Tensor
+) -> dict[str, Any] | str:
     """Each state entry of the source(s), rearranged like the weight itself."""
     shapes = [tuple(ctx.plan.source.meta(i.key).shape) for i in recipe.inputs]
     out: dict[str, Any] = {}
@@ -222,8 +236,9 @@ def _through_recipe(ctx: _Context, recipe: Any, states: Sequence[dict[str, Any]]
     return out
 
 
-def _entry(ctx: _Context, recipe: Any, key: str, values: list[Any], shapes: list[tuple[int, ...]],
-           param: torch.Tensor) -> tuple[torch.Tensor] | str:
+def _entry(
+    ctx: _Context, recipe: Any, key: str, values: list[Any], shapes: list[tuple[int, ...]], param: torch.Tensor
+) -> tuple[torch.Tensor] | str:
     """One tensor state entry: through the recipe when it is shaped like the weight, else copied
     (scalars such as step counts, or any state of a plainly renamed parameter)."""
     stored = [tuple(ctx.ckpt.source.meta(v.key).shape) for v in values]
@@ -279,8 +294,9 @@ def _materialize(ctx: _Context, value: Any) -> Any:
     return value
 
 
-def _groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
-            sources: dict[int, list[int]]) -> tuple[list[dict[str, Any]], list[int | None]]:
+def _groups(
+    current: list[dict[str, Any]], saved: list[dict[str, Any]], sources: dict[int, list[int]]
+) -> tuple[list[dict[str, Any]], list[int | None]]:
     """Hyper-parameters per group: by position when the group counts agree (torch's rule), else from
     the saved group most of the group's carried parameters came from."""
     saved_group_of = {i: g for g, group in enumerate(saved) for i in group.get("params", [])}
@@ -290,11 +306,13 @@ def _groups(current: list[dict[str, Any]], saved: list[dict[str, Any]],
         if len(current) == len(saved):
             choice: int | None = position
         else:
-            votes = collections.Counter(saved_group_of[i] for p in group["params"] for i in sources.get(p, [])
-                                        if i in saved_group_of)
+            votes = collections.Counter(
+                saved_group_of[i] for p in group["params"] for i in sources.get(p, []) if i in saved_group_of
+            )
             choice = votes.most_common(1)[0][0] if votes else None
-        hyper = {k: v for k, v in saved[choice].items() if k not in ("params", "param_names")} \
-            if choice is not None else {}
+        hyper = (
+            {k: v for k, v in saved[choice].items() if k not in ("params", "param_names")} if choice is not None else {}
+        )
         groups.append({**group, **hyper, "params": group["params"]})
         chosen.append(choice)
     return groups, chosen

@@ -79,10 +79,17 @@ class ResumeState:
         return self.summary()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "epoch": self.epoch, "step": self.step, "metrics": dict(self.metrics),
-                "created": self.created, "restored": list(self.restored), "notes": list(self.notes),
-                "optimizer": self.optimizer.to_dict() if self.optimizer is not None else None,
-                "report": self.report.to_dict()}
+        return {
+            "path": self.path,
+            "epoch": self.epoch,
+            "step": self.step,
+            "metrics": dict(self.metrics),
+            "created": self.created,
+            "restored": list(self.restored),
+            "notes": list(self.notes),
+            "optimizer": self.optimizer.to_dict() if self.optimizer is not None else None,
+            "report": self.report.to_dict(),
+        }
 
 
 @dataclass
@@ -153,8 +160,9 @@ def resume(
     with CheckpointFile(path) as ckpt:
         body = ckpt.body
         source = ckpt.part("model", hide=_tied_aliases(ckpt, target))
-        planned = plan_transfer(source, target, mapping=mapping, rules=rules,
-                                on_mismatch=on_mismatch, strict=strict, device=device)
+        planned = plan_transfer(
+            source, target, mapping=mapping, rules=rules, on_mismatch=on_mismatch, strict=strict, device=device
+        )
         pending = _Pending()
         if optimizer is not None:
             pending.add("rebind", _optim.rebinder(optimizer, target))
@@ -168,8 +176,18 @@ def resume(
         _note_unused_parts(body, optimizer, scheduler, scaler, pending)
         report = planned.apply()
         restored = ["model", *(r for r in _run(pending, ckpt.path) if r != "rebind")]
-    state = ResumeState(ckpt.path, body.get("epoch"), body.get("step"), extra, metrics, report, opt_report,
-                        tuple(restored), tuple(pending.notes), body.get("created"))
+    state = ResumeState(
+        ckpt.path,
+        body.get("epoch"),
+        body.get("step"),
+        extra,
+        metrics,
+        report,
+        opt_report,
+        tuple(restored),
+        tuple(pending.notes),
+        body.get("created"),
+    )
     log.info("%s", state.summary().splitlines()[0])
     return state
 
@@ -213,8 +231,15 @@ def _type_matches(ckpt: CheckpointFile, part: str, obj: Any, strict: bool, pendi
     return False
 
 
-def _prepare_optimizer(ckpt: CheckpointFile, optimizer: Any, model: nn.Module, planned: Any,
-                       device: torch.device | None, strict: bool, pending: _Pending) -> OptimizerReport | None:
+def _prepare_optimizer(
+    ckpt: CheckpointFile,
+    optimizer: Any,
+    model: nn.Module,
+    planned: Any,
+    device: torch.device | None,
+    strict: bool,
+    pending: _Pending,
+) -> OptimizerReport | None:
     if optimizer is None:
         return None
     if "optimizer" not in ckpt.body:
@@ -276,8 +301,10 @@ def _run(pending: _Pending, path: str) -> list[str]:
         try:
             note = action()
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: restoring {name} failed after the model was loaded ({e}); "
-                                  f"the parts before it are restored: {', '.join(done) or 'model only'}") from e
+            raise CheckpointError(
+                f"{path}: restoring {name} failed after the model was loaded ({e}); "
+                f"the parts before it are restored: {', '.join(done) or 'model only'}"
+            ) from e
         if isinstance(note, str):
             pending.notes.append(note)
         done.append(name)

@@ -85,6 +85,7 @@ def prepare(states: Any, where: str) -> tuple[list[tuple[str, Callable[[], str |
 
 # -- the built-in streams -----------------------------------------------------------------------------
 
+
 def _torch_check(state: Any) -> None:
     if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
         raise TypeError("expected a uint8 tensor")
@@ -100,8 +101,7 @@ def _cuda_capture_ok() -> bool:
 
 
 def _cuda_check(states: Any) -> None:
-    if not isinstance(states, list) or not all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8
-                                               for s in states):
+    if not isinstance(states, list) or not all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in states):
         raise TypeError("expected a list of uint8 tensors")
 
 
@@ -110,8 +110,7 @@ def _cuda_restore(states: list[torch.Tensor]) -> str | None:
     for i, state in enumerate(states[:count]):
         torch.cuda.set_rng_state(state, i)
     if len(states) != count:
-        return (f"CUDA RNG: {len(states)} device states saved, {count} devices here; "
-                f"restored {min(count, len(states))}")
+        return f"CUDA RNG: {len(states)} device states saved, {count} devices here; restored {min(count, len(states))}"
     return None
 
 
@@ -152,10 +151,29 @@ def _python_restore(state: Any) -> None:
     random.setstate(_python_state(state))
 
 
-register_stream(RngStream("torch", torch.get_rng_state, _torch_restore, _torch_check,  # type: ignore[arg-type]
-                          lambda: True, lambda: True))
-register_stream(RngStream("cuda", torch.cuda.get_rng_state_all, _cuda_restore, _cuda_check,
-                          _cuda_capture_ok, torch.cuda.is_available))
-register_stream(RngStream("numpy", lambda: _numpy_module().random.get_state(), _numpy_restore,  # type: ignore[arg-type]
-                          _numpy_check, lambda: _numpy_module() is not None, lambda: _numpy_module() is not None))
+register_stream(
+    RngStream(
+        "torch",
+        torch.get_rng_state,
+        _torch_restore,
+        _torch_check,  # type: ignore[arg-type]
+        lambda: True,
+        lambda: True,
+    )
+)
+register_stream(
+    RngStream(
+        "cuda", torch.cuda.get_rng_state_all, _cuda_restore, _cuda_check, _cuda_capture_ok, torch.cuda.is_available
+    )
+)
+register_stream(
+    RngStream(
+        "numpy",
+        lambda: _numpy_module().random.get_state(),
+        _numpy_restore,  # type: ignore[arg-type]
+        _numpy_check,
+        lambda: _numpy_module() is not None,
+        lambda: _numpy_module() is not None,
+    )
+)
 register_stream(RngStream("python", _python_capture, _python_restore, _python_check, lambda: True, lambda: True))

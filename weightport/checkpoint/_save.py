@@ -152,8 +152,10 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             skipped.append(key)
             continue
         if value.is_meta:
-            raise CheckpointError(f"model tensor {key!r} is on the meta device and has no values; "
-                                  "load or initialise the model before saving it")
+            raise CheckpointError(
+                f"model tensor {key!r} is on the meta device and has no values; "
+                "load or initialise the model before saving it"
+            )
         out[f"model/{key}"] = value
     if skipped:
         log.warning("checkpoint: non-tensor model state not saved: %s", ", ".join(skipped))

@@ -93,8 +93,10 @@ def _mapping(enc: _Encoder, x: Mapping, path: _Path) -> Any:
     pairs = []
     for k, v in x.items():
         if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
-            raise CheckpointError(f"{render_path(enc.root, path)} has a key of type {type(k).__name__}; "
-                                  "keys must be strings, numbers or tuples of them")
+            raise CheckpointError(
+                f"{render_path(enc.root, path)} has a key of type {type(k).__name__}; "
+                "keys must be strings, numbers or tuples of them"
+            )
         pairs.append([enc.encode(k, (*path, "<key>")), enc.encode(v, (*path, k))])
     return {"$dict": pairs}
 
@@ -127,8 +129,9 @@ def _numpy_encode(enc: _Encoder, x: Any, path: _Path) -> Any:
         return enc.encode(x.item(), path)
     if isinstance(x, np.ndarray):
         if x.dtype.hasobject:
-            raise CheckpointError(f"{render_path(enc.root, path)} is a numpy array of Python objects; "
-                                  "only numeric arrays can be saved")
+            raise CheckpointError(
+                f"{render_path(enc.root, path)} is a numpy array of Python objects; only numeric arrays can be saved"
+            )
         raw = torch.from_numpy(np.ascontiguousarray(x).reshape(-1).view(np.uint8).copy())
         key = enc.key_for(path)
         enc.tensors[key] = raw
@@ -174,8 +177,9 @@ def decode(doc: Any, leaf: Leaf, where: str = "checkpoint") -> Any:
         return {k: decode(v, leaf, where) for k, v in doc.items()}
     decoder = _DECODERS.get(marker)
     if decoder is None:
-        raise CheckpointError(f"{where}: unknown marker {marker!r}; the checkpoint was written by a newer "
-                              "weightport, or is damaged")
+        raise CheckpointError(
+            f"{where}: unknown marker {marker!r}; the checkpoint was written by a newer weightport, or is damaged"
+        )
     return decoder(doc, leaf, where)
 
 
