@@ -679,3 +679,24 @@ def test_tied_weights_resume_strictly_tied_or_untied(tmp_path, tie):
     assert len(state.optimizer.carried) == (1 if tie else 2) and not state.optimizer.fresh
     saved = opt.state[model.emb.weight]["exp_avg"]
     assert all(torch.equal(s["exp_avg"], saved) for s in opt2.state.values())
+
+
+class Wrapper(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+
+def test_registered_wrappers_are_unwrapped(tmp_path):
+    model = Net()
+    wrapped = Wrapper(model)
+    assert wp.checkpoint.unwrap(wrapped) == (wrapped, ())  # not a wrapper until registered
+    wp.checkpoint.register_wrapper(Wrapper.__module__, "Wrapper", "inner")
+    assert wp.checkpoint.unwrap(nn.DataParallel(Wrapper(model))) == (model, ("DataParallel", "Wrapper"))
+    path = wp.checkpoint.save(tmp_path / "c.safetensors", model=Wrapper(model))
+    assert set(wp.checkpoint.weights(path)) == set(model.state_dict())
+
+
+def test_missing_file_is_a_file_not_found_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.safetensors"):
+        wp.checkpoint.resume(tmp_path / "nothing.safetensors", model=Net())

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from weightport.errors import CheckpointError, CorruptFileError, SourceError
+from weightport.errors import CheckpointError, CorruptFileError, SourceError, SourceNotFoundError
 from weightport.save import save as save_tensors
 from weightport.sources import open_source
 from weightport.sources.base import Source, SourceInfo, TensorMeta
@@ -140,6 +140,8 @@ class CheckpointFile:
         self.path = os.fspath(path)
         try:
             self.source = open_source(self.path)
+        except SourceNotFoundError:
+            raise
         except CorruptFileError as e:
             raise CheckpointError(f"{self.path}: damaged or incomplete checkpoint ({e})") from e
         except SourceError as e:

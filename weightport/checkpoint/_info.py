@@ -140,8 +140,10 @@ def info(checkpoint: str | os.PathLike[str] | Source) -> CheckpointInfo:
     Raises:
         CheckpointError: not a weightport training checkpoint.
     """
-    source = checkpoint if isinstance(checkpoint, Source) else open_source(os.fspath(checkpoint))
-    whole = source.whole if isinstance(source, PartSource) else source
+    if not isinstance(checkpoint, Source):
+        with open_source(os.fspath(checkpoint)) as opened:
+            return info(opened)
+    whole = checkpoint.whole if isinstance(checkpoint, PartSource) else checkpoint
     body = parse_body(whole.info.metadata, whole.info.location)
     opt = body.get("optimizer") or {}
     opt_state = decode(opt.get("state_dict") or {}, _placeholder, whole.info.location)

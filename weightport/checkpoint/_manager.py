@@ -129,7 +129,12 @@ class Manager:
         records = self._records()
         path = self.folder / self._file_name(epoch, step, records)
         if self.keep_best and self.metric not in (metrics or {}) and not self._warned_metric:
-            log.warning("Manager: metrics has no %r; this checkpoint cannot count among the best", self.metric)
+            log.warning(
+                "Manager: metrics has no %r; this checkpoint cannot count among the best "
+                "(pass metrics={%r: ...}, or keep_best=0)",
+                self.metric,
+                self.metric,
+            )
             self._warned_metric = True
         save(
             path,

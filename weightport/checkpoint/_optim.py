@@ -14,7 +14,7 @@ or whose source had no state starts with fresh optimizer state, and
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from weightport.apply import compute
 from weightport.checkpoint._format import CheckpointFile
+from weightport.checkpoint._save import names_by_id, type_name
 from weightport.checkpoint._tree import decode
 from weightport.errors import CheckpointError
 from weightport.plan import TransferPlan
@@ -116,34 +117,39 @@ def prepare(
     saved.setdefault("state", {})
     saved_names = [list(n) for n in part.get("param_names", [])]
     ctx = _Context(ckpt, plan, saved, {n: i for i, names in enumerate(saved_names) for n in names}, saved_names, device)
-    names = _names_by_id(model)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state, carried, fresh, sources = _carry_all(ctx, optimizer, model)
+    current = optimizer.state_dict()
+    groups, chosen = _groups(current["param_groups"], saved["param_groups"], sources)
+    others = {k: _materialize(ctx, v) for k, v in saved.items() if k not in ("state", "param_groups")}
+    report = OptimizerReport(type_name(optimizer), carried, fresh, tuple(chosen))
+    return {**others, "state": state, "param_groups": groups}, report
+
+
+def _carry_all(
+    ctx: _Context, optimizer: torch.optim.Optimizer, model: nn.Module
+) -> tuple[dict[int, dict[str, Any]], dict[str, str], dict[str, str], dict[int, list[int]]]:
+    """Per optimizer parameter (by state-dict index): its carried state, or why it starts fresh."""
+    names = names_by_id(model)
     state: dict[int, dict[str, Any]] = {}
     carried: dict[str, str] = {}
     fresh: dict[str, str] = {}
     sources: dict[int, list[int]] = {}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     for index, p in enumerate(params):
         label = names[id(p)][0] if id(p) in names else f"<optimizer parameter {index}, not in the model>"
         result = _carry(ctx, index, p, names.get(id(p), []))
         if isinstance(result, str):
             fresh[label] = result
             continue
-        value, source_indices, source_label = result
-        state[index] = value
-        carried[label] = source_label
-        sources[index] = source_indices
-    current = optimizer.state_dict()
-    groups, chosen = _groups(current["param_groups"], saved["param_groups"], sources)
-    others = {k: _materialize(ctx, v) for k, v in saved.items() if k not in ("state", "param_groups")}
-    report = OptimizerReport(_type_name(optimizer), carried, fresh, tuple(chosen))
-    return {**others, "state": state, "param_groups": groups}, report
+        state[index], sources[index], carried[label] = result
+    return state, carried, fresh, sources
 
 
-def rebinder(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+def rebinder(optimizer: torch.optim.Optimizer, model: nn.Module) -> Callable[[], str | None]:
     """A callable to run after the model transfer: where the transfer had to replace a parameter object
     (it keeps identity when it can; not when something holds a weak reference to the parameter),
     the optimizer is pointed at the model's new parameter, so it never trains a stale one."""
-    names = _names_by_id(model)
+    names = names_by_id(model)
     before = [[names.get(id(p), [None])[0] for p in g["params"]] for g in optimizer.param_groups]
 
     def rebind() -> str | None:
@@ -157,17 +163,6 @@ def rebinder(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
         return f"optimizer re-pointed at {moved} replaced model parameters" if moved else None
 
     return rebind
-
-
-def _type_name(obj: Any) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _names_by_id(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return names
 
 
 def _carry(

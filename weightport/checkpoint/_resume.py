@@ -135,9 +135,9 @@ def resume(
         map_location: Device for the model, its optimizer state and ``extra`` tensors. ``None``
             keeps each parameter where it is (a parameter on the meta device lands on the CPU):
             a checkpoint written on a GPU resumes on a CPU model and the other way round.
-        strict: Every model tensor loads and every saved one is used, and every part passed
-            (optimizer, scheduler, scaler) is in the checkpoint with a matching type. Pass
-            ``False`` to resume into a changed architecture.
+        strict: Every model tensor loads and every saved one is used, every part passed
+            (optimizer, scheduler, scaler) is in the checkpoint, and the optimizer and scheduler
+            are of the saved classes. Pass ``False`` to resume into a changed architecture.
         mapping: A mapping name, file or :class:`weightport.Mapping` for the model's names.
         rules: Extra rules for the model's names (``wp.rename(...)``), applied first.
         on_mismatch: For a saved tensor whose shape differs: ``"skip"``, ``"adapt"`` or ``"error"``.
@@ -177,16 +177,16 @@ def resume(
         report = planned.apply()
         restored = ["model", *(r for r in _run(pending, ckpt.path) if r != "rebind")]
     state = ResumeState(
-        ckpt.path,
-        body.get("epoch"),
-        body.get("step"),
-        extra,
-        metrics,
-        report,
-        opt_report,
-        tuple(restored),
-        tuple(pending.notes),
-        body.get("created"),
+        path=ckpt.path,
+        epoch=body.get("epoch"),
+        step=body.get("step"),
+        extra=extra,
+        metrics=metrics,
+        report=report,
+        optimizer=opt_report,
+        restored=tuple(restored),
+        notes=tuple(pending.notes),
+        created=body.get("created"),
     )
     log.info("%s", state.summary().splitlines()[0])
     return state

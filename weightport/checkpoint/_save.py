@@ -62,11 +62,17 @@ def type_name(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
-    """For each parameter of the optimizer, in its state-dict order, every name it has in the model."""
+def names_by_id(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter (tied parameters have several), by the parameter's id."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
+    return names
+
+
+def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """For each parameter of the optimizer, in its state-dict order, every name it has in the model."""
+    names = names_by_id(model)
     return [names.get(id(p), []) for group in optimizer.param_groups for p in group["params"]]
 
 
