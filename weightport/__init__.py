@@ -5,7 +5,7 @@
 >>> print(report.summary())
 """
 
-from weightport import errors
+from weightport import checkpoint, errors
 from weightport.api import plan, transfer
 from weightport.errors import WeightportError
 from weightport.mapping import (
@@ -39,6 +39,7 @@ __all__ = [
     "TransferReport",
     "WeightportError",
     "add_prefix",
+    "checkpoint",
     "drop",
     "errors",
     "fuse",

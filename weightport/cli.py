@@ -90,9 +90,12 @@ def _source_options(p: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from weightport.checkpoint._info import info as checkpoint_info
+    from weightport.checkpoint._info import is_checkpoint_source
     from weightport.sources import open_source
 
     src = open_source(args.source, checkpoint_key=args.checkpoint_key, trust_pickle=args.trust_pickle)
+    ckpt = checkpoint_info(src) if is_checkpoint_source(src) else None
     rows: list[dict[str, Any]] = []
     for name in src:
         m = src.meta(name)
@@ -107,19 +110,30 @@ def _inspect(args: argparse.Namespace) -> int:
         )
     total = {"tensors": len(rows), "numel": sum(r["numel"] for r in rows), "nbytes": sum(r["nbytes"] for r in rows)}
     if args.json:
-        print(json.dumps({"source": src.info.to_dict(), "tensors": rows, "total": total}, indent=2))
+        payload = {"source": src.info.to_dict(), "tensors": rows, "total": total}
+        if ckpt is not None:
+            payload["checkpoint"] = ckpt.to_dict()
+        print(json.dumps(payload, indent=2))
         return EXIT_OK
-    width = min(70, max((len(r["name"]) for r in rows), default=4))
     print(f"{src.info.location} ({src.info.kind})")
-    for line in _info_lines(src.info):
+    for line in _info_lines(src.info) + (ckpt.lines() if ckpt is not None else []):
         print(f"  {line}")
     print()
+    shown = (_model_rows(rows) or rows) if ckpt is not None else rows
+    width = min(70, max((len(r["name"]) for r in shown), default=4))
     print(f"{'name'.ljust(width)}  {'shape':<22} {'dtype':<9} {'params':>12}")
-    for r in rows:
+    for r in shown:
         shape = str(tuple(r["shape"]))
         print(f"{r['name'].ljust(width)}  {shape:<22} {r['dtype']:<9} {r['numel']:>12,}")
     print(f"\n{total['tensors']} tensors, {total['numel']:,} elements, {_size(total['nbytes'])}")
+    if len(shown) < len(rows):
+        print(f"({len(rows) - len(shown)} optimizer, RNG and other tensors not listed; --json lists every tensor)")
     return EXIT_OK
+
+
+def _model_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The model's tensors of a training checkpoint, under the model's own names."""
+    return [{**r, "name": r["name"][len("model/") :]} for r in rows if r["name"].startswith("model/")]
 
 
 def _info_lines(info: Any) -> list[str]:

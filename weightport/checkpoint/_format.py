@@ -1,0 +1,196 @@
+"""The checkpoint file: one safetensors file, no pickle anywhere.
+
+Tensors live under namespaced keys: ``model/<state-dict key>``,
+``optimizer/state/<index>/<name>``, ``rng/torch``, ``scheduler/...``, ``scaler/...``,
+``extra/...``. Everything else (epoch, step, metrics, parameter-group
+hyper-parameters, scheduler counters, which optimizer index is which parameter)
+is one JSON document in the header metadata under ``weightport.checkpoint``, with
+``weightport.format = "checkpoint"`` marking the file. Any safetensors reader can
+open it; weightport opens it lazily (memory-mapped, nothing read until used).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from weightport.errors import CheckpointError, CorruptFileError, SourceError, SourceNotFoundError
+from weightport.save import save as save_tensors
+from weightport.sources import open_source
+from weightport.sources.base import Source, SourceInfo, TensorMeta
+from weightport.sources.safetensors import read_header
+
+FORMAT_KEY = "weightport.format"
+BODY_KEY = "weightport.checkpoint"
+FORMAT = "checkpoint"
+VERSION = 1
+PARTS = ("model", "optimizer", "scheduler", "scaler", "rng", "extra")
+
+
+def write(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], body: Mapping[str, Any]) -> None:
+    """Write tensors and the JSON body atomically (temporary file, fsync, rename)."""
+    try:
+        text = json.dumps({"version": VERSION, **body}, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:  # the encoder makes this unreachable; keep the message useful
+        raise CheckpointError(f"{os.fspath(path)}: checkpoint metadata is not JSON ({e})") from e
+    save_tensors(tensors, path, metadata={FORMAT_KEY: FORMAT, BODY_KEY: text})
+
+
+def is_checkpoint(metadata: Mapping[str, str]) -> bool:
+    """Whether safetensors metadata marks a weightport training checkpoint."""
+    return metadata.get(FORMAT_KEY) == FORMAT and BODY_KEY in metadata
+
+
+def parse_body(metadata: Mapping[str, str], where: str) -> dict[str, Any]:
+    """The checkpoint's JSON document, checked for format and version.
+
+    Raises:
+        CheckpointError: not a weightport checkpoint, damaged, or from a newer weightport.
+    """
+    if not is_checkpoint(metadata):
+        raise CheckpointError(
+            f"{where}: not a weightport training checkpoint (no {FORMAT_KEY!r} metadata). To load plain "
+            "weights use weightport.transfer(path, model); checkpoints are written by weightport.checkpoint.save"
+        )
+    try:
+        body = json.loads(metadata[BODY_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: the checkpoint metadata is not valid JSON ({e}); the file is damaged") from e
+    if not isinstance(body, dict) or not isinstance(body.get("version"), int):
+        raise CheckpointError(f"{where}: the checkpoint metadata has no version; the file is damaged")
+    if body["version"] > VERSION:
+        raise CheckpointError(
+            f"{where}: checkpoint format version {body['version']} is newer than this "
+            f"weightport reads ({VERSION}); upgrade weightport"
+        )
+    return body
+
+
+def read_complete_body(path: str) -> dict[str, Any]:
+    """Header-only check that ``path`` is a whole checkpoint; returns its body.
+
+    The file must be exactly as long as its header says: a file cut short (a copy
+    interrupted, a disk that filled up) is refused even though its header is intact.
+
+    Raises:
+        CheckpointError: incomplete, damaged or not a checkpoint.
+    """
+    try:
+        header, start = read_header(path)
+    except (OSError, SourceError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from e
+    metadata = header.pop("__metadata__", None) or {}
+    ends = [
+        e["data_offsets"][1]
+        for e in header.values()
+        if isinstance(e, dict) and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+    ]
+    expected = start + max(ends, default=0)
+    size = os.path.getsize(path)
+    if size != expected:
+        raise CheckpointError(f"{path}: incomplete checkpoint: {size} bytes, the header describes {expected}")
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: the safetensors metadata is not a JSON object; the file is damaged")
+    return parse_body(metadata, path)
+
+
+class PartSource(Source):
+    """The tensors of one part (``model/...``) of an opened checkpoint, under their own names.
+
+    Attributes:
+        whole: The source of the whole file.
+    """
+
+    def __init__(self, inner: Source, part: str, info: SourceInfo, hide: frozenset[str] = frozenset()) -> None:
+        prefix = f"{part}/"
+        super().__init__({k[len(prefix) :]: k for k in inner if k.startswith(prefix) and k not in hide}, info)
+        self.whole = inner
+        self._inner = inner
+
+    def _meta_of(self, handle: str) -> TensorMeta:
+        return self._inner.meta(handle)
+
+    def _view_of(self, handle: str) -> torch.Tensor:
+        return self._inner.view(handle)
+
+    def _read_into(self, handle: str, out: torch.Tensor) -> None:
+        self._inner.read_into(handle, out)
+
+    def _release(self, handle: str) -> None:
+        self._inner.release(handle)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class CheckpointFile:
+    """An opened checkpoint: the lazy tensor source and the parsed JSON body.
+
+    Attributes:
+        path: The file.
+        source: Every tensor of the file, under its namespaced key (nothing read yet).
+        body: The JSON document.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            self.source = open_source(self.path)
+        except SourceNotFoundError:
+            raise
+        except CorruptFileError as e:
+            raise CheckpointError(f"{self.path}: damaged or incomplete checkpoint ({e})") from e
+        except SourceError as e:
+            raise CheckpointError(f"{self.path}: cannot open the checkpoint ({e})") from e
+        try:
+            self.body = parse_body(self.source.info.metadata, self.path)
+        except CheckpointError:
+            self.source.close()
+            raise
+
+    def part(self, name: str, *, hide: frozenset[str] = frozenset()) -> PartSource:
+        """The tensors of one part under their own names, e.g. the model's state-dict keys.
+
+        Args:
+            name: The part (``"model"``).
+            hide: Full keys to leave out (aliases of a tied tensor that the target ties too).
+        """
+        info = SourceInfo(
+            kind="weightport-checkpoint", location=self.path, files=(self.path,), metadata=self.source.info.metadata
+        )
+        return PartSource(self.source, name, info, hide)
+
+    def aliases(self) -> dict[str, str]:
+        """``{alias: canonical}`` full keys of tensors stored once under several names (tied weights)."""
+        try:
+            table = json.loads(self.source.info.metadata.get("weightport.aliases", "{}"))
+        except json.JSONDecodeError:
+            return {}
+        return {str(k): str(v) for k, v in table.items()} if isinstance(table, dict) else {}
+
+    def tensor(self, key: str, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An owning copy of tensor ``key``, placed and cast in one step."""
+        if key not in self.source:
+            raise CheckpointError(
+                f"{self.path}: the metadata refers to tensor {key!r}, which the file lacks; the file is damaged"
+            )
+        view = self.source.view(key)
+        out = view.to(device=device or torch.device("cpu"), dtype=dtype or view.dtype, copy=True)
+        self.source.release(key)
+        return out
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> CheckpointFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.source)

@@ -1,0 +1,253 @@
+"""Rotating checkpoints in a folder: :class:`Manager`."""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightport.checkpoint._format import read_complete_body
+from weightport.checkpoint._resume import ResumeState, resume
+from weightport.checkpoint._save import save
+from weightport.checkpoint._tree import decode
+from weightport.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_STAMP = "%Y%m%dT%H%M%S.%fZ"
+_MODES = ("min", "max")
+
+
+@dataclass(frozen=True)
+class _Record:
+    path: Path
+    stamp: datetime.datetime
+    epoch: int | None
+    step: int | None
+    metrics: dict[str, Any]
+
+
+class Manager:
+    """Keeps the last and the best checkpoints of a run in one folder.
+
+    File names carry the epoch, the step and a UTC timestamp
+    (``ckpt-e0003-s00001200-20250101T120000.123456Z.safetensors``). Every file is written
+    atomically (temporary file, fsync, rename): a run killed mid-save leaves only a hidden
+    temporary file, which :meth:`list`, :meth:`latest` and :meth:`best` never return and the
+    next :meth:`save` removes. Old checkpoints are deleted only after a new one is complete.
+
+    Args:
+        folder: Where checkpoints go (created when needed).
+        keep_last: How many of the most recent checkpoints to keep; ``None`` keeps all.
+        keep_best: How many of the best checkpoints by ``metric`` to keep as well.
+        metric: The metric (a key of ``metrics=`` in :meth:`save`) that ranks checkpoints.
+        mode: ``"min"`` (a loss) or ``"max"`` (an accuracy).
+        prefix: The file name prefix; files with other names in the folder are left alone.
+
+    Raises:
+        CheckpointError: an option is out of range.
+
+    Example:
+        >>> mgr = wp.checkpoint.Manager("runs/a", keep_last=3, keep_best=1, metric="val_loss", mode="min")
+        >>> state = mgr.resume(model=model, optimizer=opt)      # None on a fresh run
+        >>> for epoch in range(state.epoch + 1 if state else 0, epochs):
+        ...     mgr.save(model=model, optimizer=opt, epoch=epoch, metrics={"val_loss": val_loss})
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        keep_last: int | None = 3,
+        keep_best: int = 1,
+        metric: str | None = "val_loss",
+        mode: str = "min",
+        prefix: str = "ckpt",
+    ) -> None:
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+            raise CheckpointError(f"keep_last must be an int >= 1 or None (keep all), not {keep_last!r}")
+        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
+            raise CheckpointError(f"keep_best must be an int >= 0, not {keep_best!r}")
+        if mode not in _MODES:
+            raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
+        if keep_best and not metric:
+            raise CheckpointError("keep_best needs metric= (the key of metrics= that ranks checkpoints)")
+        if not prefix or os.sep in prefix or prefix.startswith("."):
+            raise CheckpointError(f"prefix {prefix!r} must be a plain file name part")
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.metric = metric
+        self.mode = mode
+        self.prefix = prefix
+        self._name = re.compile(
+            rf"^{re.escape(prefix)}(?:-e(\d+))?(?:-s(\d+))?-(\d{{8}}T\d{{6}}\.\d{{6}}Z)"
+            r"\.safetensors$"
+        )
+        self._leftover = re.compile(rf"^\.{re.escape(prefix)}-.*\.safetensors\.tmp-")
+        self._cache: dict[str, tuple[tuple[int, int], _Record | None]] = {}
+        self._warned_metric = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Manager({str(self.folder)!r}, keep_last={self.keep_last}, keep_best={self.keep_best}, "
+            f"metric={self.metric!r}, mode={self.mode!r})"
+        )
+
+    # -- writing ------------------------------------------------------------------------------------
+    def save(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        epoch: int | None = None,
+        step: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        rng: bool = True,
+    ) -> Path:
+        """Write a new checkpoint (see :func:`weightport.checkpoint.save`), then delete the ones
+        neither among the last ``keep_last`` nor the best ``keep_best``.
+
+        Returns:
+            The new file's path.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+        records = self._records()
+        path = self.folder / self._file_name(epoch, step, records)
+        if self.keep_best and self.metric not in (metrics or {}) and not self._warned_metric:
+            log.warning(
+                "Manager: metrics has no %r; this checkpoint cannot count among the best "
+                "(pass metrics={%r: ...}, or keep_best=0)",
+                self.metric,
+                self.metric,
+            )
+            self._warned_metric = True
+        save(
+            path,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            epoch=epoch,
+            step=step,
+            metrics=metrics,
+            extra=extra,
+            rng=rng,
+        )
+        self._prune()
+        return path
+
+    def _file_name(self, epoch: int | None, step: int | None, records: builtins.list[_Record]) -> str:
+        now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+        if records and now <= records[-1].stamp:  # the clock went back: keep file names in save order
+            now = records[-1].stamp + datetime.timedelta(microseconds=1)
+        parts = [self.prefix]
+        if epoch is not None:
+            parts.append(f"e{epoch:04d}")
+        if step is not None:
+            parts.append(f"s{step:08d}")
+        parts.append(now.strftime(_STAMP))
+        return "-".join(parts) + ".safetensors"
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of a save that was killed: only the saving process calls this, so none is live."""
+        for entry in os.scandir(self.folder):
+            if self._leftover.match(entry.name):
+                try:
+                    os.unlink(entry.path)
+                    log.info("Manager: removed %s, left by an interrupted save", entry.path)
+                except OSError as e:
+                    log.warning("Manager: cannot remove %s (%s)", entry.path, e)
+
+    def _prune(self) -> None:
+        records = self._records()
+        keep = {r.path for r in (records if self.keep_last is None else records[-self.keep_last :])}
+        keep.update(r.path for r in self._ranked(records)[: self.keep_best])
+        for r in records:
+            if r.path not in keep:
+                try:
+                    r.path.unlink()
+                    log.info("Manager: removed %s", r.path)
+                except OSError as e:
+                    log.warning("Manager: cannot remove %s (%s)", r.path, e)
+
+    # -- reading ------------------------------------------------------------------------------------
+    def list(self) -> builtins.list[Path]:
+        """Complete checkpoints of this manager's prefix, oldest first."""
+        return [r.path for r in self._records()]
+
+    def latest(self) -> Path | None:
+        """The most recently saved complete checkpoint, or ``None``."""
+        records = self._records()
+        return records[-1].path if records else None
+
+    def best(self) -> Path | None:
+        """The complete checkpoint with the best ``metric`` (the latest among equals), or ``None``."""
+        ranked = self._ranked(self._records())
+        return ranked[0].path if ranked else None
+
+    def resume(self, *, model: nn.Module, **options: Any) -> ResumeState | None:
+        """Resume from :meth:`latest` (see :func:`weightport.checkpoint.resume`); ``None`` when there is none."""
+        path = self.latest()
+        return None if path is None else resume(path, model=model, **options)
+
+    def _ranked(self, records: builtins.list[_Record]) -> builtins.list[_Record]:
+        if not self.metric:
+            return []
+        scored = []
+        for age, r in enumerate(reversed(records)):  # records are oldest first; among equals the latest wins
+            value = r.metrics.get(self.metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                scored.append((value if self.mode == "min" else -value, age, r))
+        scored.sort(key=lambda item: (item[0], item[1]))
+        return [r for _, _, r in scored]
+
+    def _records(self) -> builtins.list[_Record]:
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for entry in os.scandir(self.folder):
+            match = self._name.match(entry.name)
+            if match is None or not entry.is_file():
+                continue
+            record = self._record(Path(entry.path), match, entry.stat())
+            if record is not None:
+                found.append(record)
+        found.sort(key=lambda r: (r.stamp, r.path.name))
+        return found
+
+    def _record(self, path: Path, match: re.Match[str], stat: os.stat_result) -> _Record | None:
+        signature = (stat.st_mtime_ns, stat.st_size)
+        cached = self._cache.get(str(path))
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        try:
+            body = read_complete_body(str(path))
+            metrics = decode(body.get("metrics", {}), lambda k: None, str(path))
+        except CheckpointError as e:
+            log.warning("Manager: ignoring %s: %s", path, e)
+            record = None
+        else:
+            record = _Record(
+                path,
+                datetime.datetime.strptime(match.group(3), _STAMP),
+                body.get("epoch"),
+                body.get("step"),
+                metrics if isinstance(metrics, dict) else {},
+            )
+        self._cache[str(path)] = (signature, record)
+        return record

@@ -1,0 +1,311 @@
+"""Resuming from a training checkpoint: :func:`resume` and :class:`ResumeState`.
+
+Everything that can fail happens before anything changes: the file is opened and
+its metadata checked, the model transfer is planned (names, shapes, strictness),
+the optimizer state is mapped, read and placed, the scheduler, scaler and RNG
+states are decoded and checked on private objects. Then the model transfer is
+applied (all or nothing) and the optimizer, scheduler, scaler and RNG states are
+set; those last steps only assign values that were validated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightport.api import plan as plan_transfer
+from weightport.checkpoint import _optim, _rng
+from weightport.checkpoint._format import CheckpointFile
+from weightport.checkpoint._optim import OptimizerReport
+from weightport.checkpoint._save import type_name, unwrap
+from weightport.checkpoint._tree import decode
+from weightport.errors import CheckpointError
+from weightport.mapping.core import Mapping
+from weightport.mapping.rules import Rule
+from weightport.report import TransferReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What :func:`resume` restored.
+
+    Attributes:
+        path: The checkpoint file.
+        epoch: The saved epoch counter (``None`` if none was saved).
+        step: The saved step counter.
+        extra: The saved ``extra`` dict (tensors on ``map_location``, or CPU).
+        metrics: The saved metrics.
+        report: The model transfer's :class:`~weightport.TransferReport`.
+        optimizer: Where each parameter's optimizer state came from, or ``None`` without an optimizer.
+        restored: The parts restored: ``"model"``, ``"optimizer"``, ``"scheduler"``, ``"scaler"``,
+            ``"rng:torch"``, ``"rng:cuda"``, ``"rng:numpy"``, ``"rng:python"``.
+        notes: What was not restored and why.
+        created: When the checkpoint was written (ISO 8601, UTC).
+    """
+
+    path: str
+    epoch: int | None
+    step: int | None
+    extra: dict[str, Any]
+    metrics: dict[str, Any]
+    report: TransferReport
+    optimizer: OptimizerReport | None = None
+    restored: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    created: str | None = None
+
+    def summary(self) -> str:
+        """A few lines: counters, the model transfer, the optimizer state, what else was restored."""
+        counters = ", ".join(f"{k} {v}" for k, v in (("epoch", self.epoch), ("step", self.step)) if v is not None)
+        lines = [f"resumed from {self.path}" + (f" ({counters})" if counters else "")]
+        lines.append("model " + self.report.summary().splitlines()[0])
+        if self.optimizer is not None:
+            lines.extend(self.optimizer.summary().splitlines())
+        rest = [r for r in self.restored if r not in ("model", "optimizer")]
+        if rest:
+            lines.append("also restored: " + ", ".join(rest))
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "epoch": self.epoch,
+            "step": self.step,
+            "metrics": dict(self.metrics),
+            "created": self.created,
+            "restored": list(self.restored),
+            "notes": list(self.notes),
+            "optimizer": self.optimizer.to_dict() if self.optimizer is not None else None,
+            "report": self.report.to_dict(),
+        }
+
+
+@dataclass
+class _Pending:
+    """Validated changes, applied in order after the model transfer."""
+
+    actions: list[tuple[str, Callable[[], str | None]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, name: str, action: Callable[[], Any]) -> None:
+        self.actions.append((name, action))
+
+
+def resume(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    map_location: str | torch.device | None = None,
+    strict: bool = True,
+    mapping: str | Mapping | None = None,
+    rules: Iterable[Rule] = (),
+    on_mismatch: str = "skip",
+    rng: bool = True,
+) -> ResumeState:
+    """Restore a training run from a checkpoint written by :func:`save`.
+
+    The model is loaded with :func:`weightport.transfer`, so a changed architecture resumes
+    through ``mapping=`` / ``rules=`` / ``on_mismatch=`` like any transfer. The optimizer state
+    follows each parameter to its new name (momentum buffers, Adam moments, step counts);
+    parameters with no source, or changed by an adapter, start with fresh state, and
+    ``state.optimizer`` says which. Create the scheduler before calling this, as torch requires.
+
+    Args:
+        path: A checkpoint file.
+        model: The model to restore into (wrappers such as DDP are unwrapped); may be built
+            on the meta device with :func:`weightport.init_empty`.
+        optimizer: Built over ``model``'s parameters; its state is replaced.
+        scheduler: Its state is replaced (same class as saved).
+        scaler: A ``torch.amp.GradScaler``; its state is replaced.
+        map_location: Device for the model, its optimizer state and ``extra`` tensors. ``None``
+            keeps each parameter where it is (a parameter on the meta device lands on the CPU):
+            a checkpoint written on a GPU resumes on a CPU model and the other way round.
+        strict: Every model tensor loads and every saved one is used, every part passed
+            (optimizer, scheduler, scaler) is in the checkpoint, and the optimizer and scheduler
+            are of the saved classes. Pass ``False`` to resume into a changed architecture.
+        mapping: A mapping name, file or :class:`weightport.Mapping` for the model's names.
+        rules: Extra rules for the model's names (``wp.rename(...)``), applied first.
+        on_mismatch: For a saved tensor whose shape differs: ``"skip"``, ``"adapt"`` or ``"error"``.
+        rng: Restore the saved torch, CUDA, numpy and Python random states.
+
+    Returns:
+        A :class:`ResumeState` with epoch, step, extra, metrics and the reports.
+
+    Raises:
+        CheckpointError: the file is not a complete checkpoint, or a part cannot be restored.
+        WeightportError: the model transfer cannot be done as asked (as :func:`weightport.transfer`).
+            Nothing has changed when any error is raised.
+
+    Example:
+        >>> state = wp.checkpoint.resume("last.safetensors", model=model, optimizer=opt, scheduler=sched)
+        >>> start_epoch = state.epoch + 1
+    """
+    device = _device(map_location)
+    target, _ = unwrap(model)
+    with CheckpointFile(path) as ckpt:
+        body = ckpt.body
+        source = ckpt.part("model", hide=_tied_aliases(ckpt, target))
+        planned = plan_transfer(
+            source, target, mapping=mapping, rules=rules, on_mismatch=on_mismatch, strict=strict, device=device
+        )
+        pending = _Pending()
+        if optimizer is not None:
+            pending.add("rebind", _optim.rebinder(optimizer, target))
+        opt_report = _prepare_optimizer(ckpt, optimizer, target, planned, device, strict, pending)
+        _prepare_component(ckpt, "scheduler", scheduler, strict, pending)
+        _prepare_scaler(ckpt, scaler, strict, pending)
+        if rng:
+            _prepare_rng(ckpt, pending)
+        extra = decode(body.get("extra", {}), lambda k: ckpt.tensor(k, device=device), ckpt.path)
+        metrics = decode(body.get("metrics", {}), lambda k: ckpt.tensor(k), ckpt.path)
+        _note_unused_parts(body, optimizer, scheduler, scaler, pending)
+        report = planned.apply()
+        restored = ["model", *(r for r in _run(pending, ckpt.path) if r != "rebind")]
+    state = ResumeState(
+        path=ckpt.path,
+        epoch=body.get("epoch"),
+        step=body.get("step"),
+        extra=extra,
+        metrics=metrics,
+        report=report,
+        optimizer=opt_report,
+        restored=tuple(restored),
+        notes=tuple(pending.notes),
+        created=body.get("created"),
+    )
+    log.info("%s", state.summary().splitlines()[0])
+    return state
+
+
+def _tied_aliases(ckpt: CheckpointFile, model: nn.Module) -> frozenset[str]:
+    """Saved aliases of a tied tensor that the model ties the same way: the canonical name loads the
+    shared tensor, and the alias must not count as an unused source tensor."""
+    tensors = model.state_dict(keep_vars=True)
+    hidden = set()
+    for alias, canonical in ckpt.aliases().items():
+        a, c = alias.partition("/")[2], canonical.partition("/")[2]
+        if alias.startswith("model/") and a in tensors and c in tensors and tensors[a] is tensors[c]:
+            hidden.add(alias)
+    return frozenset(hidden)
+
+
+def _device(map_location: str | torch.device | None) -> torch.device | None:
+    if map_location is None or isinstance(map_location, torch.device):
+        return map_location
+    try:
+        return torch.device(map_location)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"map_location={map_location!r} is not a device ('cpu', 'cuda', 'cuda:1')") from e
+
+
+def _missing(ckpt: CheckpointFile, part: str, strict: bool, pending: _Pending) -> None:
+    message = f"the checkpoint holds no {part} state"
+    if strict:
+        raise CheckpointError(f"{ckpt.path}: {message}; pass strict=False to resume without it")
+    pending.notes.append(f"{message}; {part} left as it was")
+
+
+def _type_matches(ckpt: CheckpointFile, part: str, obj: Any, strict: bool, pending: _Pending) -> bool:
+    saved = ckpt.body[part].get("type")
+    if saved == type_name(obj):
+        return True
+    message = f"the checkpoint's {part} is a {saved}, the one passed is a {type_name(obj)}"
+    if strict:
+        raise CheckpointError(f"{ckpt.path}: {message}; pass the same class, or strict=False to start it fresh")
+    pending.notes.append(f"{message}; its state was not restored")
+    return False
+
+
+def _prepare_optimizer(
+    ckpt: CheckpointFile,
+    optimizer: Any,
+    model: nn.Module,
+    planned: Any,
+    device: torch.device | None,
+    strict: bool,
+    pending: _Pending,
+) -> OptimizerReport | None:
+    if optimizer is None:
+        return None
+    if "optimizer" not in ckpt.body:
+        _missing(ckpt, "optimizer", strict, pending)
+        return None
+    if not _type_matches(ckpt, "optimizer", optimizer, strict, pending):
+        return None
+    state_dict, report = _optim.prepare(ckpt, optimizer, model, planned, device)
+    pending.add("optimizer", lambda: optimizer.load_state_dict(state_dict))
+    return report
+
+
+def _prepare_component(ckpt: CheckpointFile, part: str, obj: Any, strict: bool, pending: _Pending) -> None:
+    if obj is None:
+        return
+    if part not in ckpt.body:
+        _missing(ckpt, part, strict, pending)
+        return
+    if not _type_matches(ckpt, part, obj, strict, pending):
+        return
+    state = decode(ckpt.body[part].get("state_dict"), lambda k: ckpt.tensor(k), ckpt.path)
+    pending.add(part, lambda: obj.load_state_dict(state))
+
+
+def _prepare_scaler(ckpt: CheckpointFile, scaler: Any, strict: bool, pending: _Pending) -> None:
+    if scaler is None:
+        return
+    if "scaler" not in ckpt.body:
+        _missing(ckpt, "scaler", strict, pending)
+        return
+    state = decode(ckpt.body["scaler"].get("state_dict"), lambda k: ckpt.tensor(k), ckpt.path)
+    enabled = getattr(scaler, "is_enabled", lambda: True)()
+    if not state and enabled:
+        pending.notes.append("the saved scaler was disabled; the scaler keeps its current scale")
+        return
+    pending.add("scaler", lambda: scaler.load_state_dict(state))
+
+
+def _prepare_rng(ckpt: CheckpointFile, pending: _Pending) -> None:
+    if "rng" not in ckpt.body:
+        pending.notes.append("the checkpoint holds no RNG states (saved with rng=False)")
+        return
+    states = decode(ckpt.body["rng"], lambda k: ckpt.tensor(k), ckpt.path)
+    actions, notes = _rng.prepare(states, ckpt.path)
+    pending.notes.extend(notes)
+    for name, action in actions:
+        pending.add(f"rng:{name}", action)
+
+
+def _note_unused_parts(body: dict[str, Any], optimizer: Any, scheduler: Any, scaler: Any, pending: _Pending) -> None:
+    for part, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is None and part in body:
+            pending.notes.append(f"the checkpoint holds {part} state; no {part} was passed, so it was not restored")
+
+
+def _run(pending: _Pending, path: str) -> list[str]:
+    done: list[str] = []
+    for name, action in pending.actions:
+        try:
+            note = action()
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{path}: restoring {name} failed after the model was loaded ({e}); "
+                f"the parts before it are restored: {', '.join(done) or 'model only'}"
+            ) from e
+        if isinstance(note, str):
+            pending.notes.append(note)
+        done.append(name)
+    return done
