@@ -357,7 +357,7 @@ def _storage_types() -> dict[str, StorageType]:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    dtype = obj.dtype  # a class property on the legacy typed storages
+                    dtype = getattr(obj, "dtype")  # noqa: B009 - a class property on the legacy typed storages
             except Exception:  # noqa: BLE001 - any failure: not a typed storage class
                 continue
             if isinstance(dtype, torch.dtype):

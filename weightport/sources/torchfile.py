@@ -16,6 +16,7 @@ overlap or leave the file.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import mmap
 import os
@@ -29,6 +30,7 @@ import torch
 
 from weightport.errors import CorruptFileError, UnsafeFileError
 from weightport.sources._mapped import MappedFile, TensorRef
+from weightport.sources._standins import StorageType
 from weightport.sources.unpickle import (
     Inert,
     NeedsTorchLoad,
@@ -37,7 +39,6 @@ from weightport.sources.unpickle import (
     RestrictedUnpickler,
     StorageRef,
 )
-from weightport.sources._standins import StorageType
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def _parse_zip(path: str) -> Parsed:
             return _read_zip(path, zf, raw)
     except (CorruptFileError, NeedsTorchLoad):
         raise
-    except Exception as e:  # noqa: BLE001 - zipfile raises many kinds on damaged archives
+    except Exception as e:
         raise CorruptFileError(f"{path}: damaged zip archive ({type(e).__name__}: {e})") from e
 
 
@@ -206,7 +207,7 @@ def _record_span(path: str, raw: Any, info: zipfile.ZipInfo, *, stored: bool) ->
 
 def _check_overlaps(path: str, spans: dict[str, tuple[int, int]]) -> None:
     ordered = sorted((off, off + n, name) for name, (off, n) in spans.items() if n > 0)
-    for (_, end, a), (start, _, b) in zip(ordered, ordered[1:]):
+    for (_, end, a), (start, _, b) in itertools.pairwise(ordered):
         if start < end:
             raise CorruptFileError(f"{path}: zip records {a} and {b} overlap; the file is damaged or forged")
 
@@ -424,6 +425,6 @@ def _torch_load(path: str, *, weights_only: bool, reason: str = "") -> Parsed:
             "file, pass trust_pickle=True; better, load it once where you trust it and re-save its "
             "state_dict() with weightport.save()"
         ) from e
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds on damaged files
+    except Exception as e:
         raise CorruptFileError(f"{path}: torch cannot read this file: {type(e).__name__}: {e}") from e
     return Parsed(obj, "torch-load", [], [])

@@ -368,22 +368,48 @@ def _memo_index(fmt: struct.Struct | None) -> Callable[[RestrictedUnpickler], in
 
 # -- opcodes that push a value -----------------------------------------------------------------------
 
-for _code, _value in ((b"N", None), (b"\x88", True), (b"\x89", False)):  # NONE NEWTRUE NEWFALSE
-    _simple(_code, lambda m, v=_value: v)
-for _code, _fmt in ((b"J", _I4), (b"K", _U1), (b"M", _U2)):  # BININT BININT1 BININT2
-    _simple(_code, lambda m, f=_fmt: _read_int(m, f))
-for _code, _fmt in ((b"\x8a", _U1), (b"\x8b", _I4)):  # LONG1 LONG4
-    _simple(_code, lambda m, f=_fmt: int.from_bytes(_sized(f)(m), "little", signed=True))
-for _code, _fmt in ((b"X", _U4), (b"\x8c", _U1), (b"\x8d", _U8)):  # BINUNICODE SHORT_ 8
-    _simple(_code, lambda m, f=_fmt: str(_sized(f)(m), "utf-8", "surrogatepass"))
-for _code, _fmt in ((b"B", _U4), (b"C", _U1), (b"\x8e", _U8)):  # BINBYTES SHORT_ 8
-    _simple(_code, _sized(_fmt))
-for _code, _fmt in ((b"T", _I4), (b"U", _U1)):  # BINSTRING SHORT_BINSTRING (Python 2)
-    _simple(_code, lambda m, f=_fmt: m._text(_sized(f)(m)))
-for _code, _kind in ((b")", tuple), (b"]", list), (b"}", dict), (b"\x8f", set)):  # EMPTY_*
-    _simple(_code, lambda m, k=_kind: k())
-for _code, _fmt in ((b"g", None), (b"h", _U1), (b"j", _U4)):  # GET BINGET LONG_BINGET
-    _simple(_code, lambda m, f=_fmt: m.memo_get(_memo_index(f)(m)))
+_Make = Callable[[RestrictedUnpickler], Any]
+
+
+def _const(value: Any) -> _Make:
+    return lambda m: value
+
+
+def _int_of(fmt: struct.Struct) -> _Make:
+    return lambda m: _read_int(m, fmt)
+
+
+def _long_of(fmt: struct.Struct) -> _Make:
+    return lambda m: int.from_bytes(_sized(fmt)(m), "little", signed=True)
+
+
+def _unicode_of(fmt: struct.Struct) -> _Make:
+    return lambda m: str(_sized(fmt)(m), "utf-8", "surrogatepass")
+
+
+def _py2_string_of(fmt: struct.Struct) -> _Make:
+    return lambda m: m._text(_sized(fmt)(m))
+
+
+def _empty_of(kind: type) -> _Make:
+    return lambda m: kind()
+
+
+def _get_of(fmt: struct.Struct | None) -> _Make:
+    return lambda m: m.memo_get(_memo_index(fmt)(m))
+
+
+for _code, _make in {
+    b"N": _const(None), b"\x88": _const(True), b"\x89": _const(False),  # NONE NEWTRUE NEWFALSE
+    b"J": _int_of(_I4), b"K": _int_of(_U1), b"M": _int_of(_U2),  # BININT BININT1 BININT2
+    b"\x8a": _long_of(_U1), b"\x8b": _long_of(_I4),  # LONG1 LONG4
+    b"X": _unicode_of(_U4), b"\x8c": _unicode_of(_U1), b"\x8d": _unicode_of(_U8),  # BINUNICODE …
+    b"B": _sized(_U4), b"C": _sized(_U1), b"\x8e": _sized(_U8),  # BINBYTES SHORT_BINBYTES BINBYTES8
+    b"T": _py2_string_of(_I4), b"U": _py2_string_of(_U1),  # BINSTRING SHORT_BINSTRING (Python 2)
+    b")": _empty_of(tuple), b"]": _empty_of(list), b"}": _empty_of(dict), b"\x8f": _empty_of(set),
+    b"g": _get_of(None), b"h": _get_of(_U1), b"j": _get_of(_U4),  # GET BINGET LONG_BINGET
+}.items():
+    _simple(_code, _make)
 _simple(b"\x96", lambda m: bytearray(_sized(_U8)(m)))  # BYTEARRAY8
 _simple(b"G", lambda m: float(m._reader.unpack(_F8)))  # BINFLOAT
 _simple(b"F", lambda m: float(m._reader.line()))  # FLOAT
