@@ -1,65 +1,154 @@
-"""Opening a local path: one weights file of any supported format, or a folder."""
+"""Opening a local path: one weights file of any supported format, or a folder.
+
+The format is decided by the file's first bytes, not its name: a safetensors file
+named ``.bin`` opens as safetensors, and an HTML error page or a Git LFS pointer
+saved as ``model.pth`` is named for what it is instead of failing deep in a parser.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
-import zipfile
+import re
+import struct
+from collections.abc import Callable
 from typing import Any
 
-from weightport.errors import SourceError, SourceNotFoundError, UnsafeFileError, UnsupportedFormatError
+from weightport.errors import (
+    CorruptFileError,
+    HashMismatchError,
+    SourceError,
+    SourceNotFoundError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+)
 from weightport.sources.base import Source, SourceInfo
 from weightport.sources.folder import ShardedSource, choose_weights_file
 from weightport.sources.memory import FileSource, TensorSource
-from weightport.sources.safetensors import is_safetensors, open_safetensors
-from weightport.sources.torchfile import parse_torch_file
+from weightport.sources.safetensors import open_safetensors
+from weightport.sources.torchfile import ZIP_MAGICS, parse_torch_file, torch_unsafe_globals
 from weightport.sources.unwrap import find_weights
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".pickle", ".pth.tar", ".model")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+# First bytes of files that are often mistaken for weights, and what to tell the user.
+_NOT_WEIGHTS: tuple[tuple[Callable[[bytes], bool], str], ...] = (
+    (
+        lambda h: h.startswith(b"version https://git-lfs"),
+        "a Git LFS pointer, not the weights; run `git lfs pull` in its repository",
+    ),
+    (
+        lambda h: h.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html", b"<?xml")),
+        "an HTML/XML page, not weights (a failed download or a login page?)",
+    ),
+    (lambda h: h.lstrip()[:1] in (b"{", b"["), "a JSON or text file, not weights"),
+    (lambda h: h.startswith(b"\x1f\x8b"), "gzip-compressed; decompress it first"),
+    (lambda h: h.startswith(b"GGUF"), "a GGUF file (llama.cpp), which weightport does not read"),
+    (lambda h: h.startswith(b"\x89HDF"), "an HDF5 file (Keras), which weightport does not read"),
+    (lambda h: h.startswith(b"\x93NUMPY"), "a numpy .npy file; load it with numpy and pass a dict of tensors"),
+)
 
 
-def open_path(path: str, *, checkpoint_key: str | None = None, trust_pickle: bool = False) -> Source:
+def open_path(
+    path: str, *, checkpoint_key: str | None = None, trust_pickle: bool = False, expected_sha256: str | None = None
+) -> Source:
     """Open a file or folder of weights lazily.
+
+    Args:
+        path: A weights file, a shard index (``*.index.json``), or a folder holding one.
+        checkpoint_key: Key of the weights inside a nested checkpoint.
+        trust_pickle: Read torch files with full pickle (runs code from the file).
+        expected_sha256: Refuse the file unless its sha256 matches; checked *before* parsing.
 
     Raises:
         SourceNotFoundError: nothing at ``path``, or a folder without weights.
         UnsupportedFormatError: a file that is no weights format weightport reads.
+        CorruptFileError: a damaged file (empty, truncated, malformed).
+        UnsafeFileError: a pickle whose weights cannot be recovered without running its code.
+        HashMismatchError: ``expected_sha256`` does not match.
     """
     if os.path.isdir(path):
-        return open_path(choose_weights_file(path), checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
+        return open_path(
+            choose_weights_file(path),
+            checkpoint_key=checkpoint_key,
+            trust_pickle=trust_pickle,
+            expected_sha256=expected_sha256,
+        )
     if not os.path.exists(path):
         raise SourceNotFoundError(_not_found(path))
+    provenance: dict[str, Any] = {}
+    if expected_sha256 is not None:
+        provenance["sha256"] = verify_sha256(path, expected_sha256)
     if path.endswith(".index.json"):
+        if expected_sha256 is not None:
+            raise SourceError(f"{path}: expected_sha256 checks one file; a sharded checkpoint has several")
         return ShardedSource(path, lambda p: open_path(p, trust_pickle=trust_pickle))
-    kind = _sniff(path)
-    if kind == "safetensors":
-        source: Source = open_safetensors(path)
+    if sniff(path) == "safetensors":
         if checkpoint_key is not None:
             raise SourceError(f"{path}: checkpoint_key= does not apply to a flat safetensors file")
-        return source
-    return _open_torch(path, checkpoint_key, trust_pickle)
+        source: Source = open_safetensors(path)
+    else:
+        source = _open_torch(path, checkpoint_key, trust_pickle)
+    return source.renamed({}, provenance={**source.info.provenance, **provenance}) if provenance else source
 
 
-def _sniff(path: str) -> str:
-    lower = path.lower()
-    if os.path.getsize(path) == 0:
-        return "torch"  # the reader raises a clear 'empty file' error
-    if is_safetensors(path):
+def sniff(path: str) -> str:
+    """``"safetensors"`` or ``"torch"`` (zip, legacy, tar or plain pickle), from the first bytes.
+
+    Raises:
+        CorruptFileError: The file is empty.
+        UnsupportedFormatError: The file is something else; the message says what, where it can tell.
+    """
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        raise CorruptFileError(f"{path}: the file is empty (0 bytes); the download or save did not complete")
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= 100 * 1024 * 1024:
         return "safetensors"
-    if lower.endswith(SAFETENSORS_SUFFIXES):
-        return "safetensors"  # not a valid header: let the reader explain what is wrong
-    if lower.endswith(TORCH_SUFFIXES) or zipfile.is_zipfile(path) or _starts_like_pickle(path):
+    if head.startswith(ZIP_MAGICS) or head[:1] == b"\x80" or head[257:262] == b"ustar":
         return "torch"
+    lower = path.lower()
+    for test, what in _NOT_WEIGHTS:
+        if test(head):
+            raise UnsupportedFormatError(f"{path}: this file is {what}")
+    if lower.endswith(SAFETENSORS_SUFFIXES):
+        return "safetensors"  # not a valid header: the reader says what is wrong
+    if lower.endswith(TORCH_SUFFIXES):
+        return "torch"  # perhaps a protocol 0/1 pickle: the reader says what is wrong
     raise UnsupportedFormatError(
-        f"{path}: unknown weights format (extension {os.path.splitext(path)[1] or 'none'!r}); "
-        f"weightport reads {', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)} files and "
-        "Hugging Face style folders"
+        f"{path}: unknown weights format (extension {os.path.splitext(path)[1] or 'none'!r}, first bytes "
+        f"{head[:8]!r}); weightport reads safetensors, torch.save files (zip or legacy), pickles of tensors "
+        "or numpy arrays, shard indexes (*.index.json) and Hugging Face style folders"
     )
 
 
-def _starts_like_pickle(path: str) -> bool:
+def verify_sha256(path: str, expected: str) -> str:
+    """The file's sha256, after checking it equals ``expected``.
+
+    Raises:
+        SourceError: ``expected`` is not 64 hex digits.
+        HashMismatchError: The digests differ.
+    """
+    if not isinstance(expected, str) or not _SHA256.match(expected):
+        raise SourceError(f"expected_sha256={expected!r} is not a sha256 hex digest (64 hex digits)")
+    digest = sha256_file(path)
+    if digest != expected.lower():
+        raise HashMismatchError(
+            f"{path}: sha256 is {digest} but {expected.lower()} was expected; the file is damaged, "
+            "incomplete, or not the one you meant"
+        )
+    return digest
+
+
+def sha256_file(path: str, chunk: int = 16 * 1024 * 1024) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _open_torch(path: str, checkpoint_key: str | None, trust_pickle: bool) -> Source:
@@ -67,12 +156,8 @@ def _open_torch(path: str, checkpoint_key: str | None, trust_pickle: bool) -> So
     try:
         found = find_weights(parsed.obj, path, checkpoint_key)
     except SourceError as e:
-        if parsed.unsafe_globals:
-            raise UnsafeFileError(
-                f"{path}: no weights could be recovered without running code from the file. "
-                f"It references: {', '.join(parsed.unsafe_globals[:20])}. If you trust the file, "
-                "pass trust_pickle=True; better, re-save its state_dict() with weightport.save()"
-            ) from e
+        if parsed.unsafe_globals and checkpoint_key is None:
+            raise UnsafeFileError(_unrecoverable(path, parsed.unsafe_globals)) from e
         raise
     info = SourceInfo(
         kind=parsed.kind,
@@ -86,6 +171,19 @@ def _open_torch(path: str, checkpoint_key: str | None, trust_pickle: bool) -> So
     if parsed.files:
         return FileSource(found.tensors, info, parsed.files, state_dict_metadata=found.metadata)
     return TensorSource(found.tensors, info, state_dict_metadata=found.metadata)
+
+
+def _unrecoverable(path: str, found: list[str]) -> str:
+    torch_view = torch_unsafe_globals(path)
+    listed = ", ".join(found[:20]) + (f" and {len(found) - 20} more" if len(found) > 20 else "")
+    extra = f" torch.load(weights_only=True) would need: {', '.join(torch_view[:20])}." if torch_view else ""
+    return (
+        f"{path}: no weights could be recovered without running code from the file. It references "
+        f"these globals (kept inert, nothing was imported or run): {listed}.{extra} What you can do: pass "
+        "checkpoint_key= if the weights sit inside one of its entries; or, where the classes are importable "
+        "and you trust the file, load it once and re-save model.state_dict() with weightport.save(); or pass "
+        "trust_pickle=True, which runs the file's code"
+    )
 
 
 def _not_found(path: str) -> str:

@@ -20,6 +20,7 @@ PREFERRED = (
     "pytorch_model.bin.index.json",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+MAX_INDEX_BYTES = 256 * 1024 * 1024
 
 
 def choose_weights_file(folder: str) -> str:
@@ -66,7 +67,7 @@ class ShardedSource(Source):
             kind="sharded",
             location=location or index_path,
             files=(index_path, *files),
-            metadata={str(k): str(v) for k, v in metadata.items()},
+            metadata={str(k): str(v) for k, v in metadata.items() if isinstance(v, (str, int, float, bool))},
         )
         super().__init__({name: (os.path.join(folder, f), name) for name, f in weight_map.items()}, info)
         self._open_file = open_file
@@ -115,18 +116,25 @@ class ShardedSource(Source):
 
 
 def _read_index(path: str) -> tuple[dict[str, str], dict[str, Any]]:
+    if os.path.getsize(path) > MAX_INDEX_BYTES:
+        raise CorruptFileError(f"{path}: a shard index of {os.path.getsize(path)} bytes is not plausible")
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path}: the shard index is not valid JSON ({e})") from e
+        with open(path, "rb") as f:
+            index = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptFileError(f"{path}: the shard index is not valid JSON ({type(e).__name__}: {e})") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
     ):
-        raise CorruptFileError(f"{path}: the shard index has no valid 'weight_map' object")
+        raise CorruptFileError(f"{path}: the shard index has no valid 'weight_map' object of name -> shard file")
     for shard in set(weight_map.values()):
-        if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+        parts = shard.replace("\\", "/").split("/")
+        if os.path.isabs(shard) or ".." in parts or not shard or "\0" in shard:
             raise CorruptFileError(f"{path}: shard name {shard!r} points outside the folder")
+        if shard.endswith(".index.json"):
+            raise CorruptFileError(f"{path}: shard {shard!r} is itself an index; shards must be weight files")
     metadata = index.get("metadata") or {}
     return weight_map, metadata if isinstance(metadata, dict) else {}

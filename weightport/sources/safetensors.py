@@ -1,8 +1,13 @@
-"""Reading ``.safetensors`` files: the header is parsed and checked, tensors are mapped lazily."""
+"""Reading ``.safetensors`` files: the header is parsed and checked, tensors are mapped lazily.
+
+Checked before any tensor is touched: the header length against the file size, the
+header as strict JSON (no duplicate keys, bounded nesting), each entry's dtype,
+shape and offsets (integers, not booleans; the byte count matching shape and
+dtype), that every tensor lies inside the data section, and that no two overlap.
+"""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -36,6 +41,8 @@ for _name, _attr in [
     ("U64", "uint64"),
     ("F8_E4M3", "float8_e4m3fn"),
     ("F8_E5M2", "float8_e5m2"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+    ("C128", "complex128"),
 ]:
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
@@ -56,10 +63,15 @@ def is_safetensors(path: str) -> bool:
 
 
 def read_header(path: str) -> tuple[dict, int]:
-    """Parse and validate the header. Returns ``(header, data_start)``."""
+    """Parse and validate the header. Returns ``(header, data_start)``.
+
+    Raises:
+        CorruptFileError: The file is empty or too short, the length prefix runs past the end,
+            or the header is not a JSON object.
+    """
     size = os.path.getsize(path)
     if size == 0:
-        raise CorruptFileError(f"{path}: the file is empty")
+        raise CorruptFileError(f"{path}: the file is empty (0 bytes); the download or save did not complete")
     if size < 8:
         raise CorruptFileError(f"{path}: {size} bytes is too short for a safetensors file")
     with open(path, "rb") as f:
@@ -71,12 +83,21 @@ def read_header(path: str) -> tuple[dict, int]:
             )
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CorruptFileError(f"{path}: the safetensors header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path}: the safetensors header is not a JSON object")
     return header, 8 + n
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"the key {dup!r} appears twice")
+    return out
 
 
 def open_safetensors(path: str, location: str | None = None) -> FileSource:
@@ -84,8 +105,8 @@ def open_safetensors(path: str, location: str | None = None) -> FileSource:
     header, start = read_header(path)
     file = MappedFile(path)
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CorruptFileError(f"{path}: '__metadata__' is not a JSON object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptFileError(f"{path}: '__metadata__' is not a JSON object of strings")
     refs: dict[str, TensorRef] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
@@ -112,24 +133,25 @@ def _entry_ref(
     dtype_name = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise CorruptFileError(
             f"{path}: tensor {name!r} has dtype {dtype_name!r}, which this torch cannot hold "
             f"(known: {', '.join(DTYPES)})"
         )
     if (
         not isinstance(shape, list)
-        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or len(shape) > 64
+        or not all(type(d) is int and d >= 0 for d in shape)
         or not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(type(o) is int and o >= 0 for o in offsets)
     ):
         raise CorruptFileError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
     dtype = DTYPES[dtype_name]
     begin, end = offsets
     numel = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if end - begin != numel * itemsize:
+    if end < begin or end - begin != numel * itemsize:
         raise CorruptFileError(
             f"{path}: tensor {name!r} of shape {tuple(shape)} and dtype {dtype_name} needs "
             f"{numel * itemsize} bytes but its data_offsets span {end - begin}"
@@ -140,12 +162,15 @@ def _entry_ref(
 
 
 def _check_overlaps(path: str, spans: list[tuple[int, int, str]]) -> None:
-    spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in itertools.pairwise(spans):
-        if b1 < e0 and e1 > b1 and e0 > b0:
+    furthest: tuple[int, int, str] | None = None  # the non-empty span reaching furthest so far
+    for b1, e1, n1 in sorted(s for s in spans if s[1] > s[0]):  # zero-length tensors overlap nothing
+        if furthest is not None and b1 < furthest[1]:
+            b0, e0, n0 = furthest
             raise CorruptFileError(
                 f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b0}..{e0} and {b1}..{e1}); the file is damaged"
             )
+        if furthest is None or e1 > furthest[1]:
+            furthest = (b1, e1, n1)
 
 
 def _aliases(metadata: dict) -> dict[str, str]:
@@ -154,6 +179,8 @@ def _aliases(metadata: dict) -> dict[str, str]:
         return {}
     try:
         table = json.loads(raw)
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, ValueError, RecursionError):
         return {}
-    return {str(k): str(v) for k, v in table.items()} if isinstance(table, dict) else {}
+    if not isinstance(table, dict):
+        return {}
+    return {k: v for k, v in table.items() if isinstance(k, str) and isinstance(v, str)}

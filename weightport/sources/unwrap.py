@@ -5,6 +5,12 @@ an EMA copy beside them, or wrap every key in ``module.`` (DataParallel/DDP) or
 ``_orig_mod.`` (``torch.compile``). :func:`find_weights` picks the state dict and
 says where it found it; :func:`strip_wrapper_prefixes` removes prefixes that
 *every* key carries.
+
+A pickled whole ``nn.Module`` (``torch.save(model)``) arrives as a tree of inert
+placeholders; :func:`module_state` rebuilds its exact ``state_dict()`` names from
+the recorded ``_parameters`` / ``_buffers`` / ``_modules`` (non-persistent buffers
+left out), without importing the module's class. Every walk here is bounded:
+object graphs from a file may be cyclic or share nodes exponentially often.
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ from typing import Any
 
 import torch
 
-from weightport.errors import SourceError
+from weightport.errors import CorruptFileError, SourceError
 from weightport.sources._mapped import TensorRef
-from weightport.sources.unpickle import Inert, inert_name, is_module_like, module_state
+from weightport.sources.unpickle import Inert, inert_name
 
 WRAPPER_KEYS = (
     "state_dict",
@@ -32,6 +38,9 @@ WRAPPER_KEYS = (
 )
 EMA_KEYS = ("state_dict_ema", "model_ema", "model_ema_state_dict", "ema_state_dict", "ema", "ema_model", "ema_state")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+MAX_TENSORS = 1_000_000  # names one checkpoint may produce
+MAX_VISITS = 1_000_000  # nodes one walk may visit
+MAX_DEPTH = 100
 
 
 @dataclass
@@ -49,12 +58,88 @@ def is_leaf(x: Any) -> bool:
     return isinstance(x, (torch.Tensor, TensorRef))
 
 
-def _holds_weights(x: Any, depth: int = 0) -> bool:
+# -- pickled modules -------------------------------------------------------------------------------
+
+
+def _attrs(obj: Any) -> dict[Any, Any] | None:
+    """The ``__dict__`` a pickled object was given (``BUILD`` state, maybe ``(dict, slots)``)."""
+    if not isinstance(obj, Inert):
+        return None
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2:
+        state = state[0]
+    return state if isinstance(state, dict) else None
+
+
+def is_module_like(obj: Any) -> bool:
+    """Whether ``obj`` is a placeholder for a pickled ``nn.Module``."""
+    attrs = _attrs(obj)
+    return attrs is not None and isinstance(attrs.get("_modules"), dict) and isinstance(attrs.get("_parameters"), dict)
+
+
+def module_state(obj: Inert) -> dict[str, Any]:
+    """The ``state_dict()`` names and tensors recorded in a pickled module graph.
+
+    Raises:
+        CorruptFileError: The module graph contains itself, or is implausibly large or deep.
+    """
+    out: dict[str, Any] = {}
+    _collect(obj, "", out, [], _Visits())
+    return out
+
+
+class _Visits:
+    def __init__(self) -> None:
+        self.left = MAX_VISITS
+
+    def tick(self, what: str) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise CorruptFileError(f"{what} is implausibly large (more than {MAX_VISITS} nodes to visit)")
+
+
+def _collect(obj: Inert, prefix: str, out: dict[str, Any], ancestors: list[int], visits: _Visits) -> None:
+    visits.tick("the pickled module graph")
+    if id(obj) in ancestors or len(ancestors) > MAX_DEPTH:
+        raise CorruptFileError(
+            f"the pickled module {prefix.rstrip('.') or inert_name(obj)} contains itself or nests too deeply"
+        )
+    attrs = _attrs(obj) or {}
+    skip = attrs.get("_non_persistent_buffers_set")
+    skip = skip if isinstance(skip, (set, frozenset)) else set()
+    for kind in ("_parameters", "_buffers"):
+        table = attrs.get(kind)
+        for name, t in table.items() if isinstance(table, dict) else ():
+            if is_leaf(t) and not (kind == "_buffers" and name in skip):
+                _add(out, prefix + _key(name), t)
+    ancestors.append(id(obj))
+    for name, child in attrs["_modules"].items() if isinstance(attrs.get("_modules"), dict) else ():
+        if is_module_like(child):
+            _collect(child, f"{prefix}{_key(name)}.", out, ancestors, visits)
+    ancestors.pop()
+
+
+def _key(k: Any) -> str:
+    text = k if isinstance(k, str) else str(k)
+    return text if len(text) <= 1000 else text[:1000] + "…"
+
+
+def _add(out: dict[str, Any], name: str, tensor: Any) -> None:
+    if len(out) >= MAX_TENSORS:
+        raise CorruptFileError(f"the checkpoint yields more than {MAX_TENSORS} tensor names")
+    out[name] = tensor
+
+
+def _holds_weights(x: Any, depth: int = 0, seen: set[int] | None = None) -> bool:
     if is_module_like(x):
         return True
-    if isinstance(x, Mapping) and depth < 3:
-        return any(is_leaf(v) or _holds_weights(v, depth + 1) for v in x.values())
-    return False
+    if not isinstance(x, Mapping) or depth >= 3:
+        return False
+    seen = set() if seen is None else seen
+    if id(x) in seen or len(seen) > MAX_VISITS:
+        return False
+    seen.add(id(x))
+    return any(is_leaf(v) or _holds_weights(v, depth + 1, seen) for v in x.values())
 
 
 def find_weights(obj: Any, location: str, checkpoint_key: str | None = None) -> Found:
@@ -71,6 +156,10 @@ def find_weights(obj: Any, location: str, checkpoint_key: str | None = None) -> 
     if is_module_like(obj):
         found = Found(module_state(obj))
         found.notes.append(f"weights recovered from a pickled {inert_name(obj)} by safe extraction")
+        return found
+    if _attrs(obj) is not None and _holds_weights(_attrs(obj)):  # e.g. torch.save(trainer)
+        found = find_weights(_attrs(obj), location)
+        found.notes.append(f"weights found in the attributes of a pickled {inert_name(obj)}")
         return found
     if not isinstance(obj, Mapping):
         raise SourceError(
@@ -110,10 +199,12 @@ def _only_nested(obj: Mapping[Any, Any], location: str) -> Any:
 
 
 def _descend(obj: Any, key: str, location: str) -> Any:
+    obj = _attrs(obj) if _attrs(obj) is not None and not is_module_like(obj) else obj
     if isinstance(obj, Mapping) and key in obj:
         return obj[key]
     node = obj
     for part in key.split("/"):
+        node = _attrs(node) if _attrs(node) is not None and not is_module_like(node) else node
         if not isinstance(node, Mapping) or part not in node:
             keys = _preview(node) if isinstance(node, Mapping) else inert_name(node)
             raise SourceError(f"{location}: checkpoint_key={key!r} not found (available keys: {keys})")
@@ -122,7 +213,7 @@ def _descend(obj: Any, key: str, location: str) -> Any:
 
 
 def _preview(obj: Mapping[Any, Any]) -> str:
-    keys = [repr(k) for k in list(obj)[:12]]
+    keys = [_key(repr(k))[:80] for k in list(obj)[:12]]
     return ", ".join(keys) + (", …" if len(obj) > 12 else "") if keys else "none"
 
 
@@ -140,24 +231,49 @@ def _flatten_any(value: Any, location: str) -> Found:
     raise SourceError(f"{location}: the selected entry is a {inert_name(value)}, not a state dict")
 
 
-def _flatten(d: Mapping[Any, Any], prefix: str = "", found: Found | None = None) -> Found:
+def _flatten(
+    d: Mapping[Any, Any],
+    prefix: str = "",
+    found: Found | None = None,
+    ancestors: list[int] | None = None,
+    visits: _Visits | None = None,
+) -> Found:
     found = found or Found({})
+    ancestors, visits = ancestors if ancestors is not None else [], visits or _Visits()
+    if id(d) in ancestors or len(ancestors) > MAX_DEPTH:
+        raise CorruptFileError(
+            f"the checkpoint entry {prefix.rstrip('.') or 'at the top'} contains itself or nests too deeply"
+        )
+    ancestors.append(id(d))
     for k, v in d.items():
-        name = f"{prefix}{k}"
+        visits.tick("the checkpoint")
+        name = f"{prefix}{_key(k)}"
         if is_leaf(v):
-            found.tensors[name] = v
+            _add(found.tensors, name, v)
         elif is_module_like(v):
-            found.tensors.update({f"{name}.{n}": t for n, t in module_state(v).items()})
+            for n, t in module_state(v).items():
+                _add(found.tensors, f"{name}.{n}", t)
         elif isinstance(v, Mapping) and _holds_weights(v):
-            _flatten(v, f"{name}.", found)
+            _flatten(v, f"{name}.", found, ancestors, visits)
         else:
             found.ignored.append(name)
+    ancestors.pop()
     return found
 
 
 def _metadata_of(d: Any) -> Mapping[str, Any] | None:
+    """A state dict's ``_metadata`` (module versions), when it has the shape torch gives it."""
     meta = getattr(d, "__dict__", {}).get("_metadata") if not isinstance(d, Inert) else None
-    return meta if isinstance(meta, Mapping) else None
+    if not isinstance(meta, Mapping) or len(meta) > MAX_TENSORS:
+        return None
+    plain = (str, int, float, bool, type(None))
+    ok = all(
+        isinstance(k, str)
+        and isinstance(v, Mapping)
+        and all(isinstance(a, str) and isinstance(b, plain) for a, b in v.items())
+        for k, v in meta.items()
+    )
+    return meta if ok else None
 
 
 def strip_wrapper_prefixes(names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
