@@ -1,11 +1,12 @@
 # `make check` runs exactly what CI runs (after installing with pip install -e ".[test]").
 .PHONY: check lint typecheck test format bench
+SRC := weightport tests $(wildcard benchmarks)
 
 check: lint typecheck test
 
 lint:
-	ruff check weightport tests benchmarks
-	ruff format --check weightport tests benchmarks
+	ruff check $(SRC)
+	ruff format --check $(SRC)
 
 typecheck:
 	mypy
@@ -14,8 +15,8 @@ test:
 	pytest
 
 format:
-	ruff format weightport tests benchmarks
-	ruff check --fix weightport tests benchmarks
+	ruff format $(SRC)
+	ruff check --fix $(SRC)
 
 bench:
 	python benchmarks/run.py

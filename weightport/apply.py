@@ -246,7 +246,7 @@ def _fresh_values(plan: TransferPlan, names: list[str], notes: list[str]) -> dic
             )
         for name in members:
             attr = name.rpartition(".")[2]
-            value = shadow._parameters.get(attr)
+            value: torch.Tensor | None = shadow._parameters.get(attr)
             if value is None:
                 value = shadow._buffers.get(attr)
             if value is None or value.is_meta:
@@ -318,7 +318,7 @@ def _swappable(t: torch.Tensor) -> bool:
     if weakref.getweakrefs(t):
         return False
     try:
-        return t._use_count() <= 1
+        return t._use_count() <= 1  # type: ignore[attr-defined]
     except AttributeError:  # older torch
         return False
 

@@ -197,7 +197,10 @@ class Template:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.tokens = parse(text, template=True)
+        # parse(template=True) rejects wildcards, so a template holds literals and placeholders only.
+        self.tokens: tuple[str | Placeholder, ...] = tuple(
+            t for t in parse(text, template=True) if not isinstance(t, Wildcard)
+        )
         self.names = tuple(dict.fromkeys(t.name for t in self.tokens if isinstance(t, Placeholder)))
         self.int_names = frozenset(t.name for t in self.tokens if isinstance(t, Placeholder) and t.offset)
 

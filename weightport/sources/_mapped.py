@@ -60,7 +60,7 @@ class MappedFile:
 
     def read_into(self, offset: int, out: torch.Tensor) -> None:
         """Read ``out.nbytes`` bytes at ``offset`` straight into contiguous CPU ``out``."""
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
         if self._fd is None:
             with self._lock:
                 if self._fd is None:
