@@ -22,6 +22,7 @@ from weightport.mapping import (
     transform,
 )
 from weightport.mapping.files import list_mappings, load_mapping
+from weightport.mapping.suggest import Suggestion, suggest
 from weightport.meta import init_empty
 from weightport.plan import TransferPlan
 from weightport.report import Entry, TransferReport
@@ -35,6 +36,7 @@ __all__ = [
     "Mapping",
     "Source",
     "SourceInfo",
+    "Suggestion",
     "TransferPlan",
     "TransferReport",
     "WeightportError",
@@ -55,6 +57,7 @@ __all__ = [
     "save",
     "split",
     "strip_prefix",
+    "suggest",
     "transfer",
     "transform",
 ]

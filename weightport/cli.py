@@ -71,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the README's main job: a real transfer, offline")
     demo.set_defaults(run=lambda args: __import__("weightport.demo", fromlist=["main"]).main())
 
+    sug = sub.add_parser("suggest", help="propose a mapping file from SOURCE's and TARGET's names and shapes")
+    sug.add_argument("source")
+    sug.add_argument("target", help="package.module:factory(k=v, …), timm:NAME(…) or torchvision:NAME(…)")
+    sug.add_argument("--out", "-o", help="write the mapping file here (default: print it)")
+    sug.add_argument("--into", help="suggest for this submodule only")
+    sug.add_argument("--name", default="suggested", help="the mapping's name")
+    _source_options(sug)
+    sug.set_defaults(run=_suggest)
+
     maps = sub.add_parser("mappings", help="list the shipped mappings")
     maps.add_argument("--json", action="store_true")
     maps.set_defaults(run=_mappings)
@@ -201,6 +210,31 @@ def _cli_rule(text: str) -> Any:
         raise WeightportError(f"--rule {text!r}: expected 'FROM=>TO' (or 'FROM=>' to drop)")
     src, dst = (s.strip() for s in text.split("=>", 1))
     return wp.drop(src) if not dst else wp.rename(src, dst)
+
+
+# -- suggest ---------------------------------------------------------------------------------------
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    import weightport as wp
+    from weightport._atomic import atomic_write
+    from weightport.mapping.suggest import suggest
+    from weightport.meta import init_empty
+    from weightport.targets import build_target
+
+    with init_empty():
+        model = build_target(args.target)
+    found = suggest(args.source, model, into=args.into, checkpoint_key=args.checkpoint_key)
+    text = found.to_toml(name=args.name, source=str(args.source), target=args.target)
+    preview = wp.plan(args.source, model, mapping=found.mapping(), into=args.into, checkpoint_key=args.checkpoint_key)
+    if args.out:
+        with atomic_write(args.out) as f:
+            f.write(text.encode())
+    else:
+        print(text, end="")
+    where = f"written to {args.out}" if args.out else "printed above"
+    print(f"{len(found.rules)} rules {where}; planned with them: {preview.report.summary()}", file=sys.stderr)
+    return EXIT_OK
 
 
 # -- mappings --------------------------------------------------------------------------------------

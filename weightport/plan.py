@@ -174,7 +174,7 @@ def build_plan(
         raise PlanError(f"on_mismatch must be one of {', '.join(map(repr, ON_MISMATCH))}, not {on_mismatch!r}")
     if isinstance(require, str):
         require = (require,)
-    scope = _scope(model, into)
+    scope = scope_of(model, into)
     targets = collect_targets(scope)
     _check_meta_buffers(scope, targets, into)
     routing = _route(source, mapping, targets, scope)
@@ -213,7 +213,7 @@ def build_plan(
     )
 
 
-def _scope(model: nn.Module, into: str | None) -> nn.Module:
+def scope_of(model: nn.Module, into: str | None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TargetError(f"the target must be an nn.Module, not {type(model).__name__}")
     if not into:
