@@ -130,4 +130,4 @@ def sha256_file(path: str, chunk: int = 16 * 1024 * 1024) -> str:
 
 
 # Zoo schemes register themselves on import (hf:, torchvision:, timm:); kept last to avoid import cycles.
-from weightport.sources import zoo_hf  # noqa: E402, F401
+from weightport.sources import zoo_hf, zoo_timm, zoo_torchvision  # noqa: E402, F401
