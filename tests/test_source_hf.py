@@ -248,6 +248,7 @@ def test_online_resolves_the_commit_on_the_hub_and_downloads_through_huggingface
 
     monkeypatch.setattr("huggingface_hub.HfApi.model_info", model_info)
     monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    monkeypatch.setattr(zoo_hf, "_hub_reachable", lambda: True)
     src = wp.open_source("hf:org/tiny@main")
     assert calls == [("info", "org/tiny", "main"), ("download", "model.safetensors", COMMIT_B, False)]
     assert src.info.provenance["commit"] == COMMIT_B and not src.info.provenance["offline"]
@@ -262,5 +263,44 @@ def test_unreachable_hub_falls_back_to_the_cache(cache, monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr("huggingface_hub.HfApi.model_info", unreachable)
+    monkeypatch.setattr(zoo_hf, "_hub_reachable", lambda: True)
     src = wp.open_source("hf:org/tiny")
     assert src.info.provenance["offline"] and src["fc.bias"][0] == 1.0
+
+
+def test_no_network_falls_back_to_the_cache_without_waiting_for_retries(cache, monkeypatch):
+    put_repo(cache, "org/tiny", {"model.safetensors": st_bytes(weights(1.0))})
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+
+    def refuse(*a, **k):
+        raise OSError("Name or service not known")
+
+    def never(*a, **k):
+        raise AssertionError("the hub must not be asked when it is unreachable")
+
+    monkeypatch.setattr("socket.create_connection", refuse)
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", never)
+    assert wp.open_source("hf:org/tiny").info.provenance["offline"]
+    with pytest.raises(SourceNotFoundError, match="hf download org/absent"):
+        wp.open_source("hf:org/absent")
+
+
+class OnlyWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Module()
+        self.fc.weight = nn.Parameter(torch.zeros(2, 3))
+
+
+def test_transfer_fetches_only_the_shards_holding_mapped_tensors(cache):
+    """Shard 2 is not even cached: a model that needs nothing from it loads without it."""
+    snapshot = _sharded(cache, cache_second=False)
+    model = OnlyWeight()
+    planned = wp.plan("hf:org/sharded", model, strict=False)
+    report = planned.apply()
+    assert torch.equal(model.fc.weight, torch.ones(2, 3)) and report.coverage == 1.0
+    assert sorted(report.unused) == ["extra.weight", "fc.bias"]
+    assert planned.source.fetched_shards == [str(snapshot / "model-00001-of-00002.safetensors")]

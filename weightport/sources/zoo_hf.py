@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from weightport.errors import SourceError, SourceNotFoundError
 from weightport.sources.base import Source, SourceInfo
@@ -71,6 +73,23 @@ def hub_offline() -> bool:
 
     env = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "WEIGHTPORT_OFFLINE"))
     return any(v in _TRUE for v in env) or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so that a machine without network falls back to the
+    cache at once instead of after huggingface_hub's retries (about 25 s). Behind a proxy the probe
+    cannot tell, and huggingface_hub decides."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        log.info("the Hugging Face hub (%s) is unreachable (%s); using the local cache", constants.ENDPOINT, e)
+        return False
+    return True
 
 
 def hub_cache_dir() -> str:
@@ -133,7 +152,7 @@ class _Repo:
     @classmethod
     def resolve(cls, spec: HubSpec) -> _Repo:
         cache = hub_cache_dir()
-        if not hub_offline():
+        if not hub_offline() and _hub_reachable():
             online = cls._from_hub(spec, cache)
             if online is not None:
                 return online
@@ -156,7 +175,7 @@ class _Repo:
         except RevisionNotFoundError as e:
             raise SourceNotFoundError(f"{spec}: the repository has no revision {spec.revision!r}") from e
         except Exception as e:  # noqa: BLE001 - network down, proxy, timeout: fall back to the cache
-            log.warning("%s: the hub is unreachable (%s); using the local cache", spec, type(e).__name__)
+            log.info("%s: the hub is unreachable (%s); using the local cache", spec, type(e).__name__)
             return None
         return cls(spec, info.sha, [s.rfilename for s in info.siblings or ()], cache, offline=False)
 

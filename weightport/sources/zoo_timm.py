@@ -86,17 +86,17 @@ def _from_hub(cfg: Any, check_hash: bool, options: dict[str, Any]) -> tuple[Sour
     spec = cfg.hf_hub_id + (f":{cfg.hf_hub_filename}" if cfg.hf_hub_filename else "")
     try:
         return open_hf(spec, check_hash=check_hash, **options), "hf-hub"
-    except SourceNotFoundError:
+    except SourceNotFoundError as e:
         if cfg.url and _url_cached(cfg.url):
             log.info("timm:%s: %s is not cached; using the cached %s", cfg.architecture, spec, cfg.url)
             return _from_url(cfg, check_hash, options), "url"
-        raise
+        raise SourceNotFoundError(f"timm:{cfg.architecture}.{cfg.tag}: {e}") from e
 
 
 def _from_url(cfg: Any, check_hash: bool, options: dict[str, Any]) -> Source:
     name = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
     hint = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
-    cached = fetch_url(cfg.url, check_hash=check_hash, fetch_hint=hint)
+    cached = fetch_url(cfg.url, check_hash=check_hash, fetch_hint=hint, label=f"timm:{name}")
     source = open_path(cached.path, **options)
     extra = {"url": cached.url, "file": cached.path, "hash_prefix": cached.hash_prefix, "format": source.info.kind}
     if cached.sha256:

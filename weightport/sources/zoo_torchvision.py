@@ -55,13 +55,14 @@ def torch_hub_checkpoints() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
-def fetch_url(url: str, *, check_hash: bool, fetch_hint: str) -> CachedFile:
+def fetch_url(url: str, *, check_hash: bool, fetch_hint: str, label: str | None = None) -> CachedFile:
     """The torch hub cache copy of ``url``, downloading it when allowed; hash-checked when asked.
 
     Args:
         url: The file's address; its last path segment is the cache file name.
         check_hash: Verify the sha256 prefix the file name carries.
         fetch_hint: A command that fetches the file, for the not-cached error.
+        label: The spec the user wrote, to start error messages with.
 
     Raises:
         SourceNotFoundError: Not cached and downloads are off or failed.
@@ -74,7 +75,7 @@ def fetch_url(url: str, *, check_hash: bool, fetch_hint: str) -> CachedFile:
     prefix = match.group(1) if match else None
     downloaded = False
     if not os.path.isfile(path):
-        _download(url, path, prefix if check_hash else None, fetch_hint)
+        _download(url, path, prefix if check_hash else None, fetch_hint, label or url)
         downloaded = True
     digest = verify_prefix(path, prefix) if check_hash and prefix else None
     return CachedFile(path, url, prefix, digest, downloaded)
@@ -98,11 +99,11 @@ def verify_prefix(path: str, prefix: str) -> str:
     return digest
 
 
-def _download(url: str, path: str, hash_prefix: str | None, fetch_hint: str) -> None:
+def _download(url: str, path: str, hash_prefix: str | None, fetch_hint: str, label: str) -> None:
     folder = os.path.dirname(path)
     if hub_offline():
         raise SourceNotFoundError(
-            f"{url}: not in torch hub's cache (looked for {path}) and downloads are off "
+            f"{label}: {url} is not in torch hub's cache (looked for {path}) and downloads are off "
             f"(HF_HUB_OFFLINE / WEIGHTPORT_OFFLINE); fetch it with `{fetch_hint}`"
         )
     import torch.hub
@@ -113,11 +114,11 @@ def _download(url: str, path: str, hash_prefix: str | None, fetch_hint: str) -> 
         torch.hub.download_url_to_file(url, path, hash_prefix, progress=True)
     except RuntimeError as e:
         if "hash" in str(e):
-            raise HashMismatchError(f"{url}: the download does not match the hash in its name ({e})") from e
-        raise SourceError(f"{url}: the download failed ({e})") from e
+            raise HashMismatchError(f"{label}: {url}: the download does not match the hash in its name ({e})") from e
+        raise SourceError(f"{label}: {url}: the download failed ({e})") from e
     except (urllib.error.URLError, OSError) as e:
         raise SourceNotFoundError(
-            f"{url}: not in torch hub's cache (looked for {path}) and the download failed ({e}); "
+            f"{label}: {url} is not in torch hub's cache (looked for {path}) and the download failed ({e}); "
             f"fetch it with `{fetch_hint}` where the network is reachable, or copy the file there"
         ) from e
 
@@ -165,7 +166,7 @@ def open_torchvision(
     """
     weights = resolve_weights(rest)
     hint = f"python -c \"from torchvision.models import get_weight; get_weight('{weights!r}').get_state_dict()\""
-    cached = fetch_url(weights.url, check_hash=check_hash, fetch_hint=hint)
+    cached = fetch_url(weights.url, check_hash=check_hash, fetch_hint=hint, label=f"torchvision:{rest}")
     source = open_path(cached.path, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
     meta = weights.meta
     provenance: dict[str, Any] = {
