@@ -127,3 +127,7 @@ def sha256_file(path: str, chunk: int = 16 * 1024 * 1024) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# Zoo schemes register themselves on import (hf:, torchvision:, timm:); kept last to avoid import cycles.
+from weightport.sources import zoo_hf, zoo_timm, zoo_torchvision  # noqa: E402, F401
