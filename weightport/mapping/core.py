@@ -77,6 +77,8 @@ class Mapping:
         description: One line for humans.
         source: The architecture the source side was verified on.
         target: The architecture the target side was verified on.
+        verified: Every variant the shipped parity test checks (mapping files' ``verified``).
+        path: The file it was loaded from.
 
     Example:
         >>> m = wp.Mapping([wp.strip_prefix("backbone."), wp.drop("head.**")])
@@ -92,6 +94,7 @@ class Mapping:
         description: str | None = None,
         source: str | None = None,
         target: str | None = None,
+        verified: Sequence[str] = (),
         path: str | None = None,
     ) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
@@ -102,6 +105,7 @@ class Mapping:
         self.description = description
         self.source = source
         self.target = target
+        self.verified = tuple(verified)
         self.path = path
         self._index = _Index(self.rules)
 
@@ -125,6 +129,7 @@ class Mapping:
             description=self.description,
             source=self.source,
             target=self.target,
+            verified=self.verified,
             path=self.path,
         )
 
@@ -140,7 +145,12 @@ class Mapping:
         """
         inverted = [inv for r in self.rules if (inv := r.inverse()) is not None]
         return Mapping(
-            inverted, name=_swap_name(self.name), description=self.description, source=self.target, target=self.source
+            inverted,
+            name=_swap_name(self.name),
+            description=self.description,
+            source=self.target,
+            target=self.source,
+            verified=self.verified,
         )
 
     def __iter__(self) -> Iterator[Rule]:
@@ -158,6 +168,7 @@ class Mapping:
             "description": self.description,
             "source": self.source,
             "target": self.target,
+            "verified": list(self.verified),
             "rules": [r.described() for r in self.rules],
         }
 
