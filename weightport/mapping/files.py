@@ -7,6 +7,7 @@ Format::
     source = "torchvision:vit_b_16"          # what it was verified on
     target = "timm:vit_base_patch16_224"
     verified = ["vit_b_16", "vit_l_16"]      # optional: every variant the parity test checks
+    source_prefix = "vit."                   # optional: stripped from source keys that have it
     extends = "other.mapping"               # optional: its rules come after ours
 
     [[rule]]
@@ -67,7 +68,16 @@ from weightport.mapping.rules import (
 
 __all__ = ["list_mappings", "load_mapping", "mapping_files", "parse_mapping"]
 
-TOP_FIELDS = {"name", "description", "source", "target", "verified", "extends", "rule"}
+TOP_FIELDS = {
+    "name",
+    "description",
+    "source",
+    "target",
+    "verified",
+    "source_prefix",
+    "extends",
+    "rule",
+}
 KINDS = ("rename", "drop", "split", "fuse", "transform", "strip_prefix", "add_prefix")
 FIELDS = {
     "rename": {"to"},
@@ -155,7 +165,7 @@ def parse_mapping(data: Any, path: str = "<mapping>", chain: tuple[str, ...] = (
         raise MappingError(
             f"{path}: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(TOP_FIELDS))}"
         )
-    for field in ("name", "description", "source", "target", "extends"):
+    for field in ("name", "description", "source", "target", "source_prefix", "extends"):
         if field in data and not isinstance(data[field], str):
             raise MappingError(f"{path}: field {field!r} must be a string")
     verified = data.get("verified", [])
@@ -166,26 +176,22 @@ def parse_mapping(data: Any, path: str = "<mapping>", chain: tuple[str, ...] = (
         raise MappingError(f"{path}: 'rule' must be an array of tables ([[rule]])")
     rules = [_rule(r, f"{path} rule {i}") for i, r in enumerate(raw_rules, 1)]
     _check_targets_unique(rules, path)
-    mapping = Mapping(
-        rules,
-        name=data.get("name"),
-        description=data.get("description"),
-        source=data.get("source"),
-        target=data.get("target"),
-        verified=tuple(verified),
-        path=path,
-    )
-    if "extends" in data:
-        base = _load(data["extends"], chain)
+    try:
         mapping = Mapping(
-            mapping.rules + base.rules,
-            name=mapping.name,
-            description=mapping.description,
-            source=mapping.source,
-            target=mapping.target,
-            verified=mapping.verified,
+            rules,
+            name=data.get("name"),
+            description=data.get("description"),
+            source=data.get("source"),
+            target=data.get("target"),
+            verified=tuple(verified),
+            source_prefix=data.get("source_prefix"),
             path=path,
         )
+    except MappingError as e:
+        raise MappingError(f"{path}: {e}") from None
+    if "extends" in data:
+        base = _load(data["extends"], chain)
+        mapping = Mapping(mapping.rules + base.rules, **mapping._fields())
     return mapping
 
 
