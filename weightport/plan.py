@@ -468,24 +468,38 @@ def infer_shape(recipe: Recipe, source: Source, target: torch.Tensor) -> tuple[i
 
 
 def _adapt(recipe: Recipe, source: Source, target: Target, shape: tuple[int, ...], scope: nn.Module) -> Recipe | None:
+    """The recipe with the first registered shape adapter that fits appended, or ``None``.
+
+    Each adapter's ``applies`` sees the target name, the shape the rule's ops produce, the
+    target tensor (maybe on meta) and its owner module; the adapter is then checked on meta
+    tensors to give exactly the target's shape.
+    """
     owner = _owner(scope, target.name)
     meta = TensorMeta(shape, source.meta(recipe.inputs[0].key).dtype)
+    want = tuple(target.tensor.shape)
     for name in list_adapters():
-        spec = get_op(name)
-        assert spec.applies is not None
-        params = spec.applies(name=target.name, source=meta, target=target.tensor, module=owner)
+        params = _adapter_params(name, target, meta, owner)
         if params is None:
             continue
-        candidate = Recipe(
-            recipe.target, recipe.inputs, recipe.fuse_dim, recipe.post + (OpCall(name, params),), recipe.rule, None
-        )
+        call = OpCall(name, params)
+        candidate = Recipe(recipe.target, recipe.inputs, recipe.fuse_dim, recipe.post + (call,), recipe.rule, None)
         try:
             got = infer_shape(candidate, source, target.tensor)
         except OpError:
             continue
-        if got == tuple(target.tensor.shape):
+        if got == want:
             return Recipe(candidate.target, candidate.inputs, candidate.fuse_dim, candidate.post, candidate.rule, got)
     return None
+
+
+def _adapter_params(name: str, target: Target, meta: TensorMeta, owner: nn.Module | None) -> dict[str, Any] | None:
+    applies = get_op(name).applies
+    if applies is None:
+        return None
+    try:
+        return applies(name=target.name, source=meta, target=target.tensor, module=owner)
+    except OpError:
+        return None
 
 
 def _owner(scope: nn.Module, name: str) -> nn.Module | None:

@@ -1,5 +1,6 @@
 """How names and tensors change between source and target: patterns, rules, ops, mappings."""
 
+from weightport.mapping import adapters as adapters  # registers the shape adapters
 from weightport.mapping.core import Mapping, Resolution
 from weightport.mapping.ops import OpCall, OpSpec, get_op, list_adapters, list_ops, register_op
 from weightport.mapping.rules import (

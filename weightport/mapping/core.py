@@ -77,6 +77,10 @@ class Mapping:
         description: One line for humans.
         source: The architecture the source side was verified on.
         target: The architecture the target side was verified on.
+        verified: Every variant the shipped parity test checks (mapping files' ``verified``).
+        source_prefix: Removed from source keys that start with it before the rules apply
+            (``"vit."``: one mapping reads both Hugging Face base-model and task-model files).
+        path: The file it was loaded from.
 
     Example:
         >>> m = wp.Mapping([wp.strip_prefix("backbone."), wp.drop("head.**")])
@@ -92,21 +96,45 @@ class Mapping:
         description: str | None = None,
         source: str | None = None,
         target: str | None = None,
+        verified: Sequence[str] = (),
+        source_prefix: str | None = None,
         path: str | None = None,
     ) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
         for r in self.rules:
             if not isinstance(r, Rule):
                 raise MappingError(f"a mapping holds rules (wp.rename, wp.drop …), not {r!r}")
+        if source_prefix is not None and (
+            not isinstance(source_prefix, str) or not source_prefix or any(c in source_prefix for c in "{}*")
+        ):
+            raise MappingError(f"source_prefix must be a non-empty literal string, not {source_prefix!r}")
         self.name = name
         self.description = description
         self.source = source
         self.target = target
+        self.verified = tuple(verified)
+        self.source_prefix = source_prefix
         self.path = path
         self._index = _Index(self.rules)
 
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "target": self.target,
+            "verified": self.verified,
+            "source_prefix": self.source_prefix,
+            "path": self.path,
+        }
+
     def resolve(self, key: str) -> Resolution:
-        """Where ``key`` goes. Pure: names in, names and ops out."""
+        """Where ``key`` goes. Pure: names in, names and ops out.
+
+        A ``source_prefix`` is removed from keys that carry it before the rules see them.
+        """
+        if self.source_prefix and key.startswith(self.source_prefix):
+            key = key[len(self.source_prefix) :]
         for alt in self._index.candidates(key):
             index, _order, rule = self._index.alternatives[alt]
             captures = rule.patterns[index].match(key)
@@ -119,29 +147,29 @@ class Mapping:
         extra = tuple(rules)
         if not extra:
             return self
-        return Mapping(
-            extra + self.rules,
-            name=self.name,
-            description=self.description,
-            source=self.source,
-            target=self.target,
-            path=self.path,
-        )
+        return Mapping(extra + self.rules, **self._fields())
 
     def inverse(self) -> Mapping:
         """The mapping from target names back to source names.
 
         Renames invert with their ops, splits become fuses and fuses splits; drops have
-        nothing to undo and are left out.
+        nothing to undo and are left out. A ``source_prefix`` is optional on the way in, so
+        the inverse writes names without it (Hugging Face loaders accept both forms).
 
         Raises:
             MappingError: a rule cannot be inverted (anonymous wildcards, ``re:``, an op
                 without inverse, a capture the template does not use); the message names it.
         """
         inverted = [inv for r in self.rules if (inv := r.inverse()) is not None]
-        return Mapping(
-            inverted, name=_swap_name(self.name), description=self.description, source=self.target, target=self.source
+        fields = self._fields()
+        fields.update(
+            name=_swap_name(self.name),
+            source=self.target,
+            target=self.source,
+            source_prefix=None,
+            path=None,
         )
+        return Mapping(inverted, **fields)
 
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)
@@ -158,6 +186,8 @@ class Mapping:
             "description": self.description,
             "source": self.source,
             "target": self.target,
+            "verified": list(self.verified),
+            "source_prefix": self.source_prefix,
             "rules": [r.described() for r in self.rules],
         }
 

@@ -6,6 +6,8 @@ Format::
     description = "torchvision VisionTransformer to timm VisionTransformer"
     source = "torchvision:vit_b_16"          # what it was verified on
     target = "timm:vit_base_patch16_224"
+    verified = ["vit_b_16", "vit_l_16"]      # optional: every variant the parity test checks
+    source_prefix = "vit."                   # optional: stripped from source keys that have it
     extends = "other.mapping"               # optional: its rules come after ours
 
     [[rule]]
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +51,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from weightport.errors import MappingError, PatternError, WeightportError
+from weightport.errors import MappingError, PatternError
 from weightport.mapping.core import Mapping
 from weightport.mapping.ops import get_op
-from weightport.mapping.pattern import Placeholder, Template
+from weightport.mapping.pattern import Pattern, Placeholder, Template
 from weightport.mapping.rules import (
     Rule,
     add_prefix,
@@ -65,7 +68,16 @@ from weightport.mapping.rules import (
 
 __all__ = ["list_mappings", "load_mapping", "mapping_files", "parse_mapping"]
 
-TOP_FIELDS = {"name", "description", "source", "target", "extends", "rule"}
+TOP_FIELDS = {
+    "name",
+    "description",
+    "source",
+    "target",
+    "verified",
+    "source_prefix",
+    "extends",
+    "rule",
+}
 KINDS = ("rename", "drop", "split", "fuse", "transform", "strip_prefix", "add_prefix")
 FIELDS = {
     "rename": {"to"},
@@ -153,32 +165,33 @@ def parse_mapping(data: Any, path: str = "<mapping>", chain: tuple[str, ...] = (
         raise MappingError(
             f"{path}: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(TOP_FIELDS))}"
         )
-    for field in ("name", "description", "source", "target", "extends"):
+    for field in ("name", "description", "source", "target", "source_prefix", "extends"):
         if field in data and not isinstance(data[field], str):
             raise MappingError(f"{path}: field {field!r} must be a string")
+    verified = data.get("verified", [])
+    if not isinstance(verified, list) or not all(isinstance(v, str) for v in verified):
+        raise MappingError(f"{path}: field 'verified' must be a list of strings (the variants the tests check)")
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
         raise MappingError(f"{path}: 'rule' must be an array of tables ([[rule]])")
     rules = [_rule(r, f"{path} rule {i}") for i, r in enumerate(raw_rules, 1)]
     _check_targets_unique(rules, path)
-    mapping = Mapping(
-        rules,
-        name=data.get("name"),
-        description=data.get("description"),
-        source=data.get("source"),
-        target=data.get("target"),
-        path=path,
-    )
-    if "extends" in data:
-        base = _load(data["extends"], chain)
+    try:
         mapping = Mapping(
-            mapping.rules + base.rules,
-            name=mapping.name,
-            description=mapping.description,
-            source=mapping.source,
-            target=mapping.target,
+            rules,
+            name=data.get("name"),
+            description=data.get("description"),
+            source=data.get("source"),
+            target=data.get("target"),
+            verified=tuple(verified),
+            source_prefix=data.get("source_prefix"),
             path=path,
         )
+    except MappingError as e:
+        raise MappingError(f"{path}: {e}") from None
+    if "extends" in data:
+        base = _load(data["extends"], chain)
+        mapping = Mapping(mapping.rules + base.rules, **mapping._fields())
     return mapping
 
 
@@ -202,14 +215,44 @@ def _rule(raw: dict[str, Any], where: str) -> Rule:
         raise MappingError(
             f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; allowed here: {', '.join(sorted(allowed))}"
         )
+    _check_field_syntax(kind, raw, where)
     try:
         rule = _build(kind, raw, where)
     except (PatternError, MappingError) as e:
         raise MappingError(f"{where}: {_strip_where(str(e), where)}") from None
-    except WeightportError:
-        raise
     _check_captures_used(rule, where)
     return rule
+
+
+def _check_field_syntax(kind: str, raw: dict[str, Any], where: str) -> None:
+    """Parse every pattern and template on its own, so an error names its field."""
+    pattern_field = kind if kind in ("rename", "drop", "split", "fuse", "transform") else None
+    if pattern_field is None:
+        return
+    patterns = [Pattern(v) for v in _field_texts(raw, pattern_field, where, Pattern)]
+    templates = [Template(v) for v in _field_texts(raw, "to", where, Template)]
+    for t in templates:
+        for p in patterns:
+            missing = [n for n in t.names if n not in p.names]
+            if missing:
+                raise MappingError(
+                    f"{where}: field 'to': {t.text!r} uses {', '.join('{' + n + '}' for n in missing)}, which "
+                    f"field {pattern_field!r} ({p.text!r}) does not capture; a placeholder must appear on both sides"
+                )
+
+
+def _field_texts(raw: dict[str, Any], name: str, where: str, parser: Callable[[str], object]) -> list[str]:
+    if name not in raw:
+        return []
+    values = raw[name] if isinstance(raw[name], list) else [raw[name]]
+    for value in values:
+        if not isinstance(value, str):
+            raise MappingError(f"{where}: field {name!r} must hold strings, not {type(value).__name__}")
+        try:
+            parser(value)
+        except PatternError as e:
+            raise MappingError(f"{where}: field {name!r}: {e}") from None
+    return values
 
 
 def _strip_where(message: str, where: str) -> str:
@@ -249,7 +292,10 @@ def _build(kind: str, raw: dict[str, Any], where: str) -> Rule:
         return split(_field(raw, kind, str, where), _strings(raw, "to", where), dim, sizes, origin=where)
     if kind == "fuse":
         return fuse(_strings(raw, kind, where), _field(raw, "to", str, where), dim, origin=where)
-    params = dict(raw.get("params") or {})
+    params = raw.get("params", {})
+    if not isinstance(params, dict):
+        raise MappingError(f"{where}: field 'params' must be a table of op parameters")
+    params = dict(params)
     params.update({k: v for k, v in raw.items() if k not in ("transform", "to", "op", "params")})
     return transform(_field(raw, kind, str, where), _field(raw, "to", str, where), raw["op"], origin=where, **params)
 
@@ -264,19 +310,21 @@ def _check_captures_used(rule: Rule, where: str) -> None:
             unused = [n for n in pattern.names if n not in t.names]
             if unused:
                 raise MappingError(
-                    f"{where}: placeholder(s) {', '.join('{' + n + '}' for n in unused)} captured by "
-                    f"{pattern.text!r} are not used in {t.text!r}; use '*' to match without capturing"
+                    f"{where}: field 'to': placeholder(s) {', '.join('{' + n + '}' for n in unused)} captured "
+                    f"by {pattern.text!r} are not used in {t.text!r}; use them, or '*' to match without capturing"
                 )
 
 
 def _shape_of(template: Template) -> str:
-    """A template with placeholder names erased: two rules with the same shape write the same keys."""
+    """A template with placeholder names erased: two rules with the same shape write the same keys.
+
+    Offsets stay (``{i+3}``): rules that flatten stages into one list differ only by them."""
     out = []
     for t in template.tokens:
         if isinstance(t, str):
             out.append(t)
         elif isinstance(t, Placeholder):
-            out.append("{}" if not t.multi else "{*}")
+            out.append("{*}" if t.multi else f"{{{t.offset:+d}}}" if t.offset else "{}")
     return "".join(out)
 
 
