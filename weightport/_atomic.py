@@ -4,24 +4,46 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
+
+TMP_MARK = ".tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Write ``path`` so that readers see the old file or the complete new one, never half.
 
-    A process killed mid-write leaves the previous file intact and, at worst, a
-    ``.<name>.tmp-*`` file beside it that later writes ignore.
+    The data go to ``.<name>.tmp-*`` in the same folder, are flushed and fsynced, and the
+    temporary file is renamed over ``path`` (atomic on POSIX and Windows); the folder is then
+    fsynced so the rename itself survives a power cut. On any exception, ``KeyboardInterrupt``
+    included, the temporary file is removed and ``path`` is untouched. A process killed
+    outright (SIGKILL, power loss) leaves the previous file intact and at worst a hidden
+    temporary file beside it, which weightport never reads.
+
+    The new file gets the permissions of the file it replaces, or the usual ``0o666 & ~umask``
+    (``mkstemp`` alone would make it private). A symbolic link at ``path`` is replaced by the
+    new file; the file it pointed to is not changed.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TMP_MARK}", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # POSIX; on Windows the mode bits barely apply
+                os.fchmod(f.fileno(), _mode_for(path))
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -31,6 +53,14 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def _mode_for(path: str) -> int:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return 0o666 & ~_UMASK
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else 0o666 & ~_UMASK
 
 
 def _fsync_dir(folder: str) -> None:

@@ -155,6 +155,10 @@ def _open_torch(path: str, checkpoint_key: str | None, trust_pickle: bool) -> So
     parsed = parse_torch_file(path, trust_pickle=trust_pickle)
     try:
         found = find_weights(parsed.obj, path, checkpoint_key)
+    except CorruptFileError as e:
+        if str(e).startswith(path):
+            raise
+        raise CorruptFileError(f"{path}: {e}") from e
     except SourceError as e:
         if parsed.unsafe_globals and checkpoint_key is None:
             raise UnsafeFileError(_unrecoverable(path, parsed.unsafe_globals)) from e

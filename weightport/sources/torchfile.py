@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from weightport.errors import CorruptFileError, UnsafeFileError
+from weightport.errors import CorruptFileError, UnsafeFileError, UnsupportedFormatError
 from weightport.sources._mapped import MappedFile, TensorRef
 from weightport.sources._standins import StorageType
 from weightport.sources.unpickle import (
@@ -121,8 +121,15 @@ def _parse_zip(path: str) -> Parsed:
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
             return _read_zip(path, zf, raw)
-    except (CorruptFileError, NeedsTorchLoad):
+    except (CorruptFileError, UnsupportedFormatError, NeedsTorchLoad):
         raise
+    except zipfile.BadZipFile as e:
+        if "not a zip file" in str(e):  # no end-of-central-directory record: the end of the file is gone
+            raise CorruptFileError(
+                f"{path}: the zip archive has no central directory (its end is missing): the file is truncated "
+                "or damaged; download or save it again"
+            ) from e
+        raise CorruptFileError(f"{path}: damaged zip archive ({e})") from e
     except Exception as e:
         raise CorruptFileError(f"{path}: damaged zip archive ({type(e).__name__}: {e})") from e
 
@@ -131,6 +138,12 @@ def _read_zip(path: str, zf: zipfile.ZipFile, raw: Any) -> Parsed:
     infos = {i.filename: i for i in zf.infolist()}
     if len(infos) != len(zf.infolist()):
         raise CorruptFileError(f"{path}: the zip archive lists an entry twice; the file is damaged or forged")
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in infos):
+        raise UnsupportedFormatError(
+            f"{path}: a TorchScript archive (torch.jit.save), not a torch.save file; its module attributes do not "
+            "give state-dict names reliably. Load it with torch.jit.load(path) (it runs TorchScript code: only "
+            "for files you trust) and pass the module or its state_dict()"
+        )
     pkl = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkl) != 1:
         raise CorruptFileError(f"{path}: {_no_data_pkl(infos) if not pkl else 'several data.pkl records'}")
@@ -164,8 +177,6 @@ def _read_zip(path: str, zf: zipfile.ZipFile, raw: Any) -> Parsed:
 
 
 def _no_data_pkl(infos: dict[str, zipfile.ZipInfo]) -> str:
-    if any(n.endswith("constants.pkl") or "/code/" in n for n in infos):
-        return "a TorchScript archive, not a torch.save file: load it with torch.jit.load and pass the module"
     return "a zip archive without a data.pkl record is not a torch.save file"
 
 

@@ -283,6 +283,12 @@ class RestrictedUnpickler:
                     continue
                 if not isinstance(part, dict) or not all(type(k) is str for k in part):
                     raise CorruptFileError("the pickle sets malformed attributes on a dict")
+                shadowing = [k for k in part if k.startswith("__") or hasattr(collections.OrderedDict, k)]
+                if shadowing:  # ``items``, ``get``, ``__setstate__`` … would shadow the dict's own methods
+                    raise CorruptFileError(
+                        f"the pickle sets attribute {_printable(shadowing[0])!r} on a dict, which would hide its "
+                        "methods"
+                    )
                 self.budget.charge(len(part))
                 obj.__dict__.update(part)
         else:

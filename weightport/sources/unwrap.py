@@ -91,6 +91,14 @@ def module_state(obj: Inert) -> dict[str, Any]:
 class _Visits:
     def __init__(self) -> None:
         self.left = MAX_VISITS
+        self.holds: dict[int, bool] = {}  # id -> _holds_weights, so shared nodes are judged once
+
+    def holds_weights(self, x: Any) -> bool:
+        found = self.holds.get(id(x))
+        if found is None:
+            self.tick("the checkpoint")
+            found = self.holds[id(x)] = _holds_weights(x)
+        return found
 
     def tick(self, what: str) -> None:
         self.left -= 1
@@ -253,7 +261,7 @@ def _flatten(
         elif is_module_like(v):
             for n, t in module_state(v).items():
                 _add(found.tensors, f"{name}.{n}", t)
-        elif isinstance(v, Mapping) and _holds_weights(v):
+        elif isinstance(v, Mapping) and visits.holds_weights(v):
             _flatten(v, f"{name}.", found, ancestors, visits)
         else:
             found.ignored.append(name)
