@@ -80,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     _source_options(sug)
     sug.set_defaults(run=_suggest)
 
+    ver = sub.add_parser("verify", help="prove a mapping: port random weights, compare outputs, round trip")
+    ver.add_argument("mapping", help="shipped mapping name or mapping file")
+    ver.add_argument("--source", help="source architecture spec (default: every pair the mapping lists)")
+    ver.add_argument("--target", help="target architecture spec (with --source)")
+    ver.add_argument("--names-only", action="store_true", help="build on meta, check names and shapes only")
+    ver.add_argument("--input-size", help="input shape without batch, e.g. 3,64,64")
+    ver.add_argument("--atol", type=float, default=1e-4, help="largest output difference accepted (default 1e-4)")
+    ver.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    ver.set_defaults(run=_verify)
+
     maps = sub.add_parser("mappings", help="list the shipped mappings")
     maps.add_argument("--json", action="store_true")
     maps.set_defaults(run=_mappings)
@@ -235,6 +245,43 @@ def _suggest(args: argparse.Namespace) -> int:
     where = f"written to {args.out}" if args.out else "printed above"
     print(f"{len(found.rules)} rules {where}; planned with them: {preview.report.summary()}", file=sys.stderr)
     return EXIT_OK
+
+
+# -- verify ----------------------------------------------------------------------------------------
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from weightport.mapping.verify import verify, verify_all
+
+    if bool(args.source) != bool(args.target):
+        raise WeightportError("verify: give --source and --target together (or neither, for the mapping's own list)")
+    size = _input_size(args.input_size)
+    options: dict[str, Any] = {"numerics": not args.names_only, "input_size": size}
+    if args.source:
+        results = [verify(args.mapping, source=args.source, target=args.target, **options)]
+    else:
+        results = verify_all(args.mapping, **options)
+    failed = [r for r in results if not r.ok(args.atol)]
+    if args.json:
+        print(json.dumps([asdict(r) | {"ok": r.ok(args.atol)} for r in results], indent=2))
+    else:
+        for r in results:
+            diff = "names and shapes only" if r.max_abs_diff is None else f"max abs diff {r.max_abs_diff:.3g}"
+            trip = {True: "round trip exact", False: "round trip DIFFERS", None: "no round trip"}[r.round_trip]
+            verdict = "ok" if r.ok(args.atol) else "FAILED"
+            print(f"{verdict:<6} {r.source} -> {r.target}: {r.loaded} tensors, {diff}, {trip} ({r.seconds:.1f} s)")
+    return EXIT_STRICT if failed else EXIT_OK
+
+
+def _input_size(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise WeightportError(f"--input-size {text!r}: expected comma-separated integers, e.g. 3,64,64") from None
 
 
 # -- mappings --------------------------------------------------------------------------------------

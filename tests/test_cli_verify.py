@@ -1,0 +1,73 @@
+"""`weightport verify`: a mapping is proven by numbers, and a wrong one fails with exit code 1."""
+
+from __future__ import annotations
+
+import json
+
+from weightport.cli import main as cli
+
+# Identity between two TinyNets whose blocks swap places: right only when the rule maps 0<->1.
+_MAPPING = """
+name = "tiny.swap"
+description = "TinyNet to TinyNet with the two blocks exchanged"
+source = "conftest:TinyNet"
+target = "conftest:TinyNet"
+
+[[rule]]
+rename = "blocks.0.0.{p}"
+to = "blocks.{SECOND}.0.{p}"
+
+[[rule]]
+rename = "blocks.1.0.{p}"
+to = "blocks.{FIRST}.0.{p}"
+"""
+
+
+def _mapping(tmp_path, first: int, second: int) -> str:
+    path = tmp_path / f"tiny-{first}{second}.toml"
+    path.write_text(_MAPPING.replace("{SECOND}", str(second)).replace("{FIRST}", str(first)))
+    return str(path)
+
+
+def test_a_right_mapping_passes(tmp_path, capsys):
+    path = _mapping(tmp_path, first=1, second=0)  # blocks.0 -> blocks.0, blocks.1 -> blocks.1
+    assert cli(["verify", path, "--input-size", "3,8,8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ok") and "max abs diff 0" in out and "round trip exact" in out
+
+
+def test_a_wrong_mapping_fails_with_exit_1(tmp_path, capsys):
+    path = _mapping(tmp_path, first=0, second=1)  # the two blocks swapped: shapes agree, numbers do not
+    assert cli(["verify", path, "--input-size", "3,8,8", "--json"]) == 1
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["ok"] is False and result["max_abs_diff"] > 1e-3
+
+
+def test_names_only_builds_nothing_real(tmp_path, capsys):
+    path = _mapping(tmp_path, first=0, second=1)  # wrong numbers, but names and shapes line up
+    assert cli(["verify", path, "--names-only"]) == 0
+    assert "names and shapes only" in capsys.readouterr().out
+
+
+def test_explicit_pair_and_bad_arguments(tmp_path, capsys):
+    path = _mapping(tmp_path, first=1, second=0)
+    assert (
+        cli(
+            [
+                "verify",
+                path,
+                "--source",
+                "conftest:TinyNet",
+                "--target",
+                "conftest:TinyNet(width=8)",
+                "--input-size",
+                "3,8,8",
+            ]
+        )
+        == 0
+    )
+    assert cli(["verify", path, "--source", "conftest:TinyNet"]) == 2
+    assert "--source and --target together" in capsys.readouterr().err
+    assert cli(["verify", path, "--input-size", "3x8"]) == 2
+    assert "--input-size '3x8'" in capsys.readouterr().err
+    assert cli(["verify", "no-such-mapping"]) == 2
