@@ -104,3 +104,11 @@ def test_tokenize_pads_and_masks():
     ids, mask = demo.tokenize(demo.model_folder(), ["short", "a much longer sentence than the first one"])
     assert ids.shape == mask.shape and ids.shape[0] == 2
     assert mask[0].sum() < mask[1].sum() and (ids[0][mask[0] == 0] == 0).all()
+
+
+def test_the_port_command_the_demo_advertises(capsys):
+    from weightport.cli import main as cli_main
+
+    folder = demo.model_folder()
+    assert cli_main(["port", folder, "weightport.models:Bert", "--mapping", demo.MAPPING, "--dry-run"]) == 0
+    assert "planned (dry run): 65 loaded, 12 adapted, 0 fresh of 77" in capsys.readouterr().out

@@ -196,6 +196,11 @@ def main() -> int:
         "  cosine between sentences 2 and 3 (same meaning) "
         f"{float(sims[1, 2]):.3f}; 2 and 4 (unrelated) {float(sims[1, 3]):.3f}"
     )
+    print(
+        "\nthe same from the command line, or from the hub when it is cached:\n"
+        f"  weightport port {folder} weightport.models:Bert --mapping '{MAPPING}' --dry-run\n"
+        f"  weightport port hf:sentence-transformers/all-MiniLM-L6-v2 weightport.models:Bert --mapping '{MAPPING}'"
+    )
     print(f"\n{'OK' if result.ok else 'FAILED'}: done in {time.perf_counter() - start:.1f} s")
     return 0 if result.ok else 1
 
