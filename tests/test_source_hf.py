@@ -325,3 +325,25 @@ def test_the_real_minilm_weights_through_an_hf_cache(cache):
     assert report.coverage == 1.0 and len(report.adapted) == 12
     assert report.source.provenance["commit"] == COMMIT_A
     assert torch.equal(model.embed.tokens.weight, wp.open_source(real)["embeddings.word_embeddings.weight"])
+
+
+def test_a_hub_error_while_downloading_is_a_source_error(cache, monkeypatch):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    httpx = pytest.importorskip("httpx2")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(zoo_hf, "_hub_reachable", lambda: True)
+
+    def model_info(self, repo, revision=None, **kw):
+        return SimpleNamespace(sha=COMMIT_B, siblings=[SimpleNamespace(rfilename="model.safetensors")])
+
+    def download(*a, **k):
+        response = httpx.Response(503, request=httpx.Request("GET", "https://huggingface.co/org/tiny"))
+        raise HfHubHTTPError("503 Service Unavailable", response=response)
+
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", model_info)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    with pytest.raises(SourceError, match="downloading 'model.safetensors' failed"):
+        wp.open_source("hf:org/tiny")
