@@ -136,7 +136,7 @@ def open_hf(
         provenance["sha256"] = blob  # LFS files are stored under their sha256
     if filename.endswith(".index.json"):
         source: Source = HubShardedSource(path, repo, filename, trust_pickle=trust_pickle, location=str(spec))
-        provenance["shards"] = len({f for f in _read_index(path)[0].values()})
+        provenance["shards"] = len(source.info.files) - 1
     else:
         source = open_path(path, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
     provenance["format"] = source.info.kind
