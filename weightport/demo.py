@@ -100,7 +100,9 @@ def tokenize(folder: str, sentences: tuple[str, ...] | list[str]) -> tuple[torch
     return ids, mask
 
 
-def reference_hidden(state: dict[str, torch.Tensor], config: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor):
+def reference_hidden(
+    state: dict[str, torch.Tensor], config: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """BERT's last hidden states computed straight from the original HF tensors.
 
     Written independently of :mod:`weightport.models.bert` (separate q/k/v, explicit softmax
@@ -140,7 +142,9 @@ def parity(ours: torch.Tensor, reference: torch.Tensor) -> Parity:
     return Parity(float((ours - reference).abs().max()), float(cos.min()), ours.shape[0])
 
 
-def sentence_embeddings(folder: str, model: Any, sentences: tuple[str, ...] | list[str]):
+def sentence_embeddings(
+    folder: str, model: Any, sentences: tuple[str, ...] | list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ours, reference)`` mean-pooled, L2-normalised embeddings of ``sentences``."""
     import json
 
