@@ -156,3 +156,15 @@ def test_into_a_cli_target_with_a_new_head(hub, monkeypatch):
     report = wp.transfer("torchvision:squeezenet1_1", model)
     assert [e.target for e in report.skipped] == ["classifier.1.weight", "classifier.1.bias"]
     assert len(report.loaded) == len(report.entries) - 2
+
+
+def test_cli_refuses_a_mismatched_file_unless_told_not_to_check(hub, capsys):
+    from weightport.cli import main as cli
+
+    torch.save(_stand_in(), hub / W.url.rsplit("/", 1)[1])
+    assert cli(["inspect", "torchvision:squeezenet1_1"]) == 2
+    assert "check_hash=False" in capsys.readouterr().err
+    assert cli(["inspect", "torchvision:squeezenet1_1", "--no-check-hash", "--json"]) == 0
+    assert '"classifier.1.weight"' in capsys.readouterr().out
+    target = "torchvision:squeezenet1_1"
+    assert cli(["port", "torchvision:squeezenet1_1", target, "--no-check-hash", "--strict", "--dry-run"]) == 0

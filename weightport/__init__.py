@@ -5,7 +5,7 @@
 >>> print(report.summary())
 """
 
-from weightport import checkpoint, errors
+from weightport import checkpoint, errors, models
 from weightport.api import plan, transfer
 from weightport.errors import WeightportError
 from weightport.mapping import (
@@ -50,6 +50,7 @@ __all__ = [
     "list_mappings",
     "list_ops",
     "load_mapping",
+    "models",
     "open_source",
     "plan",
     "register_op",

@@ -103,6 +103,20 @@ def _source_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow full pickle loading (runs code from the file: only for files you trust)",
     )
+    p.add_argument(
+        "--no-check-hash",
+        dest="check_hash",
+        action="store_false",
+        help="skip the hash check of zoo files whose names carry one (torchvision)",
+    )
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from weightport.sources import open_source
+
+    return open_source(
+        args.source, checkpoint_key=args.checkpoint_key, trust_pickle=args.trust_pickle, check_hash=args.check_hash
+    )
 
 
 # -- inspect ---------------------------------------------------------------------------------------
@@ -111,9 +125,8 @@ def _source_options(p: argparse.ArgumentParser) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     from weightport.checkpoint._info import info as checkpoint_info
     from weightport.checkpoint._info import is_checkpoint_source
-    from weightport.sources import open_source
 
-    src = open_source(args.source, checkpoint_key=args.checkpoint_key, trust_pickle=args.trust_pickle)
+    src = _open(args)
     ckpt = checkpoint_info(src) if is_checkpoint_source(src) else None
     rows: list[dict[str, Any]] = []
     for name in src:
@@ -189,7 +202,7 @@ def _port(args: argparse.Namespace) -> int:
     rules = [_cli_rule(r) for r in args.rule]
     model = build_target(args.target)
     planned = wp.plan(
-        args.source,
+        _open(args),
         model,
         mapping=args.mapping,
         rules=rules,
@@ -198,8 +211,6 @@ def _port(args: argparse.Namespace) -> int:
         strict=args.strict,
         require=args.require,
         dtype=args.dtype,
-        checkpoint_key=args.checkpoint_key,
-        trust_pickle=args.trust_pickle,
     )
     report = planned.report if args.dry_run else planned.apply()
     if args.out and not args.dry_run:
@@ -234,9 +245,10 @@ def _suggest(args: argparse.Namespace) -> int:
 
     with init_empty():
         model = build_target(args.target)
-    found = suggest(args.source, model, into=args.into, checkpoint_key=args.checkpoint_key)
+    src = _open(args)
+    found = suggest(src, model, into=args.into)
     text = found.to_toml(name=args.name, source=str(args.source), target=args.target)
-    preview = wp.plan(args.source, model, mapping=found.mapping(), into=args.into, checkpoint_key=args.checkpoint_key)
+    preview = wp.plan(src, model, mapping=found.mapping(), into=args.into)
     if args.out:
         with atomic_write(args.out) as f:
             f.write(text.encode())
