@@ -427,3 +427,18 @@ def test_billion_laughs_is_bounded(tmp_path):
     exploded["w"] = torch.ones(2)  # a real state dict next to a laugh bomb is still read
     raw = pickle.dumps(exploded, protocol=2)
     assert wp.open_source(str(_pkl(tmp_path, "ok.pkl", raw)))["w"].sum() == 2
+
+
+def test_compressed_pickle_bomb_is_refused_before_inflating(tmp_path):
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02N" + b"0N" * (8 << 20) + b".")  # 16 MiB of POP/NONE
+    assert path.stat().st_size < 100_000
+    expect(path, CorruptFileError, "zip bomb")
+
+
+def test_recompressed_small_checkpoint_without_storages_still_reads(tmp_path):
+    path = tmp_path / "small.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"epoch": 3, "cfg": {"lr": 0.1}}, protocol=2))
+    expect(path, WeightportError, "no tensors")  # read fine; it simply holds no weights

@@ -7,6 +7,7 @@ CPython's pickle really runs the live ones, every other test proves weightport r
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,34 @@ def test_whole_model_of_a_vanished_class_yields_exact_state_dict(tmp_path, legac
         assert src[k].dtype == v.dtype and torch.equal(src[k], v), k
     assert any("safe extraction" in n for n in src.info.notes)
     assert any(p.endswith("GoneNet") for p in src.info.placeholders)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_numpy_pickles_are_rebuilt_from_raw_bytes(tmp_path, monkeypatch, protocol):
+    """detectron2-style .pkl dicts of ndarrays; numpy's own unpickling code never runs."""
+    np = pytest.importorskip("numpy")
+    arrays = {
+        "conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        "big_endian": np.arange(5, dtype=">i4"),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+        "half": np.arange(3, dtype=np.float16),
+        "flags": np.array([True, False]),
+        "scalar": np.float32(2.5),
+    }
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "someone", "junk": np.array([1, "x"], dtype=object)}, f, protocol)
+    core = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
+    for name in ("_reconstruct", "scalar"):
+        monkeypatch.setattr(f"{core}.{name}", _forbidden)
+    with open(path, "rb") as f, pytest.raises(AssertionError, match="numpy's unpickling code ran"):
+        pickle.load(f)  # the trap works: the standard unpickler does call numpy
+    src = wp.open_source(str(path))
+    assert sorted(src) == sorted(arrays)
+    for k, v in arrays.items():
+        want = torch.from_numpy(np.ascontiguousarray(v).astype(v.dtype.newbyteorder("="))).reshape(v.shape)
+        assert src[k].dtype == want.dtype and torch.equal(src[k], want), k
+
+
+def _forbidden(*args: object, **kwargs: object) -> None:
+    raise AssertionError("numpy's unpickling code ran")
