@@ -21,6 +21,7 @@ from torch import nn
 import weightport as wp
 from weightport.cli import main
 from weightport.errors import CorruptFileError, UnsafeFileError, WeightportError
+from weightport.sources.unpickle import RestrictedUnpickler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,3 +216,12 @@ def test_numpy_pickles_are_rebuilt_from_raw_bytes(tmp_path, monkeypatch, protoco
 
 def _forbidden(*args: object, **kwargs: object) -> None:
     raise AssertionError("numpy's unpickling code ran")
+
+
+def test_nested_placeholder_calls_do_not_grow_names():
+    """``os.system()()()…`` 20 000 times: one placeholder class, no quadratic name growth."""
+    stream = b"\x80\x02cos\nsystem\n" + b")R" * 20_000 + b"."
+    machine = RestrictedUnpickler(stream)
+    result = machine.load()
+    assert result.qualname == "os.system(...)"
+    assert machine.unsafe_globals == ["os.system"]

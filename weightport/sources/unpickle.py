@@ -264,7 +264,8 @@ class RestrictedUnpickler:
         if isinstance(func, type) and issubclass(func, Inert):
             return func(args, kwargs)
         if isinstance(func, Inert):
-            return self.placeholder(f"{func.qualname}(...)")(args, kwargs)
+            name = func.qualname if func.qualname.endswith("(...)") else f"{func.qualname}(...)"
+            return self.placeholder(name)(args, kwargs)  # nested calls share one name: no growth
         raise CorruptFileError(f"the pickle calls a {type(func).__name__}, which weightport never calls")
 
     def call_object(self, items: list[Any]) -> Any:
@@ -346,6 +347,8 @@ def _width(x: Any) -> int:
 
 
 def _printable(text: str, limit: int = 200) -> str:
+    if len(text) <= limit and text.isprintable():
+        return text
     clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
     return clean + ("…" if len(text) > limit else "")
 
