@@ -225,3 +225,16 @@ def test_nested_placeholder_calls_do_not_grow_names():
     result = machine.load()
     assert result.qualname == "os.system(...)"
     assert machine.unsafe_globals == ["os.system"]
+
+
+def test_trust_pickle_reads_whole_models_too(tmp_path):
+    """With the opt-in, a real unpickled module gives its state_dict (bare, or inside a checkpoint)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    for name, obj in (("bare.pth", model), ("nested.pth", {"model": model, "epoch": 4})):
+        torch.save(obj, tmp_path / name)
+        safe = wp.open_source(str(tmp_path / name))
+        trusted = wp.open_source(str(tmp_path / name), trust_pickle=True)
+        assert list(safe) == list(trusted) == list(model.state_dict())
+        assert all(torch.equal(trusted[k], v) for k, v in model.state_dict().items())
+        assert any("trust_pickle=True" in n for n in trusted.info.notes) or trusted.info.wrapper == "model"
