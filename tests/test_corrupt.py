@@ -467,3 +467,16 @@ def test_rewritten_archives_read_exactly(tmp_path, variant):
     src = wp.open_source(str(path))
     assert list(src) == list(STATE)
     assert all(torch.equal(src[k], v) for k, v in STATE.items())
+
+
+def test_cli_reports_corrupt_input_in_one_line(tmp_path, capsys):
+    from weightport.cli import main
+
+    cases = {"empty.pth": b"", "cut.safetensors": struct.pack("<Q", 1000) + b"{", "page.bin": b"<html></html>"}
+    for name, raw in cases.items():
+        path = tmp_path / name
+        path.write_bytes(raw)
+        assert main(["inspect", str(path)]) == 2
+        assert main(["port", str(path), "torch.nn:Identity", "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and all(line.startswith("weightport: error: ") and str(path) in line for line in err)
