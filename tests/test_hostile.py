@@ -167,6 +167,9 @@ def test_trust_pickle_is_the_explicit_opt_in(tmp_path, monkeypatch):
     for var in ("WEIGHTPORT_TRUST_PICKLE", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
         monkeypatch.setenv(var, "1")  # no environment variable turns full pickle on
     wp.open_source(str(e.path))
+    fallback = next(e for e in entries if e.name == "zip_quantized_with_payload")  # torch's own loader
+    with pytest.raises(UnsafeFileError):
+        wp.open_source(str(fallback.path))
     assert _fired(tmp_path / "sentinels") == []
     wp.open_source(str(e.path), trust_pickle=True)  # the loud opt-in really is full pickle
     assert _fired(tmp_path / "sentinels") == [e.name]
