@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,26 @@ def test_atomic_write_replaces_a_symlink_not_its_target(tmp_path):
     with atomic_write(link) as f:
         f.write(b"new")
     assert real.read_bytes() == b"shared" and not link.is_symlink() and link.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (lambda: torch.eye(3).to_sparse(), "sparse_coo"),
+        (lambda: torch.ones(2, device="meta"), "meta device"),
+        (lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8), "qint8"),
+        (lambda: [1, 2], "not a tensor"),
+    ],
+    ids=["sparse", "meta", "quantized", "list"],
+)
+def test_refused_save_names_the_key_and_keeps_the_previous_file(tmp_path, value, words):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated, still met in old checkpoints
+        value = value()
+    target = tmp_path / "w.safetensors"
+    wp.save({"a": torch.zeros(2)}, target)
+    before = sha(target)
+    with pytest.raises(wp.WeightportError, match=words) as err:
+        wp.save({"a": torch.ones(2), "bad": value}, target)
+    assert "'bad'" in str(err.value)
+    assert sha(target) == before and leftovers(tmp_path) == []

@@ -427,3 +427,56 @@ def test_billion_laughs_is_bounded(tmp_path):
     exploded["w"] = torch.ones(2)  # a real state dict next to a laugh bomb is still read
     raw = pickle.dumps(exploded, protocol=2)
     assert wp.open_source(str(_pkl(tmp_path, "ok.pkl", raw)))["w"].sum() == 2
+
+
+def test_compressed_pickle_bomb_is_refused_before_inflating(tmp_path):
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02N" + b"0N" * (8 << 20) + b".")  # 16 MiB of POP/NONE
+    assert path.stat().st_size < 100_000
+    expect(path, CorruptFileError, "zip bomb")
+
+
+def test_recompressed_small_checkpoint_without_storages_still_reads(tmp_path):
+    path = tmp_path / "small.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"epoch": 3, "cfg": {"lr": 0.1}}, protocol=2))
+    expect(path, WeightportError, "no tensors")  # read fine; it simply holds no weights
+
+
+# -- zip tricks that are not damage ---------------------------------------------------------------
+
+
+def _rewrite(src: Path, dst: Path, *, rename: Callable[[str], str] = lambda n: n, zip64: bool = False) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        zout.writestr("pad", b"x")  # shifts every record: offsets are not 64-byte aligned any more
+        for info in zin.infolist():
+            with zout.open(rename(info.filename), "w", force_zip64=zip64) as f:
+                f.write(zin.read(info))
+
+
+@pytest.mark.parametrize("variant", ["zip64", "traversal_names", "unaligned"])
+def test_rewritten_archives_read_exactly(tmp_path, variant):
+    good = tmp_path / "good.pth"
+    torch.save(STATE, good)
+    path = tmp_path / f"{variant}.pth"
+    if variant == "traversal_names":  # names are lookup keys only: nothing is extracted anywhere
+        _rewrite(good, path, rename=lambda n: "../" + n.split("/", 1)[1])
+    else:
+        _rewrite(good, path, zip64=variant == "zip64")
+    src = wp.open_source(str(path))
+    assert list(src) == list(STATE)
+    assert all(torch.equal(src[k], v) for k, v in STATE.items())
+
+
+def test_cli_reports_corrupt_input_in_one_line(tmp_path, capsys):
+    from weightport.cli import main
+
+    cases = {"empty.pth": b"", "cut.safetensors": struct.pack("<Q", 1000) + b"{", "page.bin": b"<html></html>"}
+    for name, raw in cases.items():
+        path = tmp_path / name
+        path.write_bytes(raw)
+        assert main(["inspect", str(path)]) == 2
+        assert main(["port", str(path), "torch.nn:Identity", "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and all(line.startswith("weightport: error: ") and str(path) in line for line in err)

@@ -7,6 +7,7 @@ CPython's pickle really runs the live ones, every other test proves weightport r
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 import weightport as wp
 from weightport.cli import main
 from weightport.errors import CorruptFileError, UnsafeFileError, WeightportError
+from weightport.sources.unpickle import RestrictedUnpickler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +50,7 @@ def holder(state: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the control's payloads call POSIX `touch`")
 def test_corpus_is_big_varied_and_really_hostile(tmp_path):
     entries = build_corpus(tmp_path / "files", tmp_path / "sentinels")
     assert len(entries) >= 20
@@ -165,6 +168,9 @@ def test_trust_pickle_is_the_explicit_opt_in(tmp_path, monkeypatch):
     for var in ("WEIGHTPORT_TRUST_PICKLE", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
         monkeypatch.setenv(var, "1")  # no environment variable turns full pickle on
     wp.open_source(str(e.path))
+    fallback = next(e for e in entries if e.name == "zip_quantized_with_payload")  # torch's own loader
+    with pytest.raises(UnsafeFileError):
+        wp.open_source(str(fallback.path))
     assert _fired(tmp_path / "sentinels") == []
     wp.open_source(str(e.path), trust_pickle=True)  # the loud opt-in really is full pickle
     assert _fired(tmp_path / "sentinels") == [e.name]
@@ -183,3 +189,56 @@ def test_whole_model_of_a_vanished_class_yields_exact_state_dict(tmp_path, legac
         assert src[k].dtype == v.dtype and torch.equal(src[k], v), k
     assert any("safe extraction" in n for n in src.info.notes)
     assert any(p.endswith("GoneNet") for p in src.info.placeholders)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_numpy_pickles_are_rebuilt_from_raw_bytes(tmp_path, monkeypatch, protocol):
+    """detectron2-style .pkl dicts of ndarrays; numpy's own unpickling code never runs."""
+    np = pytest.importorskip("numpy")
+    arrays = {
+        "conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        "big_endian": np.arange(5, dtype=">i4"),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+        "half": np.arange(3, dtype=np.float16),
+        "flags": np.array([True, False]),
+        "scalar": np.float32(2.5),
+    }
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "someone", "junk": np.array([1, "x"], dtype=object)}, f, protocol)
+    core = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
+    for name in ("_reconstruct", "scalar"):
+        monkeypatch.setattr(f"{core}.{name}", _forbidden)
+    with open(path, "rb") as f, pytest.raises(AssertionError, match="numpy's unpickling code ran"):
+        pickle.load(f)  # the trap works: the standard unpickler does call numpy
+    src = wp.open_source(str(path))
+    assert sorted(src) == sorted(arrays)
+    for k, v in arrays.items():
+        want = torch.from_numpy(np.ascontiguousarray(v).astype(v.dtype.newbyteorder("="))).reshape(v.shape)
+        assert src[k].dtype == want.dtype and torch.equal(src[k], want), k
+
+
+def _forbidden(*args: object, **kwargs: object) -> None:
+    raise AssertionError("numpy's unpickling code ran")
+
+
+def test_nested_placeholder_calls_do_not_grow_names():
+    """``os.system()()()…`` 20 000 times: one placeholder class, no quadratic name growth."""
+    stream = b"\x80\x02cos\nsystem\n" + b")R" * 20_000 + b"."
+    machine = RestrictedUnpickler(stream)
+    result = machine.load()
+    assert result.qualname == "os.system(...)"
+    assert machine.unsafe_globals == ["os.system"]
+
+
+def test_trust_pickle_reads_whole_models_too(tmp_path):
+    """With the opt-in, a real unpickled module gives its state_dict (bare, or inside a checkpoint)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    for name, obj in (("bare.pth", model), ("nested.pth", {"model": model, "epoch": 4})):
+        torch.save(obj, tmp_path / name)
+        safe = wp.open_source(str(tmp_path / name))
+        trusted = wp.open_source(str(tmp_path / name), trust_pickle=True)
+        assert list(safe) == list(trusted) == list(model.state_dict())
+        assert all(torch.equal(trusted[k], v) for k, v in model.state_dict().items())
+        assert any("trust_pickle=True" in n for n in trusted.info.notes) or trusted.info.wrapper == "model"

@@ -61,6 +61,10 @@ def _dedupe(tensors: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
             raise WeightportError(f"save(): {name!r} is a {type(t).__name__}, not a tensor")
         if t.is_meta:
             raise WeightportError(f"save(): {name!r} is on the meta device and has no values; load it first")
+        if t.layout != torch.strided:
+            raise WeightportError(
+                f"save(): {name!r} is a {t.layout} tensor; safetensors stores dense tensors (save {name!r}.to_dense())"
+            )
         if t.dtype not in DTYPE_NAMES:
             raise WeightportError(f"save(): {name!r} has dtype {t.dtype}, which safetensors cannot store")
         key = (

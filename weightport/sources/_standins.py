@@ -232,6 +232,11 @@ def _bytearray(m: Any, value: Any = b"", encoding: Any = None) -> bytearray:
     return bytearray(_latin1(value, encoding))
 
 
+def _bytes(m: Any, value: Any = b"", encoding: Any = None) -> bytes:
+    """``bytes()`` as protocols 0-2 write an empty bytes object (others go through ``_codecs.encode``)."""
+    return bytes(_latin1(value, encoding))
+
+
 def _reconstructor(m: Any, cls: Any, base: Any, state: Any = None) -> Inert:
     """Protocol 0/1 object creation: an instance of the placeholder, filled later by BUILD."""
     if isinstance(cls, type) and issubclass(cls, Inert):
@@ -373,6 +378,7 @@ def _stand_ins() -> dict[tuple[str, str], Any]:
         "builtins.complex": _complex,
         "builtins.slice": _slice,
         "builtins.bytearray": _bytearray,
+        "builtins.bytes": _bytes,
         "_codecs.encode": _encode,
         "copyreg._reconstructor": _reconstructor,
         "torch.Size": _size,

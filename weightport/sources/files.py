@@ -80,10 +80,13 @@ def open_path(
         raise SourceNotFoundError(_not_found(path))
     provenance: dict[str, Any] = {}
     if expected_sha256 is not None:
+        if path.endswith(".index.json"):
+            raise SourceError(
+                f"{path}: expected_sha256 applies to a single file; a sharded checkpoint has several "
+                "(check each shard, or the repository revision)"
+            )
         provenance["sha256"] = verify_sha256(path, expected_sha256)
     if path.endswith(".index.json"):
-        if expected_sha256 is not None:
-            raise SourceError(f"{path}: expected_sha256 checks one file; a sharded checkpoint has several")
         return ShardedSource(path, lambda p: open_path(p, trust_pickle=trust_pickle))
     if sniff(path) == "safetensors":
         if checkpoint_key is not None:

@@ -47,6 +47,7 @@ LEGACY_PROTOCOL = 1001
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint
 MAX_TENSOR_BYTES = 1 << 42  # a tensor claiming more is a damaged or hostile file
 MAX_NESTING = 200
+MAX_RATIO = 100  # a compressed data.pkl (re-zipped file) may inflate this much, beyond its first MiB
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_MAGIC = 0x04034B50
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -185,6 +186,11 @@ def _read_small(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: in
         raise CorruptFileError(f"{path}: record {info.filename} claims {info.file_size} bytes (limit {limit})")
     if info.flag_bits & 0x1:
         raise CorruptFileError(f"{path}: record {info.filename} is encrypted")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(1 << 20, MAX_RATIO * info.compress_size):
+        raise CorruptFileError(
+            f"{path}: record {info.filename} would inflate {info.compress_size} bytes to {info.file_size} "
+            "(a zip bomb?); torch never compresses its records"
+        )
     data = zf.read(info)  # zipfile stops at the declared size and checks the CRC
     if len(data) != info.file_size:
         raise CorruptFileError(f"{path}: record {info.filename} is truncated")

@@ -192,19 +192,28 @@ class RestrictedUnpickler:
             self._reader.release()
 
     def _run(self) -> Any:
-        byte, charge = self._reader.byte, self.budget.charge
+        reader, budget, ops = self._reader, self.budget, _OPS
+        data, steps = reader._data, 0
         while True:
-            code = byte()
+            pos = reader.pos
+            if pos >= reader.end:
+                reader._need(1)
+            code = data[pos]
+            reader.pos = pos + 1
             if code == 0x2E:  # STOP
+                budget.charge(steps)
                 if not self.stack:
                     raise CorruptFileError("the pickle stops with nothing built")
                 return self.stack.pop()
-            handler = _OPS.get(code)
+            handler = ops.get(code)
             if handler is None:
                 raise CorruptFileError(
-                    f"the pickle uses opcode {bytes([code])!r} at byte {self.pos - 1}, which weightport does not run"
+                    f"the pickle uses opcode {bytes([code])!r} at byte {pos}, which weightport does not run"
                 )
-            charge(1)
+            steps += 1
+            if steps == 1024:  # one opcode, one unit of work: charged in batches
+                budget.charge(steps)
+                steps = 0
             handler(self)
 
     # -- used by the opcodes and the stand-ins ---------------------------------------------------------
@@ -264,7 +273,8 @@ class RestrictedUnpickler:
         if isinstance(func, type) and issubclass(func, Inert):
             return func(args, kwargs)
         if isinstance(func, Inert):
-            return self.placeholder(f"{func.qualname}(...)")(args, kwargs)
+            name = func.qualname if func.qualname.endswith("(...)") else f"{func.qualname}(...)"
+            return self.placeholder(name)(args, kwargs)  # nested calls share one name: no growth
         raise CorruptFileError(f"the pickle calls a {type(func).__name__}, which weightport never calls")
 
     def call_object(self, items: list[Any]) -> Any:
@@ -346,6 +356,8 @@ def _width(x: Any) -> int:
 
 
 def _printable(text: str, limit: int = 200) -> str:
+    if len(text) <= limit and text.isprintable():
+        return text
     clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
     return clean + ("…" if len(text) > limit else "")
 
@@ -586,3 +598,39 @@ _OPS.update(
     }
 )
 # STOP ('.') is handled by the machine's loop; EXT1/2/4, NEXT_BUFFER and anything else are refused.
+
+
+# -- fast paths for the opcodes every state dict is made of (same semantics as the generic forms) --------
+
+
+def _next_byte(m: RestrictedUnpickler) -> int:
+    r = m._reader
+    pos = r.pos
+    if pos >= r.end:
+        r._need(1)
+    r.pos = pos + 1
+    return int(r._data[pos])
+
+
+def _binput(m: RestrictedUnpickler) -> None:  # q
+    m.memo[_next_byte(m)] = m.stack[-1]
+
+
+def _binget(m: RestrictedUnpickler) -> None:  # h
+    index = _next_byte(m)
+    memo = m.memo
+    if index not in memo:
+        raise CorruptFileError(f"the pickle reads memo entry {index}, which was never stored")
+    m.stack.append(memo[index])
+
+
+def _binint1(m: RestrictedUnpickler) -> None:  # K
+    m.stack.append(_next_byte(m))
+
+
+def _short_binunicode(m: RestrictedUnpickler) -> None:  # 0x8c
+    n = _next_byte(m)
+    m.stack.append(str(m._reader.read(n), "utf-8", "surrogatepass"))
+
+
+_OPS.update({ord("q"): _binput, ord("h"): _binget, ord("K"): _binint1, 0x8C: _short_binunicode})

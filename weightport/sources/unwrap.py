@@ -72,17 +72,23 @@ def _attrs(obj: Any) -> dict[Any, Any] | None:
 
 
 def is_module_like(obj: Any) -> bool:
-    """Whether ``obj`` is a placeholder for a pickled ``nn.Module``."""
+    """Whether ``obj`` is a placeholder for a pickled ``nn.Module`` (or a real one, from ``trust_pickle=True``)."""
+    if isinstance(obj, torch.nn.Module):
+        return True
     attrs = _attrs(obj)
     return attrs is not None and isinstance(attrs.get("_modules"), dict) and isinstance(attrs.get("_parameters"), dict)
 
 
-def module_state(obj: Inert) -> dict[str, Any]:
+def module_state(obj: Inert | torch.nn.Module) -> dict[str, Any]:
     """The ``state_dict()`` names and tensors recorded in a pickled module graph.
+
+    A real module (only ever met with ``trust_pickle=True``) gives its own ``state_dict()``.
 
     Raises:
         CorruptFileError: The module graph contains itself, or is implausibly large or deep.
     """
+    if isinstance(obj, torch.nn.Module):
+        return {k: v for k, v in obj.state_dict().items() if is_leaf(v)}
     out: dict[str, Any] = {}
     _collect(obj, "", out, [], _Visits())
     return out
@@ -163,7 +169,7 @@ def find_weights(obj: Any, location: str, checkpoint_key: str | None = None) -> 
         return found
     if is_module_like(obj):
         found = Found(module_state(obj))
-        found.notes.append(f"weights recovered from a pickled {inert_name(obj)} by safe extraction")
+        found.notes.append(_recovered(obj))
         return found
     if _attrs(obj) is not None and _holds_weights(_attrs(obj)):  # e.g. torch.save(trainer)
         found = find_weights(_attrs(obj), location)
@@ -192,6 +198,12 @@ def find_weights(obj: Any, location: str, checkpoint_key: str | None = None) -> 
         )
     found.ignored.extend(f"{k}" for k in obj if k != key)
     return found
+
+
+def _recovered(obj: Any) -> str:
+    if isinstance(obj, torch.nn.Module):
+        return f"weights from the unpickled {type(obj).__name__}.state_dict() (trust_pickle=True)"
+    return f"weights recovered from a pickled {inert_name(obj)} by safe extraction"
 
 
 def _only_nested(obj: Mapping[Any, Any], location: str) -> Any:
@@ -228,7 +240,7 @@ def _preview(obj: Mapping[Any, Any]) -> str:
 def _flatten_any(value: Any, location: str) -> Found:
     if is_module_like(value):
         found = Found(module_state(value))
-        found.notes.append(f"weights recovered from a pickled {inert_name(value)} by safe extraction")
+        found.notes.append(_recovered(value))
         return found
     if isinstance(value, Mapping):
         found = _flatten(value)
