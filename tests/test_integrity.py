@@ -149,11 +149,6 @@ def test_check_finite_ignores_integer_tensors_and_passes_clean_weights(tmp_path)
     assert len(report.loaded) == len(model.state_dict())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open_source() parses first and hashes after (sources/__init__.py); it should pass expected_sha256 "
-    "to open_path(), which hashes before parsing",
-)
 def test_open_source_checks_the_hash_before_parsing(tmp_path, monkeypatch):
     path = tmp_path / "w.pth"
     torch.save({"a": torch.ones(2)}, path)

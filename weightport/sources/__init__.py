@@ -6,7 +6,6 @@ Zoo schemes (``torchvision:``, ``timm:``, ``hf:``) are registered openers; see
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -14,9 +13,9 @@ from typing import Any
 
 import torch
 
-from weightport.errors import HashMismatchError, SourceError
+from weightport.errors import SourceError
 from weightport.sources.base import Source, SourceInfo, TensorMeta
-from weightport.sources.files import open_mapping, open_path
+from weightport.sources.files import open_mapping, open_path, verify_sha256
 from weightport.sources.memory import TensorSource
 from weightport.sources.unwrap import strip_wrapper_prefixes
 
@@ -71,16 +70,18 @@ def open_source(
         >>> src.meta("fc.weight").shape
         (1000, 512)
     """
-    opened = _open(source, checkpoint_key, check_hash, trust_pickle)
-    if expected_sha256 is not None:
-        opened = _verify_sha256(opened, expected_sha256)
+    opened = _open(source, checkpoint_key, check_hash, trust_pickle, expected_sha256)
+    if expected_sha256 is not None and "sha256" not in opened.info.provenance:
+        opened = _verify_sha256(opened, expected_sha256)  # a zoo spec or Source: hash the file it read
     renames, stripped = strip_wrapper_prefixes(opened.keys())
     if stripped:
         opened = opened.renamed(renames, prefixes=opened.info.prefixes + tuple(stripped))
     return opened
 
 
-def _open(source: Any, checkpoint_key: str | None, check_hash: bool, trust_pickle: bool) -> Source:
+def _open(
+    source: Any, checkpoint_key: str | None, check_hash: bool, trust_pickle: bool, expected_sha256: str | None
+) -> Source:
     if isinstance(source, Source):
         return source
     if isinstance(source, torch.nn.Module):
@@ -99,7 +100,10 @@ def _open(source: Any, checkpoint_key: str | None, check_hash: bool, trust_pickl
                 check_hash=check_hash,
                 trust_pickle=trust_pickle,
             )
-        return open_path(text, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
+        # A local file is hashed before it is parsed.
+        return open_path(
+            text, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle, expected_sha256=expected_sha256
+        )
     raise SourceError(
         f"cannot open a {type(source).__name__} as weights: pass a path, a state dict, "
         "an nn.Module, a Source, or a spec such as 'torchvision:resnet50'"
@@ -112,21 +116,8 @@ def _verify_sha256(source: Source, expected: str) -> Source:
         raise SourceError(
             f"{source.info.location}: expected_sha256 applies to a single file, this source has {len(files)}"
         )
-    digest = sha256_file(files[0])
-    if digest.lower() != expected.lower():
-        raise HashMismatchError(
-            f"{files[0]}: sha256 is {digest} but {expected} was expected; the file is damaged or not the one you meant"
-        )
-    provenance = {**source.info.provenance, "sha256": digest}
+    provenance = {**source.info.provenance, "sha256": verify_sha256(files[0], expected)}
     return source.renamed({}, provenance=provenance)
-
-
-def sha256_file(path: str, chunk: int = 16 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # Zoo schemes register themselves on import (hf:, torchvision:, timm:); kept last to avoid import cycles.
