@@ -166,3 +166,16 @@ def test_open_path_refuses_a_hash_for_a_shard_index(tmp_path):
     with pytest.raises(SourceError, match="single file") as err:
         open_path(str(index), expected_sha256=hashlib.sha256(index.read_bytes()).hexdigest())
     assert not isinstance(err.value, HashMismatchError)
+
+
+def test_cli_checks_sha256_before_reading(tmp_path, capsys):
+    from weightport.cli import main as cli
+
+    path = tmp_path / "w.safetensors"
+    wp.save({"a": torch.ones(2)}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert cli(["inspect", str(path), "--sha256", digest]) == 0
+    capsys.readouterr()
+    assert cli(["inspect", str(path), "--sha256", "0" * 64]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and digest in err

@@ -109,13 +109,18 @@ def _source_options(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the hash check of zoo files whose names carry one (torchvision)",
     )
+    p.add_argument("--sha256", metavar="HEX", help="refuse the file unless its sha256 is HEX (checked before parsing)")
 
 
 def _open(args: argparse.Namespace) -> Any:
     from weightport.sources import open_source
 
     return open_source(
-        args.source, checkpoint_key=args.checkpoint_key, trust_pickle=args.trust_pickle, check_hash=args.check_hash
+        args.source,
+        checkpoint_key=args.checkpoint_key,
+        trust_pickle=args.trust_pickle,
+        check_hash=args.check_hash,
+        expected_sha256=args.sha256,
     )
 
 
