@@ -69,7 +69,7 @@ def register_op(
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` as op ``name`` (a decorator). Re-registering a name replaces it."""
     if target not in ("none", "shape", "value"):
-        raise ValueError(f"target must be 'none', 'shape' or 'value', not {target!r}")
+        raise MappingError(f"register_op({name!r}): target must be 'none', 'shape' or 'value', not {target!r}")
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         sig = inspect.signature(fn)
