@@ -27,6 +27,27 @@ VERIFIED = [(wp.load_mapping(p).name, s, t) for p in SHIPPED for s, t in pairs(w
 NUMERIC = [
     ("torchvision.resnet->timm.resnet", "torchvision:resnet18", "timm:resnet18", (3, 32, 32), 0.0),
     ("torchvision.convnext->timm.convnext", "torchvision:convnext_tiny", "timm:convnext_tiny", (3, 32, 32), 1e-5),
+    (
+        "torchvision.efficientnet->timm.efficientnet",
+        "torchvision:efficientnet_b0",
+        "timm:efficientnet_b0",
+        (3, 32, 32),
+        0.0,
+    ),
+    (
+        "torchvision.mobilenetv3->timm.mobilenetv3",
+        "torchvision:mobilenet_v3_large",
+        "timm:mobilenetv3_large_100(bn_eps=1e-3)",
+        (3, 32, 32),
+        1e-5,
+    ),
+    (
+        "torchvision.mobilenetv3_small->timm.mobilenetv3_small",
+        "torchvision:mobilenet_v3_small",
+        "timm:mobilenetv3_small_100",
+        (3, 32, 32),
+        1e-3,  # BatchNorm eps 1e-3 (torchvision) vs 1e-5 (timm): measured 2.0e-4
+    ),
     ("torchvision.regnet->timm.regnet", "torchvision:regnet_y_400mf", "timm:regnety_004", (3, 32, 32), 0.0),
     (
         "torchvision.vit->timm.vit",
