@@ -48,6 +48,14 @@ NUMERIC = [
         (3, 32, 32),
         1e-3,  # BatchNorm eps 1e-3 (torchvision) vs 1e-5 (timm): measured 2.0e-4
     ),
+    (
+        "torchvision.swin->timm.swin",
+        "torchvision.models.swin_transformer:SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2, 2, 2], "
+        "num_heads=[1, 2, 4, 8], window_size=[7, 7])",
+        "timm:swin_tiny_patch4_window7_224(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))",
+        (3, 224, 224),
+        1e-5,
+    ),
     ("torchvision.regnet->timm.regnet", "torchvision:regnet_y_400mf", "timm:regnety_004", (3, 32, 32), 0.0),
     (
         "torchvision.vit->timm.vit",
@@ -80,7 +88,18 @@ NUMERIC = [
 
 def test_shipped_folder_has_the_mappings_the_issue_names():
     names = set(wp.list_mappings())
-    assert {"torchvision.resnet->timm.resnet", "torchvision.vit->timm.vit", "hf.vit->timm.vit"} <= names
+    assert {
+        "torchvision.resnet->timm.resnet",
+        "torchvision.vit->timm.vit",
+        "hf.vit->timm.vit",
+        "torchvision.convnext->timm.convnext",
+        "torchvision.densenet->timm.densenet",
+        "torchvision.vgg->timm.vgg",
+        "torchvision.efficientnet->timm.efficientnet",
+        "torchvision.mobilenetv3->timm.mobilenetv3",
+        "torchvision.swin->timm.swin",
+        "torchvision.regnet->timm.regnet",
+    } <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

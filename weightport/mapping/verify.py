@@ -132,19 +132,17 @@ def verify(
             raise MappingError(f"{m.name}: no source/target to verify; pass source= and target=")
         source, target = source or found[0][0], target or found[0][1]
     from weightport.api import transfer
-    from weightport.meta import init_empty
 
     torch.manual_seed(seed)
     if not numerics:
-        with init_empty():
-            src_model, dst_model = build(source), build(target)
+        src_model, dst_model = _build_light(source), _build_light(target)
         from weightport.api import plan
 
         planned = plan(_meta_state(src_model), dst_model, mapping=m, strict=True)
         loaded = len(planned.recipes)
         return Verification(m.name or "?", source, target, loaded, None, None, None, time.perf_counter() - start)
-    with init_empty():  # no costly initialisation: the source gets random values, the target is all loaded
-        src_model, dst_model = build(source), build(target)
+    # no costly initialisation: the source gets random values, the target is all loaded
+    src_model, dst_model = _build_light(source), _build_light(target)
     _randomize(src_model, seed)
     state = checkpoint_state(src_model)
     report = transfer(state, dst_model, mapping=m, strict=True)
@@ -188,6 +186,18 @@ def build(spec: str) -> nn.Module:
     except Exception as e:
         raise TargetError(f"{spec!r}: building it failed: {type(e).__name__}: {e}") from e
     return model.eval()
+
+
+def _build_light(spec: str) -> nn.Module:
+    """Build under ``init_empty`` (parameters on meta, no initialiser runs); models that compute a
+    non-persistent buffer from a parameter's device (timm Swin's attention masks) are built normally."""
+    from weightport.meta import init_empty
+
+    with init_empty():
+        model = build(spec)
+    if any(b.is_meta for b in model.buffers()):
+        return build(spec)
+    return model
 
 
 def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
