@@ -135,7 +135,7 @@ def verify(
 
     torch.manual_seed(seed)
     if not numerics:
-        src_model, dst_model = _build_light(source), _build_light(target)
+        src_model, dst_model = _build_light(source, shapes_only=True), _build_light(target, shapes_only=True)
         from weightport.api import plan
 
         planned = plan(_meta_state(src_model), dst_model, mapping=m, strict=True)
@@ -188,15 +188,21 @@ def build(spec: str) -> nn.Module:
     return model.eval()
 
 
-def _build_light(spec: str) -> nn.Module:
-    """Build under ``init_empty`` (parameters on meta, no initialiser runs); models that compute a
-    non-persistent buffer from a parameter's device (timm Swin's attention masks) are built normally."""
+def _build_light(spec: str, *, shapes_only: bool = False) -> nn.Module:
+    """Build under ``init_empty`` (parameters on meta, no initialiser runs).
+
+    Models that compute a non-persistent buffer from a parameter's device (timm Swin's attention
+    masks) get it on meta: for a names-and-shapes check it becomes zeros, otherwise the model is
+    built normally."""
     from weightport.meta import init_empty
 
     with init_empty():
         model = build(spec)
-    if any(b.is_meta for b in model.buffers()):
+    lost = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None and b.is_meta]
+    if lost and not shapes_only:
         return build(spec)
+    for module, name, b in lost:
+        module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
     return model
 
 
