@@ -251,3 +251,28 @@ def test_vit_b_16_at_224_to_384_equals_timm():
     want = resample_abs_pos_embed(src.encoder.pos_embedding.detach(), [24, 24], num_prefix_tokens=1)
     torch.testing.assert_close(dst.encoder.pos_embedding, want, rtol=0, atol=0)
     assert torch.equal(dst.encoder.layers[11].mlp[3].weight, src.encoder.layers[11].mlp[3].weight)
+
+
+def test_torchvision_vit_b_16_into_timm_at_384_with_the_shipped_mapping():
+    import timm
+
+    torch.manual_seed(0)
+    src = torchvision.models.vit_b_16()
+    with wp.init_empty():
+        dst = timm.create_model("vit_base_patch16_384")
+    report = wp.transfer(src, dst, mapping="torchvision.vit->timm.vit", on_mismatch="adapt", strict=True)
+    assert [(e.target, e.ops) for e in report.adapted] == [("pos_embed", ("pos_embed 14x14->24x24 +1",))]
+    want = resample_abs_pos_embed(src.encoder.pos_embedding.detach(), [24, 24], num_prefix_tokens=1)
+    torch.testing.assert_close(dst.pos_embed, want, rtol=0, atol=0)
+
+
+def test_non_square_target_grid_comes_from_the_model():
+    import timm
+
+    src = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0)
+    with wp.init_empty():
+        dst = timm.create_model("vit_tiny_patch16_224", img_size=(48, 64), num_classes=0)
+    report = wp.transfer(src, dst, on_mismatch="adapt", strict=True)
+    assert report["pos_embed"].ops == ("pos_embed 2x2->3x4 +1",)
+    want = resample_abs_pos_embed(src.pos_embed.detach(), [3, 4], num_prefix_tokens=1)
+    torch.testing.assert_close(dst.pos_embed, want, rtol=0, atol=0)

@@ -49,7 +49,7 @@ document = st.fixed_dictionaries(
 keys = st.lists(st.lists(st.one_of(segment, st.integers(0, 12).map(str)), min_size=1, max_size=4).map(".".join))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=document, names=keys)
 def test_random_mapping_files_and_keys_raise_only_weightport_errors(doc, names):
     try:

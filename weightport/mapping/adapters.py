@@ -75,9 +75,10 @@ def _hw(size: Sequence[int] | None) -> str:
 
 
 def _in_channels_label(p: Mapping[str, Any]) -> str:
-    s, t = p.get("source_channels", "?"), p.get("channels", "?")
+    s, t = p.get("source_channels"), p.get("channels")
+    counts = f" {s}->{t}" if s is not None and t is not None else ""
     how = f" map={list(p['map'])}" if p.get("map") is not None else ""
-    return f"in_channels {s}->{t}{how}"
+    return f"in_channels{counts}{how}"
 
 
 def _conv_like(module: nn.Module | None) -> bool:

@@ -69,7 +69,7 @@ def register_op(
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` as op ``name`` (a decorator). Re-registering a name replaces it."""
     if target not in ("none", "shape", "value"):
-        raise ValueError(f"target must be 'none', 'shape' or 'value', not {target!r}")
+        raise MappingError(f"register_op({name!r}): target must be 'none', 'shape' or 'value', not {target!r}")
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         sig = inspect.signature(fn)
@@ -243,9 +243,24 @@ def _permute(x: torch.Tensor, *, dims: list[int]) -> torch.Tensor:
     label=lambda p: f"reshape{tuple(p['shape'])}" if p.get("shape") else "reshape(target)",
     inverse=lambda p: ("reshape", {}),
 )
-def _reshape(x: torch.Tensor, *, target: torch.Tensor, shape: list[int] | None = None) -> torch.Tensor:
+def _reshape(x: torch.Tensor, *, target: torch.Tensor | None, shape: list[int] | None = None) -> torch.Tensor:
     """Reshape to ``shape``, or to the target's shape when ``shape`` is not given."""
-    return x.reshape(tuple(shape) if shape is not None else tuple(target.shape))
+    if shape is not None:
+        want = tuple(shape)
+    elif target is not None:
+        want = tuple(target.shape)
+    else:
+        raise OpError("reshape needs shape=[...] when there is no target tensor")
+    if _numel(want) != x.numel() and -1 not in want:
+        raise OpError(f"reshape cannot turn {tuple(x.shape)} ({x.numel()} elements) into {want}")
+    return x.reshape(want)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 @register_op("select", label=lambda p: f"select[{len(p['index'])} along {p.get('dim', 0)}]")

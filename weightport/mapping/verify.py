@@ -3,9 +3,10 @@
 ``weightport verify MAPPING`` calls :func:`verify`. For each ``source -> target`` pair
 (by default every pair in the mapping file's ``verified`` list) it
 
-1. builds the source architecture with random weights (BatchNorm statistics and norm
-   weights perturbed too, so a swapped or missed tensor shows in the outputs) and takes
-   its checkpoint in the zoo's own file format (``save_pretrained`` for transformers);
+1. builds the source architecture with random weights (norm weights and BatchNorm
+   statistics away from 1 and 0 too, so a swapped or missed tensor shows in the outputs)
+   and takes its checkpoint in the zoo's own file format (``save_pretrained`` for
+   transformers); both models are built under ``init_empty``, no time goes to initialisers;
 2. ports that checkpoint into the target architecture with the mapping (``strict=True``:
    every target tensor loaded, every source tensor used or dropped);
 3. compares both models' eval outputs on one random input;
@@ -131,25 +132,23 @@ def verify(
             raise MappingError(f"{m.name}: no source/target to verify; pass source= and target=")
         source, target = source or found[0][0], target or found[0][1]
     from weightport.api import transfer
-    from weightport.meta import init_empty
 
     torch.manual_seed(seed)
     if not numerics:
-        with init_empty():
-            src_model, dst_model = build(source), build(target)
+        src_model, dst_model = _build_light(source, shapes_only=True), _build_light(target, shapes_only=True)
         from weightport.api import plan
 
         planned = plan(_meta_state(src_model), dst_model, mapping=m, strict=True)
         loaded = len(planned.recipes)
         return Verification(m.name or "?", source, target, loaded, None, None, None, time.perf_counter() - start)
-    src_model = build(source)
-    _perturb(src_model)
+    # no costly initialisation: the source gets random values, the target is all loaded
+    src_model, dst_model = _build_light(source), _build_light(target)
+    _randomize(src_model, seed)
     state = checkpoint_state(src_model)
-    dst_model = build(target)
     report = transfer(state, dst_model, mapping=m, strict=True)
     x = torch.randn(batch, *(input_size or _input_size(dst_model)))
     diff, rel = _compare(src_model, dst_model, x)
-    trip = _round_trip(state, m)
+    trip = _round_trip(state, m, checkpoint_state(dst_model))
     seconds = time.perf_counter() - start
     return Verification(
         m.name or "?", source, target, len(report.entries) - len(report.fresh), diff, rel, trip, seconds
@@ -189,6 +188,24 @@ def build(spec: str) -> nn.Module:
     return model.eval()
 
 
+def _build_light(spec: str, *, shapes_only: bool = False) -> nn.Module:
+    """Build under ``init_empty`` (parameters on meta, no initialiser runs).
+
+    Models that compute a non-persistent buffer from a parameter's device (timm Swin's attention
+    masks) get it on meta: for a names-and-shapes check it becomes zeros, otherwise the model is
+    built normally."""
+    from weightport.meta import init_empty
+
+    with init_empty():
+        model = build(spec)
+    lost = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None and b.is_meta]
+    if lost and not shapes_only:
+        return build(spec)
+    for module, name, b in lost:
+        module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
+    return model
+
+
 def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under the names its zoo writes to files.
 
@@ -226,20 +243,39 @@ def _hf_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, tor
         return state
 
 
-def _perturb(model: nn.Module) -> None:
-    """Make every tensor differ from its neighbours: norm weights away from 1, BN statistics
-    away from 0/1, so a swapped or missing tensor changes the outputs."""
-    gen = torch.Generator().manual_seed(1234)
+def _randomize(model: nn.Module, seed: int) -> None:
+    """Give every tensor random values of a sensible scale, so a swapped or missed tensor
+    changes the outputs: weights ~ N(0, 1/fan_in), norm weights 1 +- 0.1, biases and BatchNorm
+    means ~ N(0, 0.1), variances in [0.5, 1.5]. Meta parameters (``init_empty``) become real."""
+    gen = torch.Generator().manual_seed(seed + 1234)
+    made: dict[int, nn.Parameter] = {}
     with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            if not t.is_floating_point() or t.is_meta:
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            elif name.endswith("running_mean"):
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-            else:
-                t.add_(torch.randn(t.shape, generator=gen) * 0.05)
+        for module in model.modules():
+            for attr, p in module._parameters.items():
+                if p is None:
+                    continue
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(_random_like(p, attr, gen), requires_grad=p.requires_grad)
+                module._parameters[attr] = made[id(p)]
+            for attr, b in module._buffers.items():
+                if b is not None and b.is_floating_point() and attr in ("running_mean", "running_var"):
+                    b.copy_(_random_like(b, attr, gen))
+
+
+def _random_like(t: torch.Tensor, attr: str, gen: torch.Generator) -> torch.Tensor:
+    shape = tuple(t.shape)
+    dtype = t.dtype if t.is_floating_point() else torch.float32
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if attr == "running_var":
+        out = torch.rand(shape, generator=gen) + 0.5
+    elif len(shape) >= 2:
+        fan_in = max(1, t.numel() // max(1, shape[0]))
+        out = noise / fan_in**0.5
+    elif attr == "weight":
+        out = 1.0 + 0.1 * noise
+    else:
+        out = 0.1 * noise
+    return out.to(dtype) if t.is_floating_point() else t.detach().clone()
 
 
 def _input_size(model: nn.Module) -> tuple[int, ...]:
@@ -276,30 +312,38 @@ def _compare(a: nn.Module, b: nn.Module, x: torch.Tensor) -> tuple[float, float]
     return diff, diff / scale
 
 
-def _round_trip(state: dict[str, torch.Tensor], mapping: Mapping) -> bool | None:
+def _round_trip(state: dict[str, torch.Tensor], mapping: Mapping, ported: dict[str, torch.Tensor]) -> bool | None:
     try:
         inverse = mapping.inverse()
     except MappingError:
         return None
-    forward = map_state_dict(state, mapping)
-    back = map_state_dict(forward, inverse)
     prefix = mapping.source_prefix or ""
     kept = {
         k[len(prefix) :] if prefix and k.startswith(prefix) else k: v
         for k, v in state.items()
         if not mapping.resolve(k).dropped
     }
+    forward = map_state_dict(state, mapping, like=ported)
+    back = map_state_dict(forward, inverse, like=kept)
     return set(back) == set(kept) and all(torch.equal(back[k], v) for k, v in kept.items())
 
 
 # -- mapping a state dict without a target model ---------------------------------------------------
 
 
-def map_state_dict(state: AnyMapping[str, torch.Tensor], mapping: Mapping) -> dict[str, torch.Tensor]:
+def map_state_dict(
+    state: AnyMapping[str, torch.Tensor],
+    mapping: Mapping,
+    *,
+    like: AnyMapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Rename and transform a state dict through ``mapping`` without a target model.
 
-    Ops that need the target tensor (adapters, ``pad``, ``reshape`` without a shape) cannot
-    run here and raise :class:`OpError`.
+    Args:
+        state: Source tensors by name.
+        mapping: The mapping to apply.
+        like: Target tensors by name, for ops that need the target (``reshape`` to the target's
+            shape, adapters, ``pad``); without it such ops raise :class:`OpError`.
 
     Raises:
         MappingError: two source tensors write one name, or a fuse misses parts.
@@ -310,7 +354,7 @@ def map_state_dict(state: AnyMapping[str, torch.Tensor], mapping: Mapping) -> di
         for o in mapping.resolve(key).outputs:
             x = tensor
             for op in o.ops:
-                x = op.run(x, None)
+                x = op.run(x, like.get(o.target) if like is not None else None)
             if o.part is None:
                 _put(out, o.target, x, key)
             else:
@@ -343,3 +387,28 @@ def check(results: Iterable[Verification], atol: float) -> None:
     if bad:
         lines = [f"{r.source} -> {r.target}: max abs diff {r.max_abs_diff}, round trip {r.round_trip}" for r in bad]
         raise WeightportError("verification failed:\n  " + "\n  ".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m weightport.mapping.verify NAME [--plan-only]``: verify every listed pair, print a table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m weightport.mapping.verify", description=main.__doc__)
+    parser.add_argument("mapping", help="a shipped mapping name or a mapping file")
+    parser.add_argument("--plan-only", action="store_true", help="names and shapes only (no model is run)")
+    parser.add_argument("--size", type=int, default=None, help="square input size (default: the target's)")
+    args = parser.parse_args(argv)
+    size = (3, args.size, args.size) if args.size else None
+    results = verify_all(args.mapping, numerics=not args.plan_only, input_size=size)
+    print("| source | target | loaded | max abs diff | max rel diff | round trip | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r.source} | {r.target} | {r.loaded} | {r.max_abs_diff} | {r.max_rel_diff} | {r.round_trip} "
+            f"| {r.seconds:.1f} |"
+        )
+    return 0 if all(r.ok() for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The op registry: every built-in op, its label, its inverse, and meta-tensor shape inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weightport as wp
+from weightport.errors import MappingError, OpError
+from weightport.mapping.ops import OpCall, fuse, get_op, list_ops
+
+
+def _op(name: str, **params) -> OpCall:
+    return OpCall.make(name, params, "test")
+
+
+X = torch.arange(24.0).reshape(6, 4)
+
+# (op, params, input, target, expected)
+CASES = [
+    ("split", {"index": 1, "count": 3}, X, None, X[2:4]),
+    ("split", {"index": 2, "count": 3, "sizes": [4, 1, 1]}, X, None, X[5:6]),
+    ("split", {"index": 0, "count": 2, "dim": 1}, X, None, X[:, :2]),
+    ("transpose", {}, X, None, X.t()),
+    ("permute", {"dims": [1, 0]}, X, None, X.t()),
+    ("reshape", {"shape": [4, 6]}, X, None, X.reshape(4, 6)),
+    ("reshape", {}, X, torch.empty(2, 12), X.reshape(2, 12)),
+    ("select", {"index": [5, 0, 2]}, X, None, X[[5, 0, 2]]),
+    ("select", {"index": [3], "dim": 1}, X, None, X[:, [3]]),
+    ("narrow", {"start": 1, "length": 2}, X, None, X[1:3]),
+    ("pad", {}, X, torch.ones(7, 5), torch.cat([torch.cat([X, torch.zeros(6, 1)], 1), torch.zeros(1, 5)])),
+    ("pad", {"keep_init": True}, X[:1], torch.ones(2, 4), torch.cat([X[:1], torch.ones(1, 4)])),
+    ("cast", {"dtype": "float16"}, X, None, X.half()),
+    ("scale", {"factor": 0.5}, X, None, X * 0.5),
+]
+
+
+@pytest.mark.parametrize(("op", "params", "x", "target", "want"), CASES, ids=lambda v: v if isinstance(v, str) else "")
+def test_ops_compute_and_infer_shapes_on_meta(op, params, x, target, want):
+    call = _op(op, **params)
+    got = call.run(x, target)
+    assert torch.equal(got, want) and got.dtype == want.dtype
+    meta_target = None if target is None else target.to("meta")
+    assert call.run(x.to("meta"), meta_target).shape == want.shape  # the planner's shape inference
+    assert isinstance(call.label(), str) and call.label()
+
+
+def test_every_registered_op_is_covered():
+    assert set(list_ops()) == {c[0] for c in CASES}
+    assert set(wp.list_adapters()) == {"in_channels", "pos_embed", "patch_embed", "head", "vocab"}
+
+
+@pytest.mark.parametrize(
+    ("op", "params"),
+    [
+        ("transpose", {}),
+        ("transpose", {"dim0": 1, "dim1": 2}),
+        ("permute", {"dims": [2, 0, 1]}),
+        ("scale", {"factor": 4.0}),
+    ],
+)
+def test_inverse_ops_undo_their_op(op, params):
+    x = torch.randn(2, 3, 4)
+    call = _op(op, **params)
+    inv = call.inverse()
+    assert inv is not None
+    torch.testing.assert_close(inv.run(call.run(x)), x, rtol=0, atol=0)
+
+
+def test_ops_without_inverse_say_so():
+    assert _op("select", index=[0]).inverse() is None
+    assert _op("scale", factor=0.0).inverse() is None
+
+
+def test_labels_name_the_op_and_its_parameters():
+    assert _op("split", index=0, count=3).label() == "split[1/3]"
+    assert _op("permute", dims=[1, 0]).label() == "permute(1, 0)"
+    assert _op("select", index=[1, 2]).label() == "select[2 along 0]"
+    assert _op("in_channels", source_channels=3, channels=1).label() == "in_channels 3->1"
+
+
+@pytest.mark.parametrize(
+    ("op", "params", "x", "message"),
+    [
+        ("split", {"index": 0, "count": 4}, X, "cannot split a dimension of 6 into 4"),
+        ("split", {"index": 0, "count": 2, "sizes": [1, 2]}, X, "do not add up"),
+        ("permute", {"dims": [0, 0]}, X, "not a permutation"),
+        ("select", {"index": [6]}, X, "out of range"),
+        ("reshape", {"shape": [5, 5]}, X, "cannot turn"),
+        ("cast", {"dtype": "float99"}, X, "unknown dtype"),
+        ("narrow", {"start": 5, "length": 3}, X, "narrow"),
+    ],
+)
+def test_bad_op_input_raises_op_error_naming_the_op(op, params, x, message):
+    with pytest.raises(OpError, match=message):
+        _op(op, **params).run(x)
+
+
+def test_pad_refuses_a_larger_source_and_reshape_needs_a_shape():
+    with pytest.raises(OpError, match="cannot fit"):
+        _op("pad").run(X, torch.empty(2, 2))
+    with pytest.raises(OpError, match="needs shape"):
+        _op("reshape").run(X, None)
+
+
+def test_fuse_concatenates_and_names_shapes_on_failure():
+    assert torch.equal(fuse([X[:2], X[2:]], 0), X)
+    with pytest.raises(OpError, match=r"\(2, 4\), \(3, 3\)"):
+        fuse([X[:2], torch.zeros(3, 3)], 0)
+
+
+def test_user_callables_and_registered_ops_work_in_rules():
+    def double(t: torch.Tensor) -> torch.Tensor:
+        return t * 2
+
+    call = OpCall.make(double, {}, "test")
+    assert call.label() == "double" and torch.equal(call.run(X), X * 2)
+    with pytest.raises(MappingError, match="no parameters"):
+        OpCall.make(double, {"k": 1}, "test")
+    with pytest.raises(OpError, match="returned a str"):
+        OpCall.make(lambda t: "no", {}, "test").run(X)
+
+    @wp.register_op("negate_for_test", inverse=lambda p: ("negate_for_test", {}))
+    def _negate(x: torch.Tensor) -> torch.Tensor:
+        return -x
+
+    try:
+        rule = wp.transform("a", "b", "negate_for_test")
+        assert torch.equal(rule.ops[0].run(X), -X)
+        assert wp.Mapping([rule]).inverse().rules[0].ops[0].op == "negate_for_test"
+        assert "negate_for_test" in wp.list_ops()
+    finally:
+        from weightport.mapping import ops
+
+        del ops._OPS["negate_for_test"]
+    with pytest.raises(MappingError, match="unknown op"):
+        get_op("negate_for_test")
+
+
+def test_register_op_rejects_a_bad_target_kind():
+    with pytest.raises(ValueError, match="target must be"):
+        wp.register_op("x", target="everything")
