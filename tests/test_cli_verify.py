@@ -71,3 +71,37 @@ def test_explicit_pair_and_bad_arguments(tmp_path, capsys):
     assert cli(["verify", path, "--input-size", "3x8"]) == 2
     assert "--input-size '3x8'" in capsys.readouterr().err
     assert cli(["verify", "no-such-mapping"]) == 2
+
+
+def test_mappings_lists_every_shipped_mapping_with_what_it_was_verified_on(capsys):
+    import weightport as wp
+
+    assert cli(["mappings", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(wp.list_mappings())
+    assert "torchvision:resnet50 -> timm:resnet50" in rows["torchvision.resnet->timm.resnet"]["verified"]
+    assert all(r["verified"] and r["description"] and r["rules"] > 0 for r in rows.values())
+    assert cli(["mappings"]) == 0
+    text = capsys.readouterr().out
+    assert "torchvision.vit->timm.vit (" in text and "    verified: torchvision:vit_b_16 -> timm:" in text
+
+
+def test_transformers_targets_are_built_from_config_arguments(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from weightport.targets import build_target
+
+    model = build_target(
+        "transformers:BertModel(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, "
+        "intermediate_size=64, vocab_size=50, add_pooling_layer=False)"
+    )
+    assert model.config.hidden_size == 32 and model.pooler is None
+    path = tmp_path / "bert.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    spec = (
+        "transformers:BertModel(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, "
+        "vocab_size=50, add_pooling_layer=False)"
+    )
+    assert cli(["port", str(path), spec, "--strict", "--dry-run"]) == 0
+    assert cli(["port", str(path), "transformers:NoSuchModel"]) == 2
+    assert "transformers has no model class 'NoSuchModel'" in capsys.readouterr().err

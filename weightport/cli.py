@@ -310,19 +310,17 @@ def _mappings(args: argparse.Namespace) -> int:
     rows = []
     for name in wp.list_mappings():
         m = wp.load_mapping(name)
-        rows.append(
-            {"name": name, "description": m.description, "source": m.source, "target": m.target, "rules": len(m.rules)}
-        )
+        verified = list(m.verified) or ([f"{m.source} -> {m.target}"] if m.source and m.target else [])
+        rows.append({"name": name, "description": m.description, "verified": verified, "rules": len(m.rules)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     if not rows:
         print("no shipped mappings")
     for r in rows:
-        print(
-            f"{r['name']}\n    {r['description'] or ''}\n    verified: {r['source']} -> {r['target']}"
-            f" ({r['rules']} rules)"
-        )
+        print(f"{r['name']} ({r['rules']} rules)\n    {r['description'] or ''}")
+        for pair in r["verified"]:
+            print(f"    verified: {pair}")
     return EXIT_OK
 
 

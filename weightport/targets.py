@@ -1,10 +1,11 @@
 """Building a target model from a spec: ``package.module:factory(k=v)``, ``timm:NAME``,
-``torchvision:NAME`` (architectures only, never weights)."""
+``torchvision:NAME``, ``transformers:CLASS`` (architectures only, never weights)."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any
@@ -104,5 +105,22 @@ def _timm(name: str, *args: Any, **kwargs: Any) -> nn.Module:
     return timm.create_model(arch, *args, **kwargs)
 
 
+def _transformers(name: str, *args: Any, **kwargs: Any) -> nn.Module:
+    """``transformers:CLASS(k=v)`` builds ``CLASS(CLASS.config_class(k=v))`` with random weights; constructor
+    arguments such as ``add_pooling_layer`` go to the class."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise TargetError("transformers targets need transformers: pip install transformers") from e
+    cls = getattr(transformers, name, None)
+    if not isinstance(cls, type) or not hasattr(cls, "config_class"):
+        raise TargetError(f"transformers has no model class {name!r}")
+    init_names = set(inspect.signature(cls).parameters) - {"self", "config", "args", "kwargs"}
+    init = {k: v for k, v in kwargs.items() if k in init_names}
+    config = cls.config_class(**{k: v for k, v in kwargs.items() if k not in init_names})
+    return cls(config, *args, **init).eval()
+
+
 register_target("torchvision", _torchvision)
 register_target("timm", _timm)
+register_target("transformers", _transformers)

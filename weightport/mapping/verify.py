@@ -21,7 +21,6 @@ Importing this module builds and runs nothing.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import tempfile
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightport.errors import MappingError, OpError, TargetError, WeightportError
+from weightport.errors import MappingError, OpError, WeightportError
 from weightport.mapping.core import Mapping
 from weightport.mapping.ops import fuse as _cat
 
@@ -159,33 +158,14 @@ def verify(
 
 
 def build(spec: str) -> nn.Module:
-    """Build an architecture (random weights, never downloaded) from a spec.
+    """Build an architecture (random weights, never downloaded) from a spec, in eval mode.
 
-    ``transformers:CLASS(k=v)`` builds ``CLASS(CLASS.config_class(k=v))`` (constructor
-    arguments such as ``add_pooling_layer`` go to the class); every other spec goes to
-    :func:`weightport.targets.build_target`.
+    Any TARGET spec: ``torchvision:NAME``, ``timm:NAME(k=v)``, ``transformers:CLASS(config_key=v)``
+    (constructor arguments such as ``add_pooling_layer`` go to the class), ``package.module:factory``.
     """
-    from weightport.targets import build_target, parse_call
+    from weightport.targets import build_target
 
-    head, args, kwargs = parse_call(spec)
-    scheme, _, name = head.partition(":")
-    if scheme != "transformers":
-        return build_target(spec)
-    try:
-        import transformers
-    except ImportError as e:
-        raise TargetError(f"{spec!r} needs transformers: pip install transformers") from e
-    cls = getattr(transformers, name, None)
-    if not isinstance(cls, type) or not hasattr(cls, "config_class"):
-        raise TargetError(f"{spec!r}: transformers has no model class {name!r}")
-    init_names = set(inspect.signature(cls).parameters) - {"self", "config", "args", "kwargs"}
-    init = {k: v for k, v in kwargs.items() if k in init_names}
-    config = cls.config_class(**{k: v for k, v in kwargs.items() if k not in init_names})
-    try:
-        model = cls(config, *args, **init)
-    except Exception as e:
-        raise TargetError(f"{spec!r}: building it failed: {type(e).__name__}: {e}") from e
-    return model.eval()
+    return build_target(spec).eval()
 
 
 def _build_light(spec: str, *, shapes_only: bool = False) -> nn.Module:
