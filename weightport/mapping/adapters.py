@@ -414,8 +414,15 @@ def _vocab_applies(
 
 
 def _rows(
-    x: torch.Tensor, target: torch.Tensor, kind: str, index: list[int] | None, source_rows: int | None
+    x: torch.Tensor,
+    target: torch.Tensor,
+    kind: str,
+    index: list[int] | None,
+    rows: int | None,
+    source_rows: int | None,
 ) -> torch.Tensor:
+    if rows is not None and rows != target.shape[0]:
+        raise OpError(f"{kind}: rows={rows} but the target has {target.shape[0]} rows")
     if x.dim() < 1 or target.dim() != x.dim() or tuple(x.shape[1:]) != tuple(target.shape[1:]):
         raise OpError(f"{kind}: cannot fit rows of {tuple(x.shape)} into {tuple(target.shape)}")
     if source_rows is not None and source_rows != x.shape[0]:
@@ -457,9 +464,7 @@ def head(
         rows: The target's row count, checked when given.
         source_rows: The source's row count, checked when given.
     """
-    if rows is not None and rows != target.shape[0]:
-        raise OpError(f"head: rows={rows} but the target has {target.shape[0]} rows")
-    return _rows(x, target, "head", index, source_rows)
+    return _rows(x, target, "head", index, rows, source_rows)
 
 
 @register_op("vocab", target="value", label=_rows_label("vocab"), applies=_vocab_applies)
@@ -480,6 +485,4 @@ def vocab(
         rows: The target's row count, checked when given.
         source_rows: The source's row count, checked when given.
     """
-    if rows is not None and rows != target.shape[0]:
-        raise OpError(f"vocab: rows={rows} but the target has {target.shape[0]} rows")
-    return _rows(x, target, "vocab", index, source_rows)
+    return _rows(x, target, "vocab", index, rows, source_rows)
