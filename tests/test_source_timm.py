@@ -125,6 +125,12 @@ def test_cli_target_with_new_head_and_one_input_channel(caches):
     report = wp.transfer("timm:test_resnet", model)
     assert sorted(e.target for e in report.skipped) == ["conv1.0.weight", "fc.bias", "fc.weight"]
     assert len(report.loaded) == len(report.entries) - 3
+    adapted = wp.transfer("timm:test_resnet", model, on_mismatch="adapt")
+    assert {e.target: e.ops for e in adapted.adapted} == {
+        "conv1.0.weight": ("in_channels 3->1",),
+        "fc.weight": ("head 1000->10",),
+        "fc.bias": ("head 1000->10",),
+    }
 
 
 def test_cli_target_unknown_timm_model():
