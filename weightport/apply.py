@@ -43,6 +43,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How :func:`apply_plan` reads (not what it loads).
+
+    Attributes:
+        zero_copy: Assign read-only memory-mapped views to meta targets where dtype and layout
+            already match (no copy, no memory; the file must outlive the model unchanged).
+        progress: Progress bar: ``None`` automatic (terminal and large), ``True`` always, ``False`` never.
+    """
+
+    zero_copy: bool = False
+    progress: bool | None = None
+
+
+_OPTIONS: weakref.WeakKeyDictionary[Any, ApplyOptions] = weakref.WeakKeyDictionary()
+
+
+def set_options(plan: TransferPlan, options: ApplyOptions) -> None:
+    """Attach reading options to a plan (used by :func:`weightport.plan` / :func:`weightport.transfer`)."""
+    _OPTIONS[plan] = options
+
+
+def options_of(plan: TransferPlan) -> ApplyOptions:
+    return _OPTIONS.get(plan, ApplyOptions())
+
+
 @dataclass
 class _Copy:
     """Commit: ``dest.copy_(value)`` in place."""

@@ -9,10 +9,12 @@ Nothing is written and no tensor data is read until :meth:`TransferPlan.apply`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
+import gc
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,9 +81,18 @@ class Recipe:
 
     @property
     def ops(self) -> tuple[OpCall, ...]:
+        if len(self.inputs) == 1:
+            return self.inputs[0].ops + self.post
         return tuple(op for i in self.inputs for op in i.ops) + self.post
 
+    @property
+    def plain(self) -> bool:
+        """One input, no ops, no fuse: the value is the source tensor itself."""
+        return self.fuse_dim is None and not self.post and len(self.inputs) == 1 and not self.inputs[0].ops
+
     def labels(self) -> tuple[str, ...]:
+        if self.plain:
+            return ()
         labels = [op.label() for op in (self.inputs[0].ops if len(self.inputs) == 1 else ())]
         if self.fuse_dim is not None:
             labels.append(f"fuse[{len(self.inputs)}]")
@@ -90,7 +101,7 @@ class Recipe:
 
     @property
     def adapted(self) -> bool:
-        return bool(self.ops) or self.fuse_dim is not None
+        return not self.plain and (bool(self.ops) or self.fuse_dim is not None)
 
 
 class TransferPlan:
@@ -170,6 +181,35 @@ def build_plan(
     check_finite: bool = False,
 ) -> TransferPlan:
     """Decide the fate of every target and source tensor; read no tensor data."""
+    with _gc_paused():
+        return _build_plan(source, model, mapping, into, on_mismatch, strict, require, dtype, device, check_finite)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Planning allocates ~10 objects per key and frees none of them in cycles: with 100k keys the
+    cyclic collector would rescan the growing heap again and again, for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _build_plan(
+    source: Source,
+    model: nn.Module,
+    mapping: Mapping,
+    into: str | None,
+    on_mismatch: str,
+    strict: bool,
+    require: Sequence[str],
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+    check_finite: bool,
+) -> TransferPlan:
     if on_mismatch not in ON_MISMATCH:
         raise PlanError(f"on_mismatch must be one of {', '.join(map(repr, ON_MISMATCH))}, not {on_mismatch!r}")
     if isinstance(require, str):
@@ -181,10 +221,11 @@ def build_plan(
     recipes, fresh_reasons, warnings = _decide(source, targets, routing, on_mismatch, scope)
     warnings += [f"rule {r.described()} matched no source tensor" for r in mapping.rules if routing.hits[id(r)] == 0]
     entries = _entries(source, targets, recipes, fresh_reasons)
-    unused = [k for k in source if k not in routing.used and k not in routing.dropped]
+    dropped = set(routing.dropped)
+    unused = [k for k in source if k not in routing.used and k not in dropped]
     reasons = {k: routing.unused_reasons.get(k, "no target tensor with this name") for k in unused}
     missing = sum(1 for e in entries if e.status == "fresh" and e.reason == "missing")
-    if unused and missing and len(unused) >= 0.5 * len(list(source)):
+    if unused and missing and len(unused) >= 0.5 * len(source):
         warnings.append(
             f"{len(unused)} source tensors unused and {missing} target tensors missing: the names "
             "probably differ; try a mapping (weightport mappings) or `weightport suggest SOURCE TARGET`"
@@ -329,8 +370,17 @@ def _decide(
     for name, target in targets.items():
         groups.setdefault(target.canonical, []).append(name)
     dropped = set(routing.dropped)
+    candidates = routing.candidates
     for canonical, group in groups.items():
-        chosen = next((n for n in group if n in routing.candidates), None)
+        if len(group) == 1:  # untied: the common case, kept cheap for 100k-key models
+            chosen = canonical if canonical in candidates else None
+            if chosen is not None and len(candidates[chosen]) == 1:
+                fast = _plain_recipe(canonical, candidates[chosen][0], source, targets[chosen])
+                if fast is not None:
+                    recipes[canonical] = fast
+                    continue
+        else:
+            chosen = next((n for n in group if n in candidates), None)
         if chosen is None:
             fresh[canonical] = ("dropped" if any(n in dropped for n in group) else "missing", None)
             continue
@@ -358,7 +408,11 @@ def _decide(
                 routing.used.discard(inp.key)
                 routing.unused_reasons[inp.key] = f"shape mismatch with {chosen!r}"
             continue
-        recipes[canonical] = Recipe(canonical, fitted.inputs, fitted.fuse_dim, fitted.post, fitted.rule, fitted.shape)
+        recipes[canonical] = (
+            fitted
+            if fitted.target == canonical
+            else Recipe(canonical, fitted.inputs, fitted.fuse_dim, fitted.post, fitted.rule, fitted.shape)
+        )
     if collisions:
         raise CollisionError(
             "two source tensors would write one target:\n  "
@@ -374,6 +428,19 @@ def _decide(
             "or on_mismatch='adapt'"
         )
     return recipes, fresh, warnings
+
+
+def _plain_recipe(
+    name: str, candidate: tuple[str, Rule | None, Output], source: Source, target: Target
+) -> Recipe | None:
+    """The recipe of a single source tensor loaded as is with the right shape; ``None`` otherwise."""
+    key, rule, out = candidate
+    if out.part is not None or out.ops:
+        return None
+    shape = source.meta(key).shape
+    if shape != target.tensor.shape:
+        return None  # the general path applies the mismatch policy
+    return Recipe(name, (Input(key),), None, (), rule, tuple(shape))
 
 
 def _recipe(
@@ -453,6 +520,8 @@ def _fit(
 
 def infer_shape(recipe: Recipe, source: Source, target: torch.Tensor) -> tuple[int, ...]:
     """The shape the recipe produces, computed on meta tensors (no data)."""
+    if recipe.plain:
+        return tuple(source.meta(recipe.inputs[0].key).shape)
     tmeta = torch.empty(target.shape, dtype=target.dtype, device="meta")
     xs = []
     for inp in recipe.inputs:
@@ -506,6 +575,7 @@ def _entries(
     fresh: dict[str, tuple[str, tuple[int, ...] | None]],
 ) -> list[Entry]:
     out = []
+    described: dict[int, str] = {}  # rule descriptions, built once per rule
     for name, t in targets.items():
         recipe = recipes.get(t.canonical)
         tied = t.canonical if t.canonical != name else None
@@ -522,7 +592,7 @@ def _entries(
                 name,
                 status,
                 tuple(i.key for i in recipe.inputs),
-                recipe.rule.described() if recipe.rule else None,
+                _described(recipe.rule, described),
                 recipe.labels(),
                 _source_shape(source, recipe),
                 **common,
@@ -531,7 +601,18 @@ def _entries(
     return out
 
 
+def _described(rule: Rule | None, cache: dict[int, str]) -> str | None:
+    if rule is None:
+        return None
+    text = cache.get(id(rule))
+    if text is None:
+        text = cache[id(rule)] = rule.described()
+    return text
+
+
 def _source_shape(source: Source, recipe: Recipe) -> tuple[int, ...]:
+    if recipe.plain:
+        return source.meta(recipe.inputs[0].key).shape
     shapes = [source.meta(i.key).shape for i in recipe.inputs]
     if recipe.fuse_dim is None or len(shapes) == 1:
         return shapes[0]

@@ -14,10 +14,12 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from weightport.errors import CorruptFileError
+from weightport.sources.base import TensorMeta
 
 _PAGE = mmap.PAGESIZE
 
@@ -100,7 +102,7 @@ class MappedFile:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,14 @@ class TensorRef:
     storage_offset: int = 0
     byteswap: bool = False
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @cached_property
+    def meta(self) -> TensorMeta:
+        """Shape and dtype (built once: planning asks for it many times)."""
+        return TensorMeta(self.shape, self.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -58,7 +58,7 @@ class FileSource(Source):
         self.state_dict_metadata = state_dict_metadata
 
     def _meta_of(self, handle: TensorRef) -> TensorMeta:
-        return TensorMeta(handle.shape, handle.dtype)
+        return handle.meta
 
     def _view_of(self, handle: TensorRef) -> torch.Tensor:
         return handle.view()
