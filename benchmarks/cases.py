@@ -292,8 +292,22 @@ def _plan(work: str) -> Any:
     return {"wall_s": done - start, "open_s": opened - start, "plan_s": done - opened}
 
 
+def preload() -> None:
+    """Import every library any case uses, so no case pays for imports inside its measurement
+    and every case starts from the same interpreter baseline."""
+    import accelerate.utils  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import timm.models  # noqa: F401
+    import torchvision  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import BertModel  # noqa: F401
+
+    import weightport  # noqa: F401
+
+
 def main(argv: list[str]) -> None:
     model, name, work = argv
+    preload()
     print(json.dumps(measure(CASES[model][name], work)))
 
 

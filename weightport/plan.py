@@ -13,7 +13,7 @@ import contextlib
 import difflib
 import fnmatch
 import gc
-from collections import Counter
+from collections import Counter, abc
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -316,13 +316,9 @@ def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: 
         for out in _auto_split_sizes(source, key, res.rule, res.outputs, targets):
             routed.append((key, res.rule, out))
     if any(has_custom_loading(m) for m in scope.modules()):
-        metas = {key: source.meta(key) for key, _, out in routed if not out.ops and out.part is None}
+        # lazy: hooks look at the few keys under their module; other shards stay closed
         routed = replay(
-            scope,
-            routed,
-            {k: m.shape for k, m in metas.items()},
-            {k: m.dtype for k, m in metas.items()},
-            source.state_dict_metadata,
+            scope, routed, _LazyMeta(source, "shape"), _LazyMeta(source, "dtype"), source.state_dict_metadata
         )
     for key, rule, out in routed:
         if out.target in targets:
@@ -331,6 +327,23 @@ def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: 
         elif key not in r.used:
             r.unused_reasons[key] = f"no target tensor named {out.target!r}"
     return r
+
+
+class _LazyMeta(abc.Mapping):
+    """``{key: source.meta(key).<attr>}`` computed on access, so unread keys cost nothing."""
+
+    def __init__(self, source: Source, attr: str) -> None:
+        self._source = source
+        self._attr = attr
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self._source.meta(key), self._attr)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
 
 
 def _auto_split_sizes(

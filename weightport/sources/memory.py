@@ -69,6 +69,11 @@ class FileSource(Source):
     def _release(self, handle: TensorRef) -> None:
         handle.release()
 
+    def _mapped_view_of(self, handle: TensorRef) -> torch.Tensor | None:
+        if not handle.contiguous or handle.byteswap or handle.numel == 0:
+            return None
+        return handle.view()
+
     def close(self) -> None:
         for f in self._files:
             f.close()
