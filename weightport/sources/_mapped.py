@@ -58,7 +58,13 @@ class MappedFile:
         count = nbytes // itemsize
         if count == 0:
             return torch.empty(0, dtype=dtype)
-        return torch.frombuffer(self._map(), dtype=dtype, count=count, offset=offset)
+        mapped = self._map()
+        if offset + count * itemsize > len(mapped):
+            raise CorruptFileError(
+                f"{self.path}: bytes {offset}..{offset + nbytes} are past the end of the file "
+                f"({len(mapped)} bytes); it was truncated or replaced after it was opened; open it again"
+            )
+        return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
 
     def read_into(self, offset: int, out: torch.Tensor) -> None:
         """Read ``out.nbytes`` bytes at ``offset`` straight into contiguous CPU ``out``."""
