@@ -114,9 +114,9 @@ def table(model: str, rows: list[tuple[str, list[dict[str, float]]]], size: int)
     lines = [
         f"### {model} (checkpoint {size / 2**20:.0f} MiB)",
         "",
-        "| case | wall s (median) | min–max s | vs recipe | vs floor | peak RSS MiB | over baseline MiB | "
+        "| case | wall s (median) | min–max s | CPU s | vs recipe | vs floor | peak RSS MiB | over baseline MiB | "
         "over / checkpoint |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, results in rows:
         wall = median_of(results, "wall_s")
@@ -125,8 +125,9 @@ def table(model: str, rows: list[tuple[str, list[dict[str, float]]]], size: int)
         over = statistics.median(r["peak_mib"] - r["baseline_mib"] for r in results)
         vs_recipe = f"{recipe / wall:.1f}× faster" if recipe and wall else "–"
         vs_floor = f"{wall / floor:.2f}×" if floor else "–"
+        cpu = median_of(results, "cpu_s")
         lines.append(
-            f"| {name} | {wall:.3f} | {min(walls):.3f}–{max(walls):.3f} | {vs_recipe} | {vs_floor} | "
+            f"| {name} | {wall:.3f} | {min(walls):.3f}–{max(walls):.3f} | {cpu:.2f} | {vs_recipe} | {vs_floor} | "
             f"{peak:.0f} | {over:.0f} | {over * 2**20 / size:.2f} |"
         )
     return "\n".join(lines)
@@ -146,7 +147,8 @@ def plan_table(results: list[dict[str, float]]) -> str:
                 for label, k in [
                     ("open the 100k-key safetensors header", "open_s"),
                     ("weightport.plan (route, match, shapes, report)", "plan_s"),
-                    ("both", "wall_s"),
+                    ("both (wall)", "wall_s"),
+                    ("both (CPU time of the process)", "cpu_s"),
                 ]
             ),
         ]
@@ -179,7 +181,12 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     prepare(args.work, models)
     warm(args.work)
-    out = [f"Machine: {machine()}", f"Runs per case: {args.runs} (median), each in a fresh process", ""]
+    out = [
+        f"Machine: {machine()}",
+        f"Runs per case: {args.runs} (median), each in a fresh process",
+        f"Load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        "",
+    ]
     started = time.perf_counter()
     for model in models:
         rows = []
@@ -195,6 +202,7 @@ def main() -> None:
             rows.append((name, results))
         out.append(plan_table(rows[0][1]) if model == "plan" else table(model, rows, file_size(args.work, model)))
         out.append("")
+    out.append(f"Load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     out.append(f"Total benchmark time: {time.perf_counter() - started:.0f} s")
     print("\n".join(out))
 
