@@ -131,6 +131,11 @@ def test_transfer_progress_counts_every_byte_and_can_be_switched_off(checkpoint,
         model = _meta_net() if meta else TinyNet(num_classes=10)
         report = wp.transfer(checkpoint, model, progress=True)
         assert updates[-1] == -1 and sum(updates[:-1]) == report.stats["bytes_loaded"]
+        updates.clear()
+        report = wp.transfer(
+            checkpoint, _meta_net() if meta else TinyNet(num_classes=10), progress=True, dtype="float16"
+        )
+        assert sum(updates[:-1]) == report.stats["bytes_loaded"]  # source bytes, also when casting
     updates.clear()
     wp.transfer(checkpoint, _meta_net(), progress=False)
     assert updates == [] and seen[-1] is False

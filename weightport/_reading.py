@@ -37,6 +37,11 @@ class ReadJob:
 
     key: str
     out: torch.Tensor
+    nbytes: int = 0  # source bytes, for progress (``out.nbytes`` if not given)
+
+    def __post_init__(self) -> None:
+        if not self.nbytes:
+            self.nbytes = self.out.nbytes
 
 
 def read_workers(total_bytes: int, jobs: int) -> int:
@@ -60,7 +65,7 @@ def run_reads(source: Any, jobs: list[ReadJob], bar: Progress) -> None:
         stager = Stager()
         for job in gpu:
             stager.fill(job.out, functools.partial(source.read_into, job.key))
-            bar.update(job.out.nbytes)
+            bar.update(job.nbytes)
         stager.finish()
 
 
@@ -69,14 +74,14 @@ def _read_cpu(source: Any, jobs: list[ReadJob], bar: Progress) -> None:
     if workers <= 1:
         for job in jobs:
             source.read_into(job.key, job.out)
-            bar.update(job.out.nbytes)
+            bar.update(job.nbytes)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="weightport-read") as pool:
         futures: list[Future[None]] = [pool.submit(source.read_into, j.key, j.out) for j in jobs]
         try:
             for job, future in zip(jobs, futures):
                 future.result()
-                bar.update(job.out.nbytes)
+                bar.update(job.nbytes)
         except BaseException:
             for f in futures:
                 f.cancel()

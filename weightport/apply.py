@@ -78,6 +78,7 @@ class _Copy:
     dest: torch.Tensor
     value: torch.Tensor
     release: tuple[str, ...]
+    nbytes: int  # source bytes, for progress
 
 
 @dataclass
@@ -191,15 +192,16 @@ def _prepare_recipe(
     in_place = not target.is_meta and (dtype, device) == (target.dtype, target.device)
     plain = len(recipe.inputs) == 1 and not recipe.ops and recipe.fuse_dim is None
     keys = tuple(i.key for i in recipe.inputs)
+    nbytes = sum(source.meta(k).nbytes for k in keys)  # progress counts source bytes
     if plain and options.zero_copy and target.is_meta and device.type == "cpu" and not plan.check_finite:
         view = source.mapped_view(keys[0])
         if view is not None and view.dtype == dtype and tuple(view.shape) == tuple(target.shape):
             prepared.zero_copy += 1
-            bar.update(view.nbytes)
+            bar.update(nbytes)
             return _swap(target, view, owners)  # shares the file's pages (see docs/performance.md)
     if plain and not in_place and not plan.check_finite and device.type in ("cpu", "cuda"):
         new = torch.empty(target.shape, dtype=dtype, device=device)
-        prepared.jobs.append(ReadJob(keys[0], new))  # read later, straight from the file into ``new``
+        prepared.jobs.append(ReadJob(keys[0], new, nbytes))  # read later, straight from the file into ``new``
         return _swap(target, new, owners)
     value = compute(recipe, source, init if init is not None else target)
     if tuple(value.shape) != tuple(target.shape):
@@ -213,7 +215,7 @@ def _prepare_recipe(
             "(pass check_finite=False to load it anyway)"
         )
     if in_place:
-        return _Copy(target, value, keys)
+        return _Copy(target, value, keys, nbytes)
     new = torch.empty(target.shape, dtype=dtype, device=device)
     if device.type == "cuda":
         prepared.stager = prepared.stager or Stager()
@@ -222,7 +224,7 @@ def _prepare_recipe(
         new.copy_(value)
     for k in keys:
         source.release(k)
-    bar.update(new.nbytes)
+    bar.update(nbytes)
     return _swap(target, new, owners)
 
 
@@ -361,7 +363,7 @@ def _commit(writes: list[Any], plan: TransferPlan, bar: _progress.Progress) -> N
             w.dest.copy_(w.value)
             for k in w.release:
                 source.release(k)
-            bar.update(w.dest.nbytes)
+            bar.update(w.nbytes)
         else:
             _replace(w)
 
