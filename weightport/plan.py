@@ -592,25 +592,36 @@ def _entries(
     for name, t in targets.items():
         recipe = recipes.get(t.canonical)
         tied = t.canonical if t.canonical != name else None
-        common: dict[str, Any] = dict(
-            target_shape=tuple(t.tensor.shape), tied_to=tied, numel=t.tensor.numel(), is_parameter=t.is_parameter
-        )
+        tensor = t.tensor
+        shape = tuple(tensor.shape)
         if recipe is None:
-            reason, shape = fresh.get(t.canonical, ("missing", None))
-            out.append(Entry(name, "fresh", reason=reason, source_shape=shape, **common))
+            reason, src_shape = fresh.get(t.canonical, ("missing", None))
+            out.append(
+                Entry(name, "fresh", (), None, (), src_shape, shape, reason, tied, tensor.numel(), t.is_parameter)
+            )
             continue
-        status = "adapted" if recipe.adapted else "loaded"
-        out.append(
-            Entry(
+        rule = _described(recipe.rule, described)
+        if recipe.plain:  # the common case, without the general recipe walk
+            key = recipe.inputs[0].key
+            src_shape = recipe.shape if recipe.shape is not None else source.meta(key).shape
+            entry = Entry(
+                name, "loaded", (key,), rule, (), src_shape, shape, None, tied, tensor.numel(), t.is_parameter
+            )
+        else:
+            entry = Entry(
                 name,
-                status,
+                "adapted" if recipe.adapted else "loaded",
                 tuple(i.key for i in recipe.inputs),
-                _described(recipe.rule, described),
+                rule,
                 recipe.labels(),
                 _source_shape(source, recipe),
-                **common,
+                shape,
+                None,
+                tied,
+                tensor.numel(),
+                t.is_parameter,
             )
-        )
+        out.append(entry)
     return out
 
 
