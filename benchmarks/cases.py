@@ -213,6 +213,14 @@ def _weightport(model: str, meta: bool, pickle_file: bool = False) -> Case:
     return run
 
 
+def _weightport_one_thread(model: str) -> Case:
+    def run(work: str) -> Any:
+        os.environ["WEIGHTPORT_READ_THREADS"] = "1"  # reads on the calling thread only
+        return _weightport(model, meta=True)(work)
+
+    return run
+
+
 def _weightport_zero_copy(model: str) -> Case:
     def run(work: str) -> Any:
         import weightport
@@ -234,6 +242,7 @@ for _m in ("vit", "bert"):
     CASES[_m]["weightport, meta-built model (init_empty)"] = _weightport(_m, meta=True)
 CASES["vit"]["weightport, meta-built, from the .pth"] = _weightport("vit", meta=True, pickle_file=True)
 CASES["vit"]["weightport, meta-built, zero_copy=True"] = _weightport_zero_copy("vit")
+CASES["vit"]["weightport, meta-built, reads on 1 thread"] = _weightport_one_thread("vit")
 
 
 @case("bert", "transformers from_pretrained")
