@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightport.apply import ApplyOptions, set_options
 from weightport.errors import PlanError
 from weightport.mapping.core import Mapping
 from weightport.mapping.rules import Rule
@@ -34,6 +35,8 @@ def plan(
     checkpoint_key: str | None = None,
     check_finite: bool = False,
     trust_pickle: bool = False,
+    zero_copy: bool = False,
+    progress: bool | None = None,
 ) -> TransferPlan:
     """Decide what :func:`transfer` would do, reading no tensor data and changing nothing.
 
@@ -42,7 +45,7 @@ def plan(
     """
     src = open_source(source, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
     resolved = _mapping(mapping).with_rules(rules)
-    return build_plan(
+    planned = build_plan(
         src,
         model,
         resolved,
@@ -54,6 +57,8 @@ def plan(
         device=_device(device),
         check_finite=check_finite,
     )
+    set_options(planned, ApplyOptions(zero_copy=bool(zero_copy), progress=progress))
+    return planned
 
 
 def transfer(
@@ -71,6 +76,8 @@ def transfer(
     checkpoint_key: str | None = None,
     check_finite: bool = False,
     trust_pickle: bool = False,
+    zero_copy: bool = False,
+    progress: bool | None = None,
 ) -> TransferReport:
     """Load ``source`` into ``model``: plan everything first, then change all or nothing.
 
@@ -93,6 +100,14 @@ def transfer(
         checkpoint_key: Key of the weights inside a nested checkpoint.
         check_finite: Refuse source tensors holding NaN or Inf.
         trust_pickle: Allow full pickle loading of torch files (runs code from the file).
+        zero_copy: For tensors of a meta-built target that a safetensors (or other mapped) file
+            holds with the same dtype and layout on CPU, assign read-only memory-mapped views of the
+            file instead of owning copies: near-instant and no extra memory, but the file must not
+            change while the model lives, and writing to those tensors (training) raises. Default
+            ``False``: owning copies. See docs/performance.md.
+        progress: Show a progress bar (tqdm) while reading. ``None`` (default): only when stderr
+            is a terminal and the transfer reads more than 256 MiB; ``False``: never; ``True``:
+            always (when tqdm is installed).
 
     Returns:
         A :class:`TransferReport` naming the fate of every target and source tensor.
@@ -119,6 +134,8 @@ def transfer(
         checkpoint_key=checkpoint_key,
         check_finite=check_finite,
         trust_pickle=trust_pickle,
+        zero_copy=zero_copy,
+        progress=progress,
     )
     report = planned.apply()
     log.info("%s", report.summary().splitlines()[0])

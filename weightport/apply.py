@@ -27,12 +27,14 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from weightport import _progress
+from weightport._reading import ReadJob, Stager, run_reads
 from weightport.errors import NonFiniteError, PlanError, ShapeMismatchError
 from weightport.mapping.ops import fuse
 
@@ -43,6 +45,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How :func:`apply_plan` reads (not what it loads).
+
+    Attributes:
+        zero_copy: Assign read-only memory-mapped views to meta targets where dtype and layout
+            already match (no copy, no memory; the file must outlive the model unchanged).
+        progress: Progress bar: ``None`` automatic (terminal and large), ``True`` always, ``False`` never.
+    """
+
+    zero_copy: bool = False
+    progress: bool | None = None
+
+
+_OPTIONS: weakref.WeakKeyDictionary[Any, ApplyOptions] = weakref.WeakKeyDictionary()
+
+
+def set_options(plan: TransferPlan, options: ApplyOptions) -> None:
+    """Attach reading options to a plan (used by :func:`weightport.plan` / :func:`weightport.transfer`)."""
+    _OPTIONS[plan] = options
+
+
+def options_of(plan: TransferPlan) -> ApplyOptions:
+    return _OPTIONS.get(plan, ApplyOptions())
+
+
 @dataclass
 class _Copy:
     """Commit: ``dest.copy_(value)`` in place."""
@@ -50,6 +78,7 @@ class _Copy:
     dest: torch.Tensor
     value: torch.Tensor
     release: tuple[str, ...]
+    nbytes: int  # source bytes, for progress
 
 
 @dataclass
@@ -65,20 +94,27 @@ def apply_plan(plan: TransferPlan) -> TransferReport:
     if plan._applied:
         raise PlanError("this plan was applied already; call weightport.plan(...) again")
     _check_unchanged(plan)
+    options = options_of(plan)
     start = time.perf_counter()
-    writes, notes = _prepare(plan)
-    prepared = time.perf_counter()
-    with _interrupts_deferred(), torch.no_grad():
-        _commit(writes, plan)
-        plan._applied = True
+    total = sum(plan.source.meta(i.key).nbytes for r in plan.recipes.values() for i in r.inputs)
+    with _progress.progress(options.progress, total, desc="weightport: loading") as bar:
+        prepared = _prepare(plan, options, bar)
+        run_reads(plan.source, prepared.jobs, bar)
+        if prepared.stager is not None:
+            prepared.stager.finish()
+        ready = time.perf_counter()
+        with _interrupts_deferred(), torch.no_grad():
+            _commit(prepared.writes, plan, bar)
+            plan._applied = True
     done = time.perf_counter()
     stats = {
-        "prepare_s": prepared - start,
-        "commit_s": done - prepared,
+        "prepare_s": ready - start,
+        "commit_s": done - ready,
         "seconds": done - start,
-        "bytes_loaded": float(sum(plan.source.meta(i.key).nbytes for r in plan.recipes.values() for i in r.inputs)),
+        "bytes_loaded": float(total),
+        "zero_copy_tensors": float(prepared.zero_copy),
     }
-    warnings = plan.report.warnings + tuple(notes)
+    warnings = plan.report.warnings + tuple(prepared.notes)
     return replace(plan.report, applied=True, stats=stats, warnings=warnings)
 
 
@@ -104,9 +140,19 @@ def _final(t: torch.Tensor, plan: TransferPlan) -> tuple[torch.dtype, torch.devi
     return dtype, device
 
 
-def _prepare(plan: TransferPlan) -> tuple[list[Any], list[str]]:
-    notes: list[str] = []
-    writes: list[Any] = []
+@dataclass
+class _Prepared:
+    """What :func:`_prepare` decided: commit writes, reads to perform first, notes."""
+
+    writes: list[Any] = field(default_factory=list)
+    jobs: list[ReadJob] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stager: Stager | None = None  # pinned host-to-GPU copies of op results
+    zero_copy: int = 0
+
+
+def _prepare(plan: TransferPlan, options: ApplyOptions, bar: _progress.Progress) -> _Prepared:
+    out = _Prepared()
     owners = _owners(plan.scope)
     fresh_names = [n for n, t in plan.targets.items() if n == t.canonical and n not in plan.recipes]
     needs_init = [n for n in fresh_names if plan.targets[n].tensor.is_meta]
@@ -115,20 +161,20 @@ def _prepare(plan: TransferPlan) -> tuple[list[Any], list[str]]:
         for n, r in plan.recipes.items()
         if plan.targets[n].tensor.is_meta and any(op.target_use == "value" for op in r.ops)
     ]
-    inits = _fresh_values(plan, needs_init + value_ops, notes)
+    inits = _fresh_values(plan, needs_init + value_ops, out.notes)
     for name, recipe in plan.recipes.items():
         target = plan.targets[name].tensor
-        writes.append(_prepare_recipe(plan, recipe, target, inits.get(name), owners))
+        out.writes.append(_prepare_recipe(plan, recipe, target, inits.get(name), owners, options, out, bar))
     for name in fresh_names:
         t = plan.targets[name].tensor
         dtype, device = _final(t, plan)
         if name in inits:
-            writes.append(_swap(t, inits[name].to(dtype=dtype), owners))
+            out.writes.append(_swap(t, inits[name].to(device=device, dtype=dtype), owners))
         elif (dtype, device) != (t.dtype, t.device):
-            writes.append(_swap(t, t.detach().to(device=device, dtype=dtype, copy=True), owners))
+            out.writes.append(_swap(t, t.detach().to(device=device, dtype=dtype, copy=True), owners))
     if plan.dtype is not None or plan.device is not None:
-        writes.extend(_convert_other_buffers(plan, owners))
-    return writes, notes
+        out.writes.extend(_convert_other_buffers(plan, owners))
+    return out
 
 
 def _prepare_recipe(
@@ -137,15 +183,25 @@ def _prepare_recipe(
     target: torch.Tensor,
     init: torch.Tensor | None,
     owners: dict[int, list[tuple[nn.Module, str, str]]],
+    options: ApplyOptions,
+    prepared: _Prepared,
+    bar: _progress.Progress,
 ) -> Any:
     source = plan.source
     dtype, device = _final(target, plan)
     in_place = not target.is_meta and (dtype, device) == (target.dtype, target.device)
     plain = len(recipe.inputs) == 1 and not recipe.ops and recipe.fuse_dim is None
     keys = tuple(i.key for i in recipe.inputs)
-    if plain and not in_place and not plan.check_finite and device.type == "cpu":
+    nbytes = sum(source.meta(k).nbytes for k in keys)  # progress counts source bytes
+    if plain and options.zero_copy and target.is_meta and device.type == "cpu" and not plan.check_finite:
+        view = source.mapped_view(keys[0])
+        if view is not None and view.dtype == dtype and tuple(view.shape) == tuple(target.shape):
+            prepared.zero_copy += 1
+            bar.update(nbytes)
+            return _swap(target, view, owners)  # shares the file's pages (see docs/performance.md)
+    if plain and not in_place and not plan.check_finite and device.type in ("cpu", "cuda"):
         new = torch.empty(target.shape, dtype=dtype, device=device)
-        source.read_into(keys[0], new)  # straight from the file into the new tensor
+        prepared.jobs.append(ReadJob(keys[0], new, nbytes))  # read later, straight from the file into ``new``
         return _swap(target, new, owners)
     value = compute(recipe, source, init if init is not None else target)
     if tuple(value.shape) != tuple(target.shape):
@@ -159,11 +215,16 @@ def _prepare_recipe(
             "(pass check_finite=False to load it anyway)"
         )
     if in_place:
-        return _Copy(target, value, keys)
+        return _Copy(target, value, keys, nbytes)
     new = torch.empty(target.shape, dtype=dtype, device=device)
-    new.copy_(value)
+    if device.type == "cuda":
+        prepared.stager = prepared.stager or Stager()
+        prepared.stager.copy(new, value.to(dtype))
+    else:
+        new.copy_(value)
     for k in keys:
         source.release(k)
+    bar.update(nbytes)
     return _swap(target, new, owners)
 
 
@@ -295,13 +356,14 @@ def _meta_shadow(module: nn.Module) -> nn.Module:
 # -- commit -----------------------------------------------------------------------------------------
 
 
-def _commit(writes: list[Any], plan: TransferPlan) -> None:
+def _commit(writes: list[Any], plan: TransferPlan, bar: _progress.Progress) -> None:
     source = plan.source
     for w in writes:
         if isinstance(w, _Copy):
             w.dest.copy_(w.value)
             for k in w.release:
                 source.release(k)
+            bar.update(w.nbytes)
         else:
             _replace(w)
 

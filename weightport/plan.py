@@ -9,10 +9,12 @@ Nothing is written and no tensor data is read until :meth:`TransferPlan.apply`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
-from collections import Counter
-from collections.abc import Iterable, Sequence
+import gc
+from collections import Counter, abc
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,9 +81,18 @@ class Recipe:
 
     @property
     def ops(self) -> tuple[OpCall, ...]:
+        if len(self.inputs) == 1:
+            return self.inputs[0].ops + self.post
         return tuple(op for i in self.inputs for op in i.ops) + self.post
 
+    @property
+    def plain(self) -> bool:
+        """One input, no ops, no fuse: the value is the source tensor itself."""
+        return self.fuse_dim is None and not self.post and len(self.inputs) == 1 and not self.inputs[0].ops
+
     def labels(self) -> tuple[str, ...]:
+        if self.plain:
+            return ()
         labels = [op.label() for op in (self.inputs[0].ops if len(self.inputs) == 1 else ())]
         if self.fuse_dim is not None:
             labels.append(f"fuse[{len(self.inputs)}]")
@@ -90,7 +101,7 @@ class Recipe:
 
     @property
     def adapted(self) -> bool:
-        return bool(self.ops) or self.fuse_dim is not None
+        return not self.plain and (bool(self.ops) or self.fuse_dim is not None)
 
 
 class TransferPlan:
@@ -170,6 +181,35 @@ def build_plan(
     check_finite: bool = False,
 ) -> TransferPlan:
     """Decide the fate of every target and source tensor; read no tensor data."""
+    with _gc_paused():
+        return _build_plan(source, model, mapping, into, on_mismatch, strict, require, dtype, device, check_finite)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Planning allocates ~10 objects per key and frees none of them in cycles: with 100k keys the
+    cyclic collector would rescan the growing heap again and again, for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _build_plan(
+    source: Source,
+    model: nn.Module,
+    mapping: Mapping,
+    into: str | None,
+    on_mismatch: str,
+    strict: bool,
+    require: Sequence[str],
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+    check_finite: bool,
+) -> TransferPlan:
     if on_mismatch not in ON_MISMATCH:
         raise PlanError(f"on_mismatch must be one of {', '.join(map(repr, ON_MISMATCH))}, not {on_mismatch!r}")
     if isinstance(require, str):
@@ -181,10 +221,11 @@ def build_plan(
     recipes, fresh_reasons, warnings = _decide(source, targets, routing, on_mismatch, scope)
     warnings += [f"rule {r.described()} matched no source tensor" for r in mapping.rules if routing.hits[id(r)] == 0]
     entries = _entries(source, targets, recipes, fresh_reasons)
-    unused = [k for k in source if k not in routing.used and k not in routing.dropped]
+    dropped = set(routing.dropped)
+    unused = [k for k in source if k not in routing.used and k not in dropped]
     reasons = {k: routing.unused_reasons.get(k, "no target tensor with this name") for k in unused}
     missing = sum(1 for e in entries if e.status == "fresh" and e.reason == "missing")
-    if unused and missing and len(unused) >= 0.5 * len(list(source)):
+    if unused and missing and len(unused) >= 0.5 * len(source):
         warnings.append(
             f"{len(unused)} source tensors unused and {missing} target tensors missing: the names "
             "probably differ; try a mapping (weightport mappings) or `weightport suggest SOURCE TARGET`"
@@ -275,13 +316,9 @@ def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: 
         for out in _auto_split_sizes(source, key, res.rule, res.outputs, targets):
             routed.append((key, res.rule, out))
     if any(has_custom_loading(m) for m in scope.modules()):
-        metas = {key: source.meta(key) for key, _, out in routed if not out.ops and out.part is None}
+        # lazy: hooks look at the few keys under their module; other shards stay closed
         routed = replay(
-            scope,
-            routed,
-            {k: m.shape for k, m in metas.items()},
-            {k: m.dtype for k, m in metas.items()},
-            source.state_dict_metadata,
+            scope, routed, _LazyMeta(source, "shape"), _LazyMeta(source, "dtype"), source.state_dict_metadata
         )
     for key, rule, out in routed:
         if out.target in targets:
@@ -290,6 +327,23 @@ def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: 
         elif key not in r.used:
             r.unused_reasons[key] = f"no target tensor named {out.target!r}"
     return r
+
+
+class _LazyMeta(abc.Mapping):
+    """``{key: source.meta(key).<attr>}`` computed on access, so unread keys cost nothing."""
+
+    def __init__(self, source: Source, attr: str) -> None:
+        self._source = source
+        self._attr = attr
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self._source.meta(key), self._attr)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
 
 
 def _auto_split_sizes(
@@ -329,8 +383,17 @@ def _decide(
     for name, target in targets.items():
         groups.setdefault(target.canonical, []).append(name)
     dropped = set(routing.dropped)
+    candidates = routing.candidates
     for canonical, group in groups.items():
-        chosen = next((n for n in group if n in routing.candidates), None)
+        if len(group) == 1:  # untied: the common case, kept cheap for 100k-key models
+            chosen = canonical if canonical in candidates else None
+            if chosen is not None and len(candidates[chosen]) == 1:
+                fast = _plain_recipe(canonical, candidates[chosen][0], source, targets[chosen])
+                if fast is not None:
+                    recipes[canonical] = fast
+                    continue
+        else:
+            chosen = next((n for n in group if n in candidates), None)
         if chosen is None:
             fresh[canonical] = ("dropped" if any(n in dropped for n in group) else "missing", None)
             continue
@@ -358,7 +421,11 @@ def _decide(
                 routing.used.discard(inp.key)
                 routing.unused_reasons[inp.key] = f"shape mismatch with {chosen!r}"
             continue
-        recipes[canonical] = Recipe(canonical, fitted.inputs, fitted.fuse_dim, fitted.post, fitted.rule, fitted.shape)
+        recipes[canonical] = (
+            fitted
+            if fitted.target == canonical
+            else Recipe(canonical, fitted.inputs, fitted.fuse_dim, fitted.post, fitted.rule, fitted.shape)
+        )
     if collisions:
         raise CollisionError(
             "two source tensors would write one target:\n  "
@@ -374,6 +441,19 @@ def _decide(
             "or on_mismatch='adapt'"
         )
     return recipes, fresh, warnings
+
+
+def _plain_recipe(
+    name: str, candidate: tuple[str, Rule | None, Output], source: Source, target: Target
+) -> Recipe | None:
+    """The recipe of a single source tensor loaded as is with the right shape; ``None`` otherwise."""
+    key, rule, out = candidate
+    if out.part is not None or out.ops:
+        return None
+    shape = source.meta(key).shape
+    if shape != target.tensor.shape:
+        return None  # the general path applies the mismatch policy
+    return Recipe(name, (Input(key),), None, (), rule, tuple(shape))
 
 
 def _recipe(
@@ -453,6 +533,8 @@ def _fit(
 
 def infer_shape(recipe: Recipe, source: Source, target: torch.Tensor) -> tuple[int, ...]:
     """The shape the recipe produces, computed on meta tensors (no data)."""
+    if recipe.plain:
+        return tuple(source.meta(recipe.inputs[0].key).shape)
     tmeta = torch.empty(target.shape, dtype=target.dtype, device="meta")
     xs = []
     for inp in recipe.inputs:
@@ -520,32 +602,55 @@ def _entries(
     fresh: dict[str, tuple[str, tuple[int, ...] | None]],
 ) -> list[Entry]:
     out = []
+    described: dict[int, str] = {}  # rule descriptions, built once per rule
     for name, t in targets.items():
         recipe = recipes.get(t.canonical)
         tied = t.canonical if t.canonical != name else None
-        common: dict[str, Any] = dict(
-            target_shape=tuple(t.tensor.shape), tied_to=tied, numel=t.tensor.numel(), is_parameter=t.is_parameter
-        )
+        tensor = t.tensor
+        shape = tuple(tensor.shape)
         if recipe is None:
-            reason, shape = fresh.get(t.canonical, ("missing", None))
-            out.append(Entry(name, "fresh", reason=reason, source_shape=shape, **common))
+            reason, src_shape = fresh.get(t.canonical, ("missing", None))
+            out.append(
+                Entry(name, "fresh", (), None, (), src_shape, shape, reason, tied, tensor.numel(), t.is_parameter)
+            )
             continue
-        status = "adapted" if recipe.adapted else "loaded"
-        out.append(
-            Entry(
+        rule = _described(recipe.rule, described)
+        if recipe.plain:  # the common case, without the general recipe walk
+            key = recipe.inputs[0].key
+            src_shape = recipe.shape if recipe.shape is not None else source.meta(key).shape
+            entry = Entry(
+                name, "loaded", (key,), rule, (), src_shape, shape, None, tied, tensor.numel(), t.is_parameter
+            )
+        else:
+            entry = Entry(
                 name,
-                status,
+                "adapted" if recipe.adapted else "loaded",
                 tuple(i.key for i in recipe.inputs),
-                recipe.rule.described() if recipe.rule else None,
+                rule,
                 recipe.labels(),
                 _source_shape(source, recipe),
-                **common,
+                shape,
+                None,
+                tied,
+                tensor.numel(),
+                t.is_parameter,
             )
-        )
+        out.append(entry)
     return out
 
 
+def _described(rule: Rule | None, cache: dict[int, str]) -> str | None:
+    if rule is None:
+        return None
+    text = cache.get(id(rule))
+    if text is None:
+        text = cache[id(rule)] = rule.described()
+    return text
+
+
 def _source_shape(source: Source, recipe: Recipe) -> tuple[int, ...]:
+    if recipe.plain:
+        return source.meta(recipe.inputs[0].key).shape
     shapes = [source.meta(i.key).shape for i in recipe.inputs]
     if recipe.fuse_dim is None or len(shapes) == 1:
         return shapes[0]

@@ -36,11 +36,17 @@ class Resolution:
 
 
 class _Index:
-    """Candidate lookup by fixed segment count and literal segments."""
+    """Candidate lookup by fixed segment count and literal segments.
+
+    Patterns with a fixed segment count are found by their literal segments; patterns of
+    variable length that start with a literal segment (``strip_prefix("model.")``) by that
+    first segment; only the rest (``**.bias``, ``re:``) are tried for every key.
+    """
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.alternatives: list[tuple[int, int, Rule]] = []  # (pattern index in rule, rule order, rule)
         self.fixed: dict[int, dict[tuple[int, ...], dict[tuple[str, ...], list[int]]]] = {}
+        self.by_head: dict[str, list[int]] = {}
         self.variable: list[int] = []
         for order, rule in enumerate(rules):
             for index, pattern in enumerate(rule.patterns):
@@ -48,7 +54,11 @@ class _Index:
                 self.alternatives.append((index, order, rule))
                 skeleton = pattern.skeleton()
                 if skeleton is None:
-                    self.variable.append(alt)
+                    head = _head(pattern.tokens)
+                    if head is None:
+                        self.variable.append(alt)
+                    else:
+                        self.by_head.setdefault(head, []).append(alt)
                     continue
                 count, literal = skeleton
                 positions = tuple(sorted(literal))
@@ -58,14 +68,29 @@ class _Index:
     def candidates(self, key: str) -> Iterable[int]:
         segments = key.split(".")
         found: list[int] = []
-        for positions, table in self.fixed.get(len(segments), {}).items():
-            hit = table.get(tuple(segments[p] for p in positions))
+        for positions, table in self.fixed.get(len(segments), _EMPTY).items():
+            hit = table.get(tuple([segments[p] for p in positions]))
             if hit:
                 found.extend(hit)
+        hit = self.by_head.get(segments[0])
+        if hit:
+            found.extend(hit)
         if self.variable:
             found.extend(self.variable)
-        found.sort()
+        if len(found) > 1:
+            found.sort()
         return found
+
+
+_EMPTY: dict = {}
+
+
+def _head(tokens: Sequence[object]) -> str | None:
+    """The literal first segment every key matching ``tokens`` starts with, if the pattern fixes one."""
+    if not tokens or not isinstance(tokens[0], str) or "." not in tokens[0]:
+        return None
+    head = tokens[0].split(".", 1)[0]
+    return head or None
 
 
 class Mapping:

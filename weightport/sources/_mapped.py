@@ -14,10 +14,12 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from weightport.errors import CorruptFileError
+from weightport.sources.base import TensorMeta
 
 _PAGE = mmap.PAGESIZE
 
@@ -56,7 +58,13 @@ class MappedFile:
         count = nbytes // itemsize
         if count == 0:
             return torch.empty(0, dtype=dtype)
-        return torch.frombuffer(self._map(), dtype=dtype, count=count, offset=offset)
+        mapped = self._map()
+        if offset + count * itemsize > len(mapped):
+            raise CorruptFileError(
+                f"{self.path}: bytes {offset}..{offset + nbytes} are past the end of the file "
+                f"({len(mapped)} bytes); it was truncated or replaced after it was opened; open it again"
+            )
+        return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
 
     def read_into(self, offset: int, out: torch.Tensor) -> None:
         """Read ``out.nbytes`` bytes at ``offset`` straight into contiguous CPU ``out``."""
@@ -100,7 +108,7 @@ class MappedFile:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -127,9 +135,14 @@ class TensorRef:
     storage_offset: int = 0
     byteswap: bool = False
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @cached_property
+    def meta(self) -> TensorMeta:
+        """Shape and dtype (built once: planning asks for it many times)."""
+        return TensorMeta(self.shape, self.dtype)
 
     @property
     def nbytes(self) -> int:

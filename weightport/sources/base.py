@@ -40,7 +40,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,9 @@ class Source(Mapping[str, torch.Tensor]):
     def _release(self, handle: Any) -> None:
         return None
 
+    def _mapped_view_of(self, handle: Any) -> torch.Tensor | None:
+        return None
+
     # -- public ----------------------------------------------------------------------
     def _handle(self, name: str) -> Any:
         try:
@@ -148,6 +151,15 @@ class Source(Mapping[str, torch.Tensor]):
     def view(self, name: str) -> torch.Tensor:
         """The tensor ``name``, zero-copy where the format allows. Do not modify it."""
         return self._view_of(self._handle(name))
+
+    def mapped_view(self, name: str) -> torch.Tensor | None:
+        """A zero-copy tensor over the file's mapped pages for ``name``, or ``None`` when the
+        source is not file-backed or the tensor is not stored as one contiguous native block.
+
+        Used by ``transfer(..., zero_copy=True)``. Writes to it stay in this process
+        (copy-on-write); the file must not change while the tensor lives.
+        """
+        return self._mapped_view_of(self._handle(name))
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Copy the values of ``name`` into ``out`` (same shape), reading once."""

@@ -58,7 +58,7 @@ class FileSource(Source):
         self.state_dict_metadata = state_dict_metadata
 
     def _meta_of(self, handle: TensorRef) -> TensorMeta:
-        return TensorMeta(handle.shape, handle.dtype)
+        return handle.meta
 
     def _view_of(self, handle: TensorRef) -> torch.Tensor:
         return handle.view()
@@ -68,6 +68,11 @@ class FileSource(Source):
 
     def _release(self, handle: TensorRef) -> None:
         handle.release()
+
+    def _mapped_view_of(self, handle: TensorRef) -> torch.Tensor | None:
+        if not handle.contiguous or handle.byteswap or handle.numel == 0:
+            return None
+        return handle.view()
 
     def close(self) -> None:
         for f in self._files:
