@@ -307,7 +307,7 @@ def _input_size(text: str | None) -> tuple[int, ...] | None:
 def _mappings(args: argparse.Namespace) -> int:
     import weightport as wp
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in wp.list_mappings():
         m = wp.load_mapping(name)
         verified = list(m.verified) or ([f"{m.source} -> {m.target}"] if m.source and m.target else [])

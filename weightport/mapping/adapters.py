@@ -437,10 +437,10 @@ def _rows(
     if target.is_meta:
         raise OpError(f"{kind}: needs the target's values to keep its initialisation in new rows")
     out = target.detach().to(device=x.device, dtype=x.dtype, copy=True)
-    rows = [j for j, i in enumerate(picks) if i >= 0]
-    if rows:
-        src = torch.tensor([picks[j] for j in rows], dtype=torch.long, device=x.device)
-        out[torch.tensor(rows, dtype=torch.long, device=x.device)] = x.index_select(0, src)
+    filled = [j for j, i in enumerate(picks) if i >= 0]
+    if filled:
+        src = torch.tensor([picks[j] for j in filled], dtype=torch.long, device=x.device)
+        out[torch.tensor(filled, dtype=torch.long, device=x.device)] = x.index_select(0, src)
     return out
 
 
