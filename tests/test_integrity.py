@@ -179,3 +179,16 @@ def test_cli_checks_sha256_before_reading(tmp_path, capsys):
     assert cli(["inspect", str(path), "--sha256", "0" * 64]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and digest in err
+
+
+def test_transfer_and_plan_take_expected_sha256(tmp_path):
+    path = tmp_path / "w.safetensors"
+    wp.save({"weight": torch.ones(2, 2), "bias": torch.zeros(2)}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = torch.nn.Linear(2, 2)
+    report = wp.transfer(str(path), model, expected_sha256=digest)
+    assert report.source.provenance["sha256"] == digest
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(HashMismatchError):
+        wp.plan(str(path), torch.nn.Linear(2, 2), expected_sha256="1" * 64)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -168,3 +168,11 @@ def test_cli_refuses_a_mismatched_file_unless_told_not_to_check(hub, capsys):
     assert '"classifier.1.weight"' in capsys.readouterr().out
     target = "torchvision:squeezenet1_1"
     assert cli(["port", "torchvision:squeezenet1_1", target, "--no-check-hash", "--strict", "--dry-run"]) == 0
+
+
+def test_transfer_takes_check_hash(hub):
+    torch.save(_stand_in(), hub / W.url.rsplit("/", 1)[1])
+    with pytest.raises(HashMismatchError):
+        wp.transfer("torchvision:squeezenet1_1", torchvision.models.squeezenet1_1())
+    report = wp.transfer("torchvision:squeezenet1_1", torchvision.models.squeezenet1_1(), check_hash=False)
+    assert not report.source.provenance["hash_checked"]

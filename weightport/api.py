@@ -35,6 +35,8 @@ def plan(
     checkpoint_key: str | None = None,
     check_finite: bool = False,
     trust_pickle: bool = False,
+    check_hash: bool = True,
+    expected_sha256: str | None = None,
     zero_copy: bool = False,
     progress: bool | None = None,
 ) -> TransferPlan:
@@ -43,7 +45,13 @@ def plan(
     Takes the same arguments as :func:`transfer`. ``plan.report`` is the preview;
     ``plan.apply()`` performs it.
     """
-    src = open_source(source, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
+    src = open_source(
+        source,
+        checkpoint_key=checkpoint_key,
+        trust_pickle=trust_pickle,
+        check_hash=check_hash,
+        expected_sha256=expected_sha256,
+    )
     resolved = _mapping(mapping).with_rules(rules)
     planned = build_plan(
         src,
@@ -76,6 +84,8 @@ def transfer(
     checkpoint_key: str | None = None,
     check_finite: bool = False,
     trust_pickle: bool = False,
+    check_hash: bool = True,
+    expected_sha256: str | None = None,
     zero_copy: bool = False,
     progress: bool | None = None,
 ) -> TransferReport:
@@ -100,6 +110,9 @@ def transfer(
         checkpoint_key: Key of the weights inside a nested checkpoint.
         check_finite: Refuse source tensors holding NaN or Inf.
         trust_pickle: Allow full pickle loading of torch files (runs code from the file).
+        check_hash: Verify the hash a zoo file name carries (torchvision weights); ``False`` skips it.
+        expected_sha256: Refuse a local file whose sha256 differs (checked before it is parsed);
+            the digest is recorded in ``report.source.provenance``.
         zero_copy: For tensors of a meta-built target that a safetensors (or other mapped) file
             holds with the same dtype and layout on CPU, assign read-only memory-mapped views of the
             file instead of owning copies: near-instant and no extra memory, but the file must not
@@ -134,6 +147,8 @@ def transfer(
         checkpoint_key=checkpoint_key,
         check_finite=check_finite,
         trust_pickle=trust_pickle,
+        check_hash=check_hash,
+        expected_sha256=expected_sha256,
         zero_copy=zero_copy,
         progress=progress,
     )
