@@ -69,6 +69,23 @@ def test_zero_copy_falls_back_to_copies_where_it_is_not_safe(checkpoint, case):
     assert torch.equal(model.conv1.weight, want)
 
 
+def test_zero_copy_through_a_sharded_folder(tmp_path):
+    import json
+
+    state = trained(num_classes=10).state_dict()
+    names = list(state)
+    halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
+    for file, keys in halves.items():
+        save_file({k: state[k] for k in keys}, tmp_path / file)
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = _meta_net()
+    report = wp.transfer(str(tmp_path), model, zero_copy=True)
+    params = dict(model.named_parameters())
+    assert report.stats["zero_copy_tensors"] == len(params)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_zero_copy_from_an_in_memory_source_copies(checkpoint):
     state = trained(num_classes=1000).state_dict()
     model = _meta_net()

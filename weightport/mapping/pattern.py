@@ -16,6 +16,7 @@ in the pattern, so ``layer{i}`` never captures ``layerX``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from weightport.errors import MappingError, PatternError
@@ -213,7 +214,9 @@ class Template:
                 f"which pattern {pattern.text!r} does not capture"
             )
 
-    def render(self, captures: dict[str, str], where: str = "") -> str:
+    def render(self, captures: dict[str, str], where: str | Callable[[], str] = "") -> str:
+        """The key for ``captures``; ``where`` (text, or a function giving it: formatted only on error)
+        prefixes error messages."""
         out: list[str] = []
         for t in self.tokens:
             if isinstance(t, str):
@@ -223,7 +226,8 @@ class Template:
             if t.offset:
                 shifted = int(value) + t.offset
                 if shifted < 0:
-                    raise MappingError(f"{where}: {{{t.name}{t.offset:+d}}} gives {shifted} for {t.name}={value}")
+                    place = where() if callable(where) else where
+                    raise MappingError(f"{place}: {{{t.name}{t.offset:+d}}} gives {shifted} for {t.name}={value}")
                 value = str(shifted)
             out.append(value)
         return "".join(out)

@@ -137,7 +137,7 @@ class Rename(Rule):
         return f"{self.pattern.text!r} -> {self.template.text!r}{via}"
 
     def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
-        return (Output(self.template.render(captures, self._where()), self.ops),)
+        return (Output(self.template.render(captures, self._where), self.ops),)
 
     def inverse(self) -> Rule:
         self._need_invertible(self.pattern, [self.template])
@@ -208,7 +208,7 @@ class Split(Rule):
         sizes = list(self.sizes) if self.sizes else None
         return tuple(
             Output(
-                t.render(captures, self._where()),
+                t.render(captures, self._where),
                 (OpCall("split", {"index": i, "count": n, "dim": self.dim, "sizes": sizes}),),
             )
             for i, t in enumerate(self.templates)
@@ -244,7 +244,7 @@ class Fuse(Rule):
         return f"fuse [{', '.join(repr(p.text) for p in self.sources)}] -> {self.template.text!r} (dim={self.dim})"
 
     def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
-        target = self.template.render(captures, self._where())
+        target = self.template.render(captures, self._where)
         return (Output(target, (), (index, len(self.sources)), self.dim),)
 
     def inverse(self) -> Rule:

@@ -97,6 +97,10 @@ class ShardedSource(Source):
         shard, name = self._locate(handle)
         return shard.view(name)
 
+    def _mapped_view_of(self, handle: tuple[str, str]) -> torch.Tensor | None:
+        shard, name = self._locate(handle)
+        return shard.mapped_view(name)
+
     def _read_into(self, handle: tuple[str, str], out: torch.Tensor) -> None:
         shard, name = self._locate(handle)
         shard.read_into(name, out)

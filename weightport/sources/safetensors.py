@@ -150,7 +150,7 @@ def _entry_ref(
     dtype = DTYPES[dtype_name]
     begin, end = offsets
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if end < begin or end - begin != numel * itemsize:
         raise CorruptFileError(
             f"{path}: tensor {name!r} of shape {tuple(shape)} and dtype {dtype_name} needs "
