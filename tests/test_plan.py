@@ -105,9 +105,28 @@ def test_two_sources_writing_one_target_are_refused(tiny):
     assert "'fc.weight'" in msg and "'old_fc.weight'" in msg and "old_fc.{p}" in msg and "same name" in msg
 
 
-def test_rule_that_matched_nothing_is_a_warning(tiny):
+def test_rule_that_matched_nothing_is_a_warning(tiny, tmp_path):
     p = wp.plan(trained().state_dict(), tiny, rules=[wp.rename("encoder.{p*}", "{p}")])
     assert any("matched no source tensor" in w and "encoder.{p*}" in w for w in p.report.warnings)
+    # so is a rule of the user's own mapping file; a drop with nothing to drop is not
+    (tmp_path / "m.toml").write_text('[[rule]]\nrename = "stem.{p}"\nto = "conv1.{p}"\n\n[[rule]]\ndrop = "aux.**"\n')
+    p = wp.plan(trained().state_dict(), tiny, mapping=str(tmp_path / "m.toml"))
+    assert [w for w in p.report.warnings if "matched no source tensor" in w] == [
+        f"rule {tmp_path / 'm.toml'} rule 1 (rename): 'stem.{{p}}' -> 'conv1.{{p}}' matched no source tensor"
+    ]
+
+
+def test_shipped_mappings_do_not_warn_about_optional_parts():
+    """torchvision.vit->timm.vit covers ViTs with and without pre_logits; a plain ViT is no news."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    src = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+    timm = pytest.importorskip("timm")
+    tgt = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2
+    )
+    p = wp.plan(src, tgt, mapping="torchvision.vit->timm.vit", strict=True)
+    assert not [w for w in p.report.warnings if "matched no source tensor" in w]
 
 
 def test_tied_parameters_load_once_and_are_never_fresh():

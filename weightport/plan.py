@@ -31,8 +31,9 @@ from weightport.errors import (
     TargetError,
 )
 from weightport.mapping.core import Mapping
+from weightport.mapping.files import shipped_dir
 from weightport.mapping.ops import OpCall, fuse, get_op, list_adapters
-from weightport.mapping.rules import Output, Rule, Split
+from weightport.mapping.rules import Drop, Output, Rule, Split
 from weightport.report import Entry, TransferReport, group_names
 from weightport.sources.base import Source, TensorMeta
 
@@ -219,7 +220,7 @@ def _build_plan(
     _check_meta_buffers(scope, targets, into)
     routing = _route(source, mapping, targets, scope)
     recipes, fresh_reasons, warnings = _decide(source, targets, routing, on_mismatch, scope)
-    warnings += [f"rule {r.described()} matched no source tensor" for r in mapping.rules if routing.hits[id(r)] == 0]
+    warnings += [f"rule {r.described()} matched no source tensor" for r in _idle_rules(mapping, routing)]
     entries = _entries(source, targets, recipes, fresh_reasons)
     dropped = set(routing.dropped)
     unused = [k for k in source if k not in routing.used and k not in dropped]
@@ -252,6 +253,17 @@ def _build_plan(
         device=device,
         check_finite=check_finite,
     )
+
+
+def _idle_rules(mapping: Mapping, routing: _Routing) -> list[Rule]:
+    """Rules that matched nothing and deserve a warning: not drop rules (nothing to drop is fine), and
+    not rules of shipped mappings, which cover a family of variants (a ViT without ``pre_logits``)."""
+    shipped = str(shipped_dir())
+    return [
+        r
+        for r in mapping.rules
+        if routing.hits[id(r)] == 0 and not isinstance(r, Drop) and not (r.origin or "").startswith(shipped)
+    ]
 
 
 def scope_of(model: nn.Module, into: str | None) -> nn.Module:
