@@ -10,7 +10,7 @@ import torch
 from conftest import TinyNet, digest, trained
 
 import weightport as wp
-from weightport.errors import HashMismatchError, NonFiniteError, SourceError
+from weightport.errors import HashMismatchError, NonFiniteError, PlanError, SourceError
 from weightport.meta import init_empty
 from weightport.sources.files import open_path, sha256_file
 
@@ -192,3 +192,24 @@ def test_transfer_and_plan_take_expected_sha256(tmp_path):
     with pytest.raises(HashMismatchError):
         wp.plan(str(path), torch.nn.Linear(2, 2), expected_sha256="1" * 64)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_check_finite_report_loads_and_lists_the_tensors(tmp_path):
+    path = tmp_path / "w.safetensors"
+    wp.save(poisoned(float("inf")), path)
+    model = TinyNet()
+    report = wp.transfer(str(path), model, check_finite="report")
+    assert torch.isinf(model.blocks[1][0].weight).sum() == 1
+    assert [w for w in report.warnings if "NaN or Inf" in w] == [
+        "blocks.1.0.weight -> 'blocks.1.0.weight': holds NaN or Inf values"
+    ]
+    with pytest.raises(PlanError, match="check_finite must be True, False or 'report'"):
+        wp.plan(str(path), TinyNet(), check_finite="warn")
+
+
+def test_check_finite_covers_complex_tensors():
+    model = torch.nn.Module()
+    model.register_buffer("z", torch.zeros(2, dtype=torch.complex64))
+    bad = {"z": torch.tensor([1 + 1j, complex(float("nan"), 0)], dtype=torch.complex64)}
+    with pytest.raises(NonFiniteError, match="'z'"):
+        wp.transfer(bad, model, check_finite=True)

@@ -33,7 +33,7 @@ def plan(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     checkpoint_key: str | None = None,
-    check_finite: bool = False,
+    check_finite: bool | str = False,
     trust_pickle: bool = False,
     check_hash: bool = True,
     expected_sha256: str | None = None,
@@ -82,7 +82,7 @@ def transfer(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     checkpoint_key: str | None = None,
-    check_finite: bool = False,
+    check_finite: bool | str = False,
     trust_pickle: bool = False,
     check_hash: bool = True,
     expected_sha256: str | None = None,
@@ -108,7 +108,8 @@ def transfer(
         dtype: Cast floating-point tensors in scope to this dtype.
         device: Place tensors in scope on this device (the ``map_location`` idea).
         checkpoint_key: Key of the weights inside a nested checkpoint.
-        check_finite: Refuse source tensors holding NaN or Inf.
+        check_finite: ``True``: refuse source tensors holding NaN or Inf (naming them); ``"report"``:
+            load them and list them in ``report.warnings``; ``False`` (default): do not look.
         trust_pickle: Allow full pickle loading of torch files (runs code from the file).
         check_hash: Verify the hash a zoo file name carries (torchvision weights); ``False`` skips it.
         expected_sha256: Refuse a local file whose sha256 differs (checked before it is parsed);

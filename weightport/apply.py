@@ -209,11 +209,19 @@ def _prepare_recipe(
             f"{recipe.target!r}: the ops produced shape {tuple(value.shape)} but the target is "
             f"{tuple(target.shape)}; fix the rule's op"
         )
-    if plan.check_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        raise NonFiniteError(
-            f"{', '.join(keys)} -> {recipe.target!r}: holds NaN or Inf values; the checkpoint is damaged "
-            "(pass check_finite=False to load it anyway)"
-        )
+    if (
+        plan.check_finite
+        and (value.is_floating_point() or value.is_complex())
+        and not bool(torch.isfinite(value).all())
+    ):
+        message = f"{', '.join(keys)} -> {recipe.target!r}: holds NaN or Inf values"
+        if plan.check_finite == "report":
+            prepared.notes.append(message)
+        else:
+            raise NonFiniteError(
+                f"{message}; the checkpoint is damaged (pass check_finite=False to load it anyway, or "
+                "check_finite='report' to load it and list them in the report)"
+            )
     if in_place:
         return _Copy(target, value, keys, nbytes)
     new = torch.empty(target.shape, dtype=dtype, device=device)

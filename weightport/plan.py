@@ -127,7 +127,7 @@ class TransferPlan:
         report: TransferReport,
         dtype: torch.dtype | None,
         device: torch.device | None,
-        check_finite: bool,
+        check_finite: bool | str,
     ) -> None:
         self.source = source
         self.scope = scope
@@ -179,7 +179,7 @@ def build_plan(
     require: Sequence[str] = (),
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
-    check_finite: bool = False,
+    check_finite: bool | str = False,
 ) -> TransferPlan:
     """Decide the fate of every target and source tensor; read no tensor data."""
     with _gc_paused():
@@ -209,10 +209,12 @@ def _build_plan(
     require: Sequence[str],
     dtype: torch.dtype | None,
     device: torch.device | None,
-    check_finite: bool,
+    check_finite: bool | str,
 ) -> TransferPlan:
     if on_mismatch not in ON_MISMATCH:
         raise PlanError(f"on_mismatch must be one of {', '.join(map(repr, ON_MISMATCH))}, not {on_mismatch!r}")
+    if check_finite not in (True, False, "report"):
+        raise PlanError(f"check_finite must be True, False or 'report', not {check_finite!r}")
     if isinstance(require, str):
         require = (require,)
     scope = scope_of(model, into)
