@@ -93,7 +93,8 @@ def verify_prefix(path: str, prefix: str) -> str:
     if not digest.startswith(prefix):
         raise HashMismatchError(
             f"{path}: sha256 is {digest} but its name promises a hash starting {prefix}; the file is damaged or "
-            "not the published one. Delete it to download it again, or pass check_hash=False if you trust it"
+            "not the published one. Delete it to download it again, or pass check_hash=False "
+            "(CLI: --no-check-hash) if you trust it"
         )
     _VERIFIED[key] = digest
     return digest
