@@ -82,7 +82,7 @@ def replay(
         state: dict[str, torch.Tensor] = {routed[i][2].target: markers[i] for i in plain}
         local = dict((metadata or {}).get(path, {}))
         try:
-            _shadow(module)._load_from_state_dict(state, prefix, local, False, [], [], [])
+            meta_shadow(module)._load_from_state_dict(state, prefix, local, False, [], [], [])
         except Exception as e:  # noqa: BLE001 - third-party hooks; a failing replay must not block the plan
             log.debug("replaying %s's loading hook failed: %s", type(module).__name__, e)
             continue
@@ -98,7 +98,7 @@ def replay(
     return routed
 
 
-def _shadow(module: nn.Module) -> nn.Module:
+def meta_shadow(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers are meta stand-ins."""
     shadow = copy.copy(module)
     shadow._parameters = {
@@ -106,5 +106,5 @@ def _shadow(module: nn.Module) -> nn.Module:
         for a, t in module._parameters.items()
     }
     shadow._buffers = {a: None if t is None else torch.empty_like(t, device="meta") for a, t in module._buffers.items()}
-    shadow._modules = {n: _shadow(c) for n, c in module._modules.items() if c is not None}
+    shadow._modules = {n: meta_shadow(c) for n, c in module._modules.items() if c is not None}
     return shadow

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightport.apply import ApplyOptions, set_options
 from weightport.errors import PlanError
 from weightport.mapping.core import Mapping
 from weightport.mapping.rules import Rule
@@ -65,7 +64,7 @@ def plan(
         device=_device(device),
         check_finite=check_finite,
     )
-    set_options(planned, ApplyOptions(zero_copy=bool(zero_copy), progress=progress))
+    planned.zero_copy, planned.progress = bool(zero_copy), progress
     return planned
 
 

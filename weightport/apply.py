@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from weightport import _progress
+from weightport._hooks import meta_shadow
 from weightport._reading import ReadJob, Stager, run_reads
 from weightport.errors import NonFiniteError, PlanError, ShapeMismatchError
 from weightport.mapping.ops import fuse
@@ -43,32 +44,6 @@ if TYPE_CHECKING:
     from weightport.report import TransferReport
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ApplyOptions:
-    """How :func:`apply_plan` reads (not what it loads).
-
-    Attributes:
-        zero_copy: Assign read-only memory-mapped views to meta targets where dtype and layout
-            already match (no copy, no memory; the file must outlive the model unchanged).
-        progress: Progress bar: ``None`` automatic (terminal and large), ``True`` always, ``False`` never.
-    """
-
-    zero_copy: bool = False
-    progress: bool | None = None
-
-
-_OPTIONS: weakref.WeakKeyDictionary[Any, ApplyOptions] = weakref.WeakKeyDictionary()
-
-
-def set_options(plan: TransferPlan, options: ApplyOptions) -> None:
-    """Attach reading options to a plan (used by :func:`weightport.plan` / :func:`weightport.transfer`)."""
-    _OPTIONS[plan] = options
-
-
-def options_of(plan: TransferPlan) -> ApplyOptions:
-    return _OPTIONS.get(plan, ApplyOptions())
 
 
 @dataclass
@@ -94,11 +69,10 @@ def apply_plan(plan: TransferPlan) -> TransferReport:
     if plan._applied:
         raise PlanError("this plan was applied already; call weightport.plan(...) again")
     _check_unchanged(plan)
-    options = options_of(plan)
     start = time.perf_counter()
     total = sum(plan.source.meta(i.key).nbytes for r in plan.recipes.values() for i in r.inputs)
-    with _progress.progress(options.progress, total, desc="weightport: loading") as bar:
-        prepared = _prepare(plan, options, bar)
+    with _progress.progress(plan.progress, total, desc="weightport: loading") as bar:
+        prepared = _prepare(plan, bar)
         run_reads(plan.source, prepared.jobs, bar)
         if prepared.stager is not None:
             prepared.stager.finish()
@@ -151,7 +125,7 @@ class _Prepared:
     zero_copy: int = 0
 
 
-def _prepare(plan: TransferPlan, options: ApplyOptions, bar: _progress.Progress) -> _Prepared:
+def _prepare(plan: TransferPlan, bar: _progress.Progress) -> _Prepared:
     out = _Prepared()
     owners = _owners(plan.scope)
     fresh_names = [n for n, t in plan.targets.items() if n == t.canonical and n not in plan.recipes]
@@ -164,7 +138,7 @@ def _prepare(plan: TransferPlan, options: ApplyOptions, bar: _progress.Progress)
     inits = _fresh_values(plan, needs_init + value_ops, out.notes)
     for name, recipe in plan.recipes.items():
         target = plan.targets[name].tensor
-        out.writes.append(_prepare_recipe(plan, recipe, target, inits.get(name), owners, options, out, bar))
+        out.writes.append(_prepare_recipe(plan, recipe, target, inits.get(name), owners, out, bar))
     for name in fresh_names:
         t = plan.targets[name].tensor
         dtype, device = _final(t, plan)
@@ -183,7 +157,6 @@ def _prepare_recipe(
     target: torch.Tensor,
     init: torch.Tensor | None,
     owners: dict[int, list[tuple[nn.Module, str, str]]],
-    options: ApplyOptions,
     prepared: _Prepared,
     bar: _progress.Progress,
 ) -> Any:
@@ -193,7 +166,7 @@ def _prepare_recipe(
     plain = len(recipe.inputs) == 1 and not recipe.ops and recipe.fuse_dim is None
     keys = tuple(i.key for i in recipe.inputs)
     nbytes = sum(source.meta(k).nbytes for k in keys)  # progress counts source bytes
-    if plain and options.zero_copy and target.is_meta and device.type == "cpu" and not plan.check_finite:
+    if plain and plan.zero_copy and target.is_meta and device.type == "cpu" and not plan.check_finite:
         view = source.mapped_view(keys[0])
         if view is not None and view.dtype == dtype and tuple(view.shape) == tuple(target.shape):
             prepared.zero_copy += 1
@@ -333,7 +306,7 @@ def _shadow(module: nn.Module, plan: TransferPlan) -> nn.Module:
     shadow = copy.copy(module)
     shadow._parameters = {}
     shadow._buffers = {}
-    shadow._modules = {n: _meta_shadow(c) for n, c in module._modules.items() if c is not None}
+    shadow._modules = {n: meta_shadow(c) for n, c in module._modules.items() if c is not None}
     for kind in ("_parameters", "_buffers"):
         for attr, t in getattr(module, kind).items():
             if t is None:
@@ -347,17 +320,6 @@ def _shadow(module: nn.Module, plan: TransferPlan) -> nn.Module:
             getattr(shadow, kind)[attr] = (
                 nn.Parameter(real, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else real
             )
-    return shadow
-
-
-def _meta_shadow(module: nn.Module) -> nn.Module:
-    shadow = copy.copy(module)
-    shadow._parameters = {
-        a: None if t is None else nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
-        for a, t in module._parameters.items()
-    }
-    shadow._buffers = {a: None if t is None else torch.empty_like(t, device="meta") for a, t in module._buffers.items()}
-    shadow._modules = {n: _meta_shadow(c) for n, c in module._modules.items() if c is not None}
     return shadow
 
 

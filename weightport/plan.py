@@ -114,6 +114,9 @@ class TransferPlan:
         targets: Every target tensor in scope by name.
         recipes: How each loaded or adapted target (canonical names) is computed.
         report: The preview :class:`TransferReport` (``applied=False``).
+        zero_copy: Assign read-only memory-mapped views to meta targets where dtype and layout
+            already match (see :func:`weightport.transfer`).
+        progress: Progress bar: ``None`` automatic (terminal and large), ``True`` always, ``False`` never.
     """
 
     def __init__(
@@ -138,6 +141,8 @@ class TransferPlan:
         self.dtype = dtype
         self.device = device
         self.check_finite = check_finite
+        self.zero_copy = False
+        self.progress: bool | None = None
         self._applied = False
 
     @property
