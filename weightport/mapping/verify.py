@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Iterable
 from collections.abc import Mapping as AnyMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightport.errors import MappingError, OpError, WeightportError
+from weightport.errors import MappingError, OpError
 from weightport.mapping.core import Mapping
 from weightport.mapping.ops import fuse as _cat
 
@@ -359,36 +358,3 @@ def _load(mapping: str | Mapping) -> Mapping:
     from weightport.mapping.files import load_mapping
 
     return load_mapping(mapping)
-
-
-def check(results: Iterable[Verification], atol: float) -> None:
-    """Raise naming every pair that failed ``Verification.ok(atol)``."""
-    bad = [r for r in results if not r.ok(atol)]
-    if bad:
-        lines = [f"{r.source} -> {r.target}: max abs diff {r.max_abs_diff}, round trip {r.round_trip}" for r in bad]
-        raise WeightportError("verification failed:\n  " + "\n  ".join(lines))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m weightport.mapping.verify NAME [--plan-only]``: verify every listed pair, print a table."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m weightport.mapping.verify", description=main.__doc__)
-    parser.add_argument("mapping", help="a shipped mapping name or a mapping file")
-    parser.add_argument("--plan-only", action="store_true", help="names and shapes only (no model is run)")
-    parser.add_argument("--size", type=int, default=None, help="square input size (default: the target's)")
-    args = parser.parse_args(argv)
-    size = (3, args.size, args.size) if args.size else None
-    results = verify_all(args.mapping, numerics=not args.plan_only, input_size=size)
-    print("| source | target | loaded | max abs diff | max rel diff | round trip | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        print(
-            f"| {r.source} | {r.target} | {r.loaded} | {r.max_abs_diff} | {r.max_rel_diff} | {r.round_trip} "
-            f"| {r.seconds:.1f} |"
-        )
-    return 0 if all(r.ok() for r in results) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

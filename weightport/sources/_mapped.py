@@ -107,6 +107,20 @@ class MappedFile:
             os.close(self._fd)
 
 
+def first_overlap(spans: list[tuple[int, int, str]]) -> tuple[tuple[int, int, str], tuple[int, int, str]] | None:
+    """Two of the byte ranges ``(begin, end, name)`` that overlap, or ``None``; empty ranges overlap nothing.
+
+    A damaged or forged file can make two tensors share bytes; both readers refuse that.
+    """
+    furthest: tuple[int, int, str] | None = None  # the non-empty range reaching furthest so far
+    for span in sorted(s for s in spans if s[1] > s[0]):
+        if furthest is not None and span[0] < furthest[1]:
+            return furthest, span
+        if furthest is None or span[1] > furthest[1]:
+            furthest = span
+    return None
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
 

@@ -16,7 +16,7 @@ import struct
 import torch
 
 from weightport.errors import CorruptFileError
-from weightport.sources._mapped import MappedFile, TensorRef
+from weightport.sources._mapped import MappedFile, TensorRef, first_overlap
 from weightport.sources.base import SourceInfo
 from weightport.sources.memory import FileSource
 
@@ -162,15 +162,12 @@ def _entry_ref(
 
 
 def _check_overlaps(path: str, spans: list[tuple[int, int, str]]) -> None:
-    furthest: tuple[int, int, str] | None = None  # the non-empty span reaching furthest so far
-    for b1, e1, n1 in sorted(s for s in spans if s[1] > s[0]):  # zero-length tensors overlap nothing
-        if furthest is not None and b1 < furthest[1]:
-            b0, e0, n0 = furthest
-            raise CorruptFileError(
-                f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b0}..{e0} and {b1}..{e1}); the file is damaged"
-            )
-        if furthest is None or e1 > furthest[1]:
-            furthest = (b1, e1, n1)
+    pair = first_overlap(spans)
+    if pair is not None:
+        (b0, e0, n0), (b1, e1, n1) = pair
+        raise CorruptFileError(
+            f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b0}..{e0} and {b1}..{e1}); the file is damaged"
+        )
 
 
 def _aliases(metadata: dict) -> dict[str, str]:

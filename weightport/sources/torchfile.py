@@ -16,7 +16,6 @@ overlap or leave the file.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import mmap
 import os
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 
 from weightport.errors import CorruptFileError, UnsafeFileError, UnsupportedFormatError
-from weightport.sources._mapped import MappedFile, TensorRef
+from weightport.sources._mapped import MappedFile, TensorRef, first_overlap
 from weightport.sources._standins import StorageType
 from weightport.sources.unpickle import (
     Inert,
@@ -224,10 +223,10 @@ def _record_span(path: str, raw: Any, info: zipfile.ZipInfo, *, stored: bool) ->
 
 
 def _check_overlaps(path: str, spans: dict[str, tuple[int, int]]) -> None:
-    ordered = sorted((off, off + n, name) for name, (off, n) in spans.items() if n > 0)
-    for (_, end, a), (start, _, b) in itertools.pairwise(ordered):
-        if start < end:
-            raise CorruptFileError(f"{path}: zip records {a} and {b} overlap; the file is damaged or forged")
+    pair = first_overlap([(off, off + n, name) for name, (off, n) in spans.items()])
+    if pair is not None:
+        (_, _, a), (_, _, b) = pair
+        raise CorruptFileError(f"{path}: zip records {a} and {b} overlap; the file is damaged or forged")
 
 
 def _storage_ref(pid: Any, path: str, *, zip_format: bool) -> StorageRef:
