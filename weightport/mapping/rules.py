@@ -9,7 +9,7 @@ with :func:`rename`, :func:`drop`, :func:`strip_prefix`, :func:`add_prefix`,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -350,7 +350,3 @@ def transform(
     t = Template(template)
     call = OpCall.make(op, params, where)
     return Rename(_compile(pattern, [t], where), t, (call,), origin=origin)
-
-
-def with_origin(rule: Rule, origin: str) -> Rule:
-    return replace(rule, origin=origin)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,7 @@ from weightport.errors import (
 from weightport.sources.base import Source, SourceInfo
 from weightport.sources.folder import ShardedSource, choose_weights_file
 from weightport.sources.memory import FileSource, TensorSource
-from weightport.sources.safetensors import open_safetensors
+from weightport.sources.safetensors import looks_like_safetensors, open_safetensors
 from weightport.sources.torchfile import ZIP_MAGICS, parse_torch_file, torch_unsafe_globals
 from weightport.sources.unwrap import find_weights
 
@@ -108,7 +107,7 @@ def sniff(path: str) -> str:
         head = f.read(512)
     if not head:
         raise CorruptFileError(f"{path}: the file is empty (0 bytes); the download or save did not complete")
-    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= 100 * 1024 * 1024:
+    if looks_like_safetensors(head):
         return "safetensors"
     if head.startswith(ZIP_MAGICS) or head[:1] == b"\x80" or head[257:262] == b"ustar":
         return "torch"

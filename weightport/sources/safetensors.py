@@ -49,17 +49,13 @@ for _name, _attr in [
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
-def is_safetensors(path: str) -> bool:
-    """Whether ``path`` starts like a safetensors file (length prefix, then ``{``)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    if len(head) < 9:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < n <= os.path.getsize(path) - 8
+#: A header longer than this is not taken for safetensors when sniffing an unknown file.
+SNIFF_MAX_HEADER = 100 * 1024 * 1024
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """Whether a file's first bytes start like safetensors: a plausible header length, then ``{``."""
+    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= SNIFF_MAX_HEADER
 
 
 def read_header(path: str) -> tuple[dict, int]:
