@@ -13,10 +13,11 @@ import contextlib
 import difflib
 import fnmatch
 import gc
+import math
 from collections import Counter, abc
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -38,10 +39,10 @@ from weightport.report import Entry, TransferReport, group_names
 from weightport.sources.base import Source, TensorMeta
 
 ON_MISMATCH = ("skip", "adapt", "error")
+_tuple = tuple.__new__  # builds a named tuple from a tuple of all its fields, in C
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """One target tensor in scope.
 
     Attributes:
@@ -57,16 +58,14 @@ class Target:
     canonical: str
 
 
-@dataclass(frozen=True)
-class Input:
+class Input(NamedTuple):
     """One source tensor feeding a recipe, with the ops applied to it alone."""
 
     key: str
     ops: tuple[OpCall, ...] = ()
 
 
-@dataclass(frozen=True)
-class Recipe:
+class Recipe(NamedTuple):
     """How to compute one target tensor from the source.
 
     The value is ``post(fuse(ops_i(source[key_i]) for each input))``, or without the fuse
@@ -289,14 +288,13 @@ def scope_of(model: nn.Module, into: str | None) -> nn.Module:
 
 def collect_targets(scope: nn.Module) -> dict[str, Target]:
     """Parameters and persistent buffers by state-dict name, tied names grouped."""
-    params = {id(p) for p in scope.parameters(recurse=True)}
     first: dict[int, str] = {}
     out: dict[str, Target] = {}
     for name, t in scope.state_dict(keep_vars=True).items():
         if not isinstance(t, torch.Tensor):
             continue  # _extra_state and other non-tensor entries
         canonical = first.setdefault(id(t), name)
-        out[name] = Target(name, t, id(t) in params, canonical)
+        out[name] = _tuple(Target, (name, t, isinstance(t, nn.Parameter), canonical))
     return out
 
 
@@ -323,28 +321,38 @@ class _Routing:
 
 
 def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: nn.Module) -> _Routing:
-    r = _Routing({}, set(), [], {}, Counter())
+    keys = list(source)
+    resolutions = mapping.resolve_all(keys)
+    r = _Routing({}, set(), [], {}, Counter(id(rule) for rule, _ in resolutions if rule is not None))
     routed: list[tuple[str, Rule | None, Output]] = []
-    for key in source:
-        res = mapping.resolve(key)
-        if res.rule is not None:
-            r.hits[id(res.rule)] += 1
-        if res.dropped:
-            r.dropped.append(key)
-            continue
-        for out in _auto_split_sizes(source, key, res.rule, res.outputs, targets):
-            routed.append((key, res.rule, out))
+    append = routed.append
+    for key, (rule, outputs) in zip(keys, resolutions):
+        if rule is not None:
+            if isinstance(rule, Drop):
+                r.dropped.append(key)
+                continue
+            if isinstance(rule, Split):
+                outputs = _auto_split_sizes(source, key, rule, outputs, targets)
+        for out in outputs:
+            append((key, rule, out))
     if any(has_custom_loading(m) for m in scope.modules()):
         # lazy: hooks look at the few keys under their module; other shards stay closed
         routed = replay(
             scope, routed, _LazyMeta(source, "shape"), _LazyMeta(source, "dtype"), source.state_dict_metadata
         )
-    for key, rule, out in routed:
-        if out.target in targets:
-            r.candidates.setdefault(out.target, []).append((key, rule, out))
-            r.used.add(key)
-        elif key not in r.used:
-            r.unused_reasons[key] = f"no target tensor named {out.target!r}"
+    candidates, used = r.candidates, r.used
+    for item in routed:
+        key, _, out = item
+        target = out.target
+        if target in targets:
+            found = candidates.get(target)
+            if found is None:
+                candidates[target] = [item]
+            else:
+                found.append(item)
+            used.add(key)
+        elif key not in used:
+            r.unused_reasons[key] = f"no target tensor named {target!r}"
     return r
 
 
@@ -398,20 +406,31 @@ def _decide(
     warnings: list[str] = []
     collisions: list[str] = []
     mismatches: list[str] = []
-    groups: dict[str, list[str]] = {}
+    ties: dict[str, list[str]] = {}  # canonical -> the other names of one tied tensor
     for name, target in targets.items():
-        groups.setdefault(target.canonical, []).append(name)
+        if target.canonical != name:
+            ties.setdefault(target.canonical, []).append(name)
     dropped = set(routing.dropped)
     candidates = routing.candidates
-    for canonical, group in groups.items():
-        if len(group) == 1:  # untied: the common case, kept cheap for 100k-key models
-            chosen = canonical if canonical in candidates else None
-            if chosen is not None and len(candidates[chosen]) == 1:
-                fast = _plain_recipe(canonical, candidates[chosen][0], source, targets[chosen])
-                if fast is not None:
-                    recipes[canonical] = fast
-                    continue
+    meta = source.meta
+    for canonical, target in targets.items():
+        if target.canonical != canonical:
+            continue  # decided with its canonical name
+        tied = ties.get(canonical)
+        if tied is None:  # untied: the common case, kept cheap for 100k-key models
+            cands = candidates.get(canonical)
+            chosen = None if cands is None else canonical
+            if cands is not None and len(cands) == 1:
+                key, rule, out = cands[0]
+                if out.part is None and not out.ops:
+                    shape = meta(key).shape
+                    if shape == target.tensor.shape:  # else the general path applies the mismatch policy
+                        inputs = (_tuple(Input, (key, ())),)
+                        recipes[canonical] = _tuple(Recipe, (canonical, inputs, None, (), rule, shape))
+                        continue
+            group = [canonical]
         else:
+            group = [canonical, *tied]
             chosen = next((n for n in group if n in candidates), None)
         if chosen is None:
             fresh[canonical] = ("dropped" if any(n in dropped for n in group) else "missing", None)
@@ -460,19 +479,6 @@ def _decide(
             "or on_mismatch='adapt'"
         )
     return recipes, fresh, warnings
-
-
-def _plain_recipe(
-    name: str, candidate: tuple[str, Rule | None, Output], source: Source, target: Target
-) -> Recipe | None:
-    """The recipe of a single source tensor loaded as is with the right shape; ``None`` otherwise."""
-    key, rule, out = candidate
-    if out.part is not None or out.ops:
-        return None
-    shape = source.meta(key).shape
-    if shape != target.tensor.shape:
-        return None  # the general path applies the mismatch policy
-    return Recipe(name, (Input(key),), None, (), rule, tuple(shape))
 
 
 def _recipe(
@@ -622,9 +628,18 @@ def _entries(
 ) -> list[Entry]:
     out = []
     described: dict[int, str] = {}  # rule descriptions, built once per rule
+    loaded_as_is = Entry._loaded_as_is
+    prod = math.prod
     for name, t in targets.items():
         recipe = recipes.get(t.canonical)
         tied = t.canonical if t.canonical != name else None
+        if recipe is not None and recipe.fuse_dim is None and not recipe.post and recipe.shape is not None:
+            (inp,) = recipe.inputs
+            if not inp.ops:  # plain: the common case, without the general recipe walk
+                rule = None if recipe.rule is None else _described(recipe.rule, described)
+                shape = tuple(recipe.shape)
+                out.append(loaded_as_is(name, inp.key, rule, shape, tied, prod(shape), t.is_parameter))
+                continue
         tensor = t.tensor
         shape = tuple(tensor.shape)
         if recipe is None:
@@ -634,11 +649,20 @@ def _entries(
             )
             continue
         rule = _described(recipe.rule, described)
-        if recipe.plain:  # the common case, without the general recipe walk
+        if recipe.plain:
             key = recipe.inputs[0].key
-            src_shape = recipe.shape if recipe.shape is not None else source.meta(key).shape
             entry = Entry(
-                name, "loaded", (key,), rule, (), src_shape, shape, None, tied, tensor.numel(), t.is_parameter
+                name,
+                "loaded",
+                (key,),
+                rule,
+                (),
+                source.meta(key).shape,
+                shape,
+                None,
+                tied,
+                tensor.numel(),
+                t.is_parameter,
             )
         else:
             entry = Entry(

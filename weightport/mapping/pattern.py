@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from weightport.errors import MappingError, PatternError
 
@@ -26,6 +27,8 @@ __all__ = ["Pattern", "Placeholder", "Template", "Wildcard", "parse"]
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SEGMENT = r"[^.]+"
 _SEGMENTS = r"[^.]+(?:\.[^.]+)*"
+_LINE_SEGMENT = r"[^.\n]+"  # line mode: one key per line of a joined text
+_LINE_SEGMENTS = r"[^.\n]+(?:\.[^.\n]+)*"
 _INT = r"0|[1-9][0-9]*"
 
 
@@ -145,24 +148,31 @@ class Pattern:
         self.regex_source = self.to_regex()
         self.regex = re.compile(self.regex_source)
 
-    def to_regex(self, group_prefix: str = "") -> str:
-        """Regex source; capture groups are named ``group_prefix + name``."""
+    def to_regex(self, group_prefix: str = "", *, lines: bool = False) -> str:
+        """Regex source; capture groups are named ``group_prefix + name``. ``lines``: segments never
+        span a newline, so the regex can run over many keys joined by newlines."""
         if not self.tokens:
             return self.regex_source
+        one, many = (_LINE_SEGMENT, _LINE_SEGMENTS) if lines else (_SEGMENT, _SEGMENTS)
         out: list[str] = []
         seen: set[str] = set()
         for t in self.tokens:
             if isinstance(t, str):
                 out.append(re.escape(t))
             elif isinstance(t, Wildcard):
-                out.append(f"(?:{_SEGMENTS})" if t.multi else _SEGMENT)
+                out.append(f"(?:{many})" if t.multi else one)
             elif t.name in seen:
                 out.append(f"(?P={group_prefix}{t.name})")
             else:
                 seen.add(t.name)
-                body = _INT if t.name in self.int_names else _SEGMENTS if t.multi else _SEGMENT
+                body = _INT if t.name in self.int_names else many if t.multi else one
                 out.append(f"(?P<{group_prefix}{t.name}>{body})")
         return "".join(out)
+
+    @cached_property
+    def line_regex(self) -> re.Pattern[str]:
+        """This pattern anchored to whole lines (``re.MULTILINE``), for keys joined by newlines."""
+        return re.compile(f"^{self.to_regex(lines=True)}$", re.MULTILINE)
 
     def skeleton(self) -> tuple[int, dict[int, str]] | None:
         """``(segment count, {position: literal segment})`` when every key this pattern matches
@@ -187,10 +197,15 @@ class Pattern:
 
     def match(self, key: str) -> dict[str, str] | None:
         m = self.regex.fullmatch(key)
-        return None if m is None else {k: v for k, v in m.groupdict().items() if v is not None}
+        return None if m is None else captures(m)
 
     def __repr__(self) -> str:
         return f"Pattern({self.text!r})"
+
+
+def captures(m: re.Match[str]) -> dict[str, str]:
+    """The placeholder values of a pattern's match."""
+    return {k: v for k, v in m.groupdict().items() if v is not None}
 
 
 class Template:
@@ -231,6 +246,20 @@ class Template:
                 value = str(shifted)
             out.append(value)
         return "".join(out)
+
+    def positional_format(self) -> tuple[str, tuple[str, ...]] | None:
+        """This template as a :meth:`str.format` string with ``{}`` fields, and the captures that
+        fill them in order; ``None`` when it shifts a capture (``{i+1}``)."""
+        parts, names = [], []
+        for t in self.tokens:
+            if isinstance(t, str):
+                parts.append(t.replace("{", "{{").replace("}", "}}"))
+            elif t.offset:
+                return None
+            else:
+                parts.append("{}")
+                names.append(t.name)
+        return "".join(parts), tuple(names)
 
     def inverse_pattern_text(self, multi_names: frozenset[str]) -> str:
         """The pattern that matches what this template renders (``multi_names``: captures that

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,9 +35,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Output:
-    """One target a source key feeds.
+class Output(NamedTuple):
+    """One target a source key feeds (a named tuple: planning makes one per source key).
 
     Attributes:
         target: Target key.

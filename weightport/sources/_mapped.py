@@ -13,8 +13,7 @@ import math
 import mmap
 import os
 import threading
-from dataclasses import dataclass
-from functools import cached_property
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +21,7 @@ from weightport.errors import CorruptFileError
 from weightport.sources.base import TensorMeta
 
 _PAGE = mmap.PAGESIZE
+_tuple = tuple.__new__  # a named tuple from all its fields, without a Python-level __new__
 
 
 class MappedFile:
@@ -125,9 +125,10 @@ def _itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
 
-@dataclass(frozen=True)
-class TensorRef:
+class TensorRef(NamedTuple):
     """Where one tensor lives in a mapped file: a (possibly strided) view of a storage.
+
+    A named tuple: a source holds one per tensor, and 100k of them must be cheap to make.
 
     Attributes:
         file: The mapped file.
@@ -149,14 +150,13 @@ class TensorRef:
     storage_offset: int = 0
     byteswap: bool = False
 
-    @cached_property
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @cached_property
+    @property
     def meta(self) -> TensorMeta:
-        """Shape and dtype (built once: planning asks for it many times)."""
-        return TensorMeta(self.shape, self.dtype)
+        return _tuple(TensorMeta, (self.shape, self.dtype))
 
     @property
     def nbytes(self) -> int:

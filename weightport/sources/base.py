@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,9 +19,8 @@ from weightport.errors import TensorNotFoundError
 __all__ = ["Source", "SourceInfo", "TensorMeta"]
 
 
-@dataclass(frozen=True)
-class TensorMeta:
-    """What a tensor is, without its values.
+class TensorMeta(NamedTuple):
+    """What a tensor is, without its values (a named tuple: sources make one per tensor).
 
     Attributes:
         shape: The tensor's shape.
