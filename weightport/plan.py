@@ -9,10 +9,8 @@ Nothing is written and no tensor data is read until :meth:`TransferPlan.apply`.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import fnmatch
-import gc
 import math
 from collections import Counter, abc
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from weightport._gc import gc_paused
 from weightport._hooks import has_custom_loading, replay
 from weightport.errors import (
     CollisionError,
@@ -186,21 +185,8 @@ def build_plan(
     check_finite: bool | str = False,
 ) -> TransferPlan:
     """Decide the fate of every target and source tensor; read no tensor data."""
-    with _gc_paused():
+    with gc_paused():
         return _build_plan(source, model, mapping, into, on_mismatch, strict, require, dtype, device, check_finite)
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Planning allocates ~10 objects per key and frees none of them in cycles: with 100k keys the
-    cyclic collector would rescan the growing heap again and again, for nothing."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _build_plan(

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from weightport._gc import gc_paused
 from weightport.errors import SourceError
 from weightport.sources.base import Source, SourceInfo, TensorMeta
 from weightport.sources.files import open_mapping, open_path, verify_sha256
@@ -70,13 +71,14 @@ def open_source(
         >>> src.meta("fc.weight").shape
         (1000, 512)
     """
-    opened = _open(source, checkpoint_key, check_hash, trust_pickle, expected_sha256)
-    if expected_sha256 is not None and "sha256" not in opened.info.provenance:
-        opened = _verify_sha256(opened, expected_sha256)  # a zoo spec or Source: hash the file it read
-    renames, stripped = strip_wrapper_prefixes(opened.keys())
-    if stripped:
-        opened = opened.renamed(renames, prefixes=opened.info.prefixes + tuple(stripped))
-    return opened
+    with gc_paused():
+        opened = _open(source, checkpoint_key, check_hash, trust_pickle, expected_sha256)
+        if expected_sha256 is not None and "sha256" not in opened.info.provenance:
+            opened = _verify_sha256(opened, expected_sha256)  # a zoo spec or Source: hash the file it read
+        renames, stripped = strip_wrapper_prefixes(opened.keys())
+        if stripped:
+            opened = opened.renamed(renames, prefixes=opened.info.prefixes + tuple(stripped))
+        return opened
 
 
 def _open(

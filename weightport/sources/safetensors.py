@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+from itertools import pairwise
 
 import torch
 
@@ -103,11 +104,13 @@ def open_safetensors(path: str, location: str | None = None) -> FileSource:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptFileError(f"{path}: '__metadata__' is not a JSON object of strings")
-    refs: dict[str, TensorRef] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        refs[name] = _entry_ref(path, file, start, name, entry, spans)
-    _check_overlaps(path, spans)
+    refs = _refs_in_bulk(file, start, header)
+    if refs is None:  # something is off: the checks entry by entry say exactly what
+        refs = {}
+        spans: list[tuple[int, int, str]] = []
+        for name, entry in header.items():
+            refs[name] = _entry_ref(path, file, start, name, entry, spans)
+        _check_overlaps(path, spans)
     aliases = _aliases(metadata)
     for alias, canonical in aliases.items():
         if canonical in refs and alias not in refs:
@@ -119,6 +122,45 @@ def open_safetensors(path: str, location: str | None = None) -> FileSource:
         metadata={str(k): str(v) for k, v in metadata.items()},
     )
     return FileSource(refs, info, [file])
+
+
+def _refs_in_bulk(file: MappedFile, start: int, header: dict[str, object]) -> dict[str, TensorRef] | None:
+    """The references of every entry when all of them pass :func:`_entry_ref`'s checks, made column
+    by column (one pass each, mostly in C: 100k entries in ~0.1 s instead of ~1 s); ``None`` as
+    soon as anything looks wrong, so the entry-by-entry checks can name the culprit."""
+    entries = list(header.values())
+    if any(type(e) is not dict for e in entries):
+        return None
+    try:
+        dtypes = [DTYPES[e["dtype"]] for e in entries]  # type: ignore[index]
+        shapes = [e["shape"] for e in entries]  # type: ignore[index]
+        offsets = [e["data_offsets"] for e in entries]  # type: ignore[index]
+    except (KeyError, TypeError):  # a missing field, or an unhashable dtype
+        return None
+    if {type(x) for x in shapes} - {list} or {type(x) for x in offsets} - {list}:
+        return None
+    if max(map(len, shapes), default=0) > 64 or {len(x) for x in offsets} - {2}:
+        return None
+    dims = [d for shape in shapes for d in shape]
+    bounds = [o for pair in offsets for o in pair]
+    if {type(x) for x in dims} - {int} or {type(x) for x in bounds} - {int}:
+        return None  # floats, strings, and booleans (bool is not int here)
+    if min(dims, default=0) < 0 or min(bounds, default=0) < 0:
+        return None
+    numels = list(map(math.prod, shapes))
+    begins, ends = bounds[0::2], bounds[1::2]
+    if any(e - b != n * t.itemsize for b, e, n, t in zip(begins, ends, numels, dtypes)):
+        return None
+    if start + max(ends, default=0) > file.size:
+        return None
+    spans = sorted((b, e) for b, e in zip(begins, ends) if e > b)
+    if any(b1 < e0 for (_, e0), (b1, _) in pairwise(spans)):
+        return None  # two tensors overlap
+    make = tuple.__new__  # TensorRef is a named tuple: build it without a Python-level __new__
+    return {
+        name: make(TensorRef, (file, start + b, n, t, tuple(shape), None, 0, False))
+        for name, b, n, t, shape in zip(header, begins, numels, dtypes, shapes)
+    }
 
 
 def _entry_ref(

@@ -303,14 +303,19 @@ def strip_wrapper_prefixes(names: Iterable[str]) -> tuple[dict[str, str], list[s
         ``(renames, stripped)``: old -> new names, and the prefixes removed in order.
     """
     names = list(names)
-    current = {n: n for n in names}
+    if not names:
+        return {}, []
+    # Strings sharing a prefix are one interval in sorted order: when the smallest and the largest
+    # name carry it, all do (one C-speed min/max instead of a test per name, for 100k names).
+    lo, hi = min(names), max(names)
     stripped: list[str] = []
-    while current:
+    cut = 0
+    while True:
         for p in WRAPPER_PREFIXES:
-            if all(v.startswith(p) and len(v) > len(p) for v in current.values()):
-                current = {k: v[len(p) :] for k, v in current.items()}
+            if lo.startswith(p, cut) and hi.startswith(p, cut) and len(lo) > cut + len(p):
+                cut += len(p)  # the smallest name is the shortest of those that start alike
                 stripped.append(p)
                 break
         else:
             break
-    return {k: v for k, v in current.items() if k != v}, stripped
+    return ({n: n[cut:] for n in names} if cut else {}), stripped
