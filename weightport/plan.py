@@ -274,14 +274,13 @@ def scope_of(model: nn.Module, into: str | None) -> nn.Module:
 
 def collect_targets(scope: nn.Module) -> dict[str, Target]:
     """Parameters and persistent buffers by state-dict name, tied names grouped."""
+    state = {n: t for n, t in scope.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+    # (non-tensor entries: _extra_state and the like)
     first: dict[int, str] = {}
-    out: dict[str, Target] = {}
-    for name, t in scope.state_dict(keep_vars=True).items():
-        if not isinstance(t, torch.Tensor):
-            continue  # _extra_state and other non-tensor entries
-        canonical = first.setdefault(id(t), name)
-        out[name] = _tuple(Target, (name, t, isinstance(t, nn.Parameter), canonical))
-    return out
+    for name, t in state.items():
+        first.setdefault(id(t), name)
+    parameter = nn.Parameter
+    return {name: _tuple(Target, (name, t, isinstance(t, parameter), first[id(t)])) for name, t in state.items()}
 
 
 def _check_meta_buffers(scope: nn.Module, targets: dict[str, Target], into: str | None) -> None:
@@ -327,7 +326,7 @@ def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: 
             scope, routed, _LazyMeta(source, "shape"), _LazyMeta(source, "dtype"), source.state_dict_metadata
         )
     candidates, used = r.candidates, r.used
-    for item in routed:
+    for item in routed:  # one pass, kept lean: 100k keys
         key, _, out = item
         target = out.target
         if target in targets:
@@ -616,17 +615,19 @@ def _entries(
     described: dict[int, str] = {}  # rule descriptions, built once per rule
     loaded_as_is = Entry._loaded_as_is
     prod = math.prod
+    get = recipes.get
     for name, t in targets.items():
-        recipe = recipes.get(t.canonical)
-        tied = t.canonical if t.canonical != name else None
-        if recipe is not None and recipe.fuse_dim is None and not recipe.post and recipe.shape is not None:
-            (inp,) = recipe.inputs
-            if not inp.ops:  # plain: the common case, without the general recipe walk
-                rule = None if recipe.rule is None else _described(recipe.rule, described)
-                shape = tuple(recipe.shape)
-                out.append(loaded_as_is(name, inp.key, rule, shape, tied, prod(shape), t.is_parameter))
+        _, tensor, is_parameter, canonical = t
+        recipe = get(canonical)
+        tied = canonical if canonical != name else None
+        if recipe is not None:
+            _, inputs, fuse_dim, post, rule, shape = recipe
+            if fuse_dim is None and not post and shape is not None and len(inputs) == 1 and not inputs[0].ops:
+                # plain: the common case, without the general recipe walk
+                text = None if rule is None else described.get(id(rule)) or _described(rule, described)
+                shape = tuple(shape)
+                out.append(loaded_as_is(name, inputs[0].key, text, shape, tied, prod(shape), is_parameter))
                 continue
-        tensor = t.tensor
         shape = tuple(tensor.shape)
         if recipe is None:
             reason, src_shape = fresh.get(t.canonical, ("missing", None))

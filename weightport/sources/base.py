@@ -145,7 +145,11 @@ class Source(Mapping[str, torch.Tensor]):
 
     def meta(self, name: str) -> TensorMeta:
         """Shape and dtype of ``name``; reads no tensor data."""
-        return self._meta_of(self._handle(name))
+        try:  # _handle() inlined: planning asks this once per key
+            handle = self._handles[name]
+        except KeyError:
+            raise TensorNotFoundError(self._missing_message(name)) from None
+        return self._meta_of(handle)
 
     def view(self, name: str) -> torch.Tensor:
         """The tensor ``name``, zero-copy where the format allows. Do not modify it."""
