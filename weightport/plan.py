@@ -635,14 +635,14 @@ def _entries(
                 Entry(name, "fresh", (), None, (), src_shape, shape, reason, tied, tensor.numel(), t.is_parameter)
             )
             continue
-        rule = _described(recipe.rule, described)
+        rule_text = _described(recipe.rule, described)
         if recipe.plain:
             key = recipe.inputs[0].key
             entry = Entry(
                 name,
                 "loaded",
                 (key,),
-                rule,
+                rule_text,
                 (),
                 source.meta(key).shape,
                 shape,
@@ -656,7 +656,7 @@ def _entries(
                 name,
                 "adapted" if recipe.adapted else "loaded",
                 tuple(i.key for i in recipe.inputs),
-                rule,
+                rule_text,
                 recipe.labels(),
                 _source_shape(source, recipe),
                 shape,
