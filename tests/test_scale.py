@@ -156,3 +156,26 @@ def test_gc_paused_restores_the_collector():
         assert not gc.isenabled()  # it was off before: it stays off
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.complex64, torch.int8])
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3)])
+def test_byte_view_of_a_destination_writes_into_it(dtype, shape):
+    from weightport.sources._mapped import _bytes_of
+
+    out = torch.zeros(shape, dtype=dtype)
+    view = _bytes_of(out)
+    assert view.nbytes == out.nbytes and not view.readonly
+    view[:] = b"\x01" * out.nbytes
+    assert bytes(out.reshape(-1).view(torch.uint8).tolist()) == b"\x01" * out.nbytes
+
+
+def test_a_plan_refuses_a_model_whose_tensors_were_moved_between_names(tiny):
+    from conftest import trained
+
+    p = wp.plan(trained().state_dict(), tiny)
+    tiny.fc.weight, tiny.fc.bias = tiny.fc.bias, tiny.fc.weight  # same tensors, other names
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    with pytest.raises(wp.errors.PlanError, match="changed since it was planned"):
+        p.apply()
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())

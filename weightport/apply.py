@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from weightport import _progress
+from weightport._gc import gc_paused
 from weightport._hooks import meta_shadow
 from weightport._reading import ReadJob, Stager, run_reads
 from weightport.errors import NonFiniteError, PlanError, ShapeMismatchError
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Copy:
     """Commit: ``dest.copy_(value)`` in place."""
 
@@ -56,7 +57,7 @@ class _Copy:
     nbytes: int  # source bytes, for progress
 
 
-@dataclass
+@dataclass(slots=True)
 class _Swap:
     """Commit: put ``new`` in place of ``old`` (same identity where possible)."""
 
@@ -68,11 +69,19 @@ class _Swap:
 def apply_plan(plan: TransferPlan) -> TransferReport:
     if plan._applied:
         raise PlanError("this plan was applied already; call weightport.plan(...) again")
-    _check_unchanged(plan)
+    with gc_paused():  # ~10 objects per tensor, none in cycles (see weightport._gc)
+        return _apply(plan)
+
+
+def _apply(plan: TransferPlan) -> TransferReport:
     start = time.perf_counter()
-    total = sum(plan.source.meta(i.key).nbytes for r in plan.recipes.values() for i in r.inputs)
+    owners = _owners(plan.scope)
+    _check_unchanged(plan, owners)
+    meta = plan.source.meta
+    sizes = {name: sum(meta(i.key).nbytes for i in r.inputs) for name, r in plan.recipes.items()}
+    total = sum(sizes.values())
     with _progress.progress(plan.progress, total, desc="weightport: loading") as bar:
-        prepared = _prepare(plan, bar)
+        prepared = _prepare(plan, owners, sizes, bar)
         run_reads(plan.source, prepared.jobs, bar)
         if prepared.stager is not None:
             prepared.stager.finish()
@@ -92,13 +101,13 @@ def apply_plan(plan: TransferPlan) -> TransferReport:
     return replace(plan.report, applied=True, stats=stats, warnings=warnings)
 
 
-def _check_unchanged(plan: TransferPlan) -> None:
-    from weightport.plan import collect_targets
-
-    now = collect_targets(plan.scope)
+def _check_unchanged(plan: TransferPlan, owners: dict[int, list[tuple[nn.Module, str, str]]]) -> None:
+    """Every planned target tensor is still held by a module of the scope, under its own attribute
+    name (the plan holds the tensors, so their ids cannot have been reused)."""
     for name, t in plan.targets.items():
-        cur = now.get(name)
-        if cur is None or cur.tensor is not t.tensor or cur.tensor.shape != t.tensor.shape:
+        held = owners.get(id(t.tensor))
+        attr = name.rpartition(".")[2]
+        if held is None or all(a != attr for _, _, a in held):
             raise PlanError(f"the model changed since it was planned ({name!r}); plan again")
 
 
@@ -125,9 +134,13 @@ class _Prepared:
     zero_copy: int = 0
 
 
-def _prepare(plan: TransferPlan, bar: _progress.Progress) -> _Prepared:
+def _prepare(
+    plan: TransferPlan,
+    owners: dict[int, list[tuple[nn.Module, str, str]]],
+    sizes: dict[str, int],
+    bar: _progress.Progress,
+) -> _Prepared:
     out = _Prepared()
-    owners = _owners(plan.scope)
     fresh_names = [n for n, t in plan.targets.items() if n == t.canonical and n not in plan.recipes]
     needs_init = [n for n in fresh_names if plan.targets[n].tensor.is_meta]
     value_ops = [
@@ -138,7 +151,7 @@ def _prepare(plan: TransferPlan, bar: _progress.Progress) -> _Prepared:
     inits = _fresh_values(plan, needs_init + value_ops, out.notes)
     for name, recipe in plan.recipes.items():
         target = plan.targets[name].tensor
-        out.writes.append(_prepare_recipe(plan, recipe, target, inits.get(name), owners, out, bar))
+        out.writes.append(_prepare_recipe(plan, recipe, target, inits.get(name), owners, sizes[name], out, bar))
     for name in fresh_names:
         t = plan.targets[name].tensor
         dtype, device = _final(t, plan)
@@ -157,15 +170,15 @@ def _prepare_recipe(
     target: torch.Tensor,
     init: torch.Tensor | None,
     owners: dict[int, list[tuple[nn.Module, str, str]]],
+    nbytes: int,  # source bytes, for progress
     prepared: _Prepared,
     bar: _progress.Progress,
 ) -> Any:
     source = plan.source
     dtype, device = _final(target, plan)
     in_place = not target.is_meta and (dtype, device) == (target.dtype, target.device)
-    plain = len(recipe.inputs) == 1 and not recipe.ops and recipe.fuse_dim is None
+    plain = recipe.plain
     keys = tuple(i.key for i in recipe.inputs)
-    nbytes = sum(source.meta(k).nbytes for k in keys)  # progress counts source bytes
     if plain and plan.zero_copy and target.is_meta and device.type == "cpu" and not plan.check_finite:
         view = source.mapped_view(keys[0])
         if view is not None and view.dtype == dtype and tuple(view.shape) == tuple(target.shape):
@@ -173,7 +186,11 @@ def _prepare_recipe(
             bar.update(nbytes)
             return _swap(target, view, owners)  # shares the file's pages (see docs/performance.md)
     if plain and not in_place and not plan.check_finite and device.type in ("cpu", "cuda"):
-        new = torch.empty(target.shape, dtype=dtype, device=device)
+        # a tuple shape, and no device argument for the CPU: each halves torch.empty's call overhead,
+        # which counts with 100k small tensors
+        shape = recipe.shape if recipe.shape is not None else tuple(target.shape)
+        on_cpu = device.type == "cpu"
+        new = torch.empty(shape, dtype=dtype) if on_cpu else torch.empty(shape, dtype=dtype, device=device)
         prepared.jobs.append(ReadJob(keys[0], new, nbytes))  # read later, straight from the file into ``new``
         return _swap(target, new, owners)
     value = compute(recipe, source, init if init is not None else target)
@@ -238,7 +255,8 @@ def _swap(old: torch.Tensor, new: torch.Tensor, owners: dict[int, list[tuple[nn.
         param = nn.Parameter(new, requires_grad=old.requires_grad)
         if type(old) is not nn.Parameter:  # keep Parameter subclasses
             param = type(old)(new, requires_grad=old.requires_grad) if _can_rebuild(old) else param
-        param.__dict__.update(old.__dict__)
+        if old.__dict__:
+            param.__dict__.update(old.__dict__)
         new = param
     return _Swap(old, new, owners.get(id(old), []))
 

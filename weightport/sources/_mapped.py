@@ -68,7 +68,7 @@ class MappedFile:
 
     def read_into(self, offset: int, out: torch.Tensor) -> None:
         """Read ``out.nbytes`` bytes at ``offset`` straight into contiguous CPU ``out``."""
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
+        buf = _bytes_of(out)
         if self._fd is None:
             with self._lock:
                 if self._fd is None:
@@ -105,6 +105,15 @@ class MappedFile:
     def __del__(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
+
+
+def _bytes_of(out: torch.Tensor) -> memoryview:
+    """A writable byte view of contiguous CPU tensor ``out`` (through numpy where it knows the dtype:
+    a third of the cost, which counts with 100k small tensors)."""
+    try:
+        return out.numpy().data.cast("B")
+    except (TypeError, RuntimeError):  # bfloat16, float8 …: no numpy dtype
+        return memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def first_overlap(spans: list[tuple[int, int, str]]) -> tuple[tuple[int, int, str], tuple[int, int, str]] | None:
