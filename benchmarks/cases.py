@@ -306,7 +306,9 @@ def _plan(work: str) -> Any:
     planned = wp.plan(source, model, rules=rules, strict=True)
     done = time.perf_counter()
     assert len(planned.recipes) == PLAN_LAYERS * PLAN_EXPERTS * PLAN_PROJ
-    return {"open_s": opened - start, "plan_s": done - opened}
+    planned.apply()
+    applied = time.perf_counter()
+    return {"open_s": opened - start, "plan_s": done - opened, "apply_s": applied - done}
 
 
 def preload(model: str, name: str) -> None:

@@ -137,10 +137,13 @@ def plan_table(results: list[dict[str, float]]) -> str:
     keys = PLAN_LAYERS * PLAN_EXPERTS * PLAN_PROJ
     for r in results:
         r["both_s"] = r["open_s"] + r["plan_s"]
+        r["all_s"] = r["both_s"] + r["apply_s"]
     parts = [
         ("open the 100k-key safetensors header", "open_s"),
         ("weightport.plan (route, match, shapes, report)", "plan_s"),
         ("open + plan", "both_s"),
+        ("apply the plan (100k tensors of 4 floats each: per-tensor overhead)", "apply_s"),
+        ("open + plan + apply", "all_s"),
     ]
     return "\n".join(
         [

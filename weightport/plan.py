@@ -14,7 +14,9 @@ import fnmatch
 import math
 from collections import Counter, abc
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import attrgetter, eq, itemgetter
 from typing import Any, NamedTuple
 
 import torch
@@ -30,15 +32,17 @@ from weightport.errors import (
     StrictnessError,
     TargetError,
 )
-from weightport.mapping.core import Mapping
+from weightport.mapping._bulk import Group
+from weightport.mapping.core import Mapping, Resolution
 from weightport.mapping.files import shipped_dir
 from weightport.mapping.ops import OpCall, fuse, get_op, list_adapters
-from weightport.mapping.rules import Drop, Output, Rule, Split
-from weightport.report import Entry, TransferReport, group_names
+from weightport.mapping.rules import Drop, Output, Rename, Rule, Split
+from weightport.report import FIELDS, Entry, EntryTable, TransferReport, group_names
 from weightport.sources.base import Source, TensorMeta
 
 ON_MISMATCH = ("skip", "adapt", "error")
 _tuple = tuple.__new__  # builds a named tuple from a tuple of all its fields, in C
+_STATUS, _REASON = FIELDS.index("status"), FIELDS.index("reason")
 
 
 class Target(NamedTuple):
@@ -144,7 +148,7 @@ class TransferPlan:
         self._applied = False
 
     @property
-    def entries(self) -> tuple[Entry, ...]:
+    def entries(self) -> Sequence[Entry]:
         return self.report.entries
 
     def apply(self) -> TransferReport:
@@ -210,21 +214,35 @@ def _build_plan(
     scope = scope_of(model, into)
     targets = collect_targets(scope)
     _check_meta_buffers(scope, targets, into)
-    routing = _route(source, mapping, targets, scope)
-    recipes, fresh_reasons, warnings = _decide(source, targets, routing, on_mismatch, scope)
+    keys = list(source)
+    groups = mapping.resolve_groups(keys)
+    hooks = any(has_custom_loading(m) for m in scope.modules())
+    ties = _ties(targets)
+    lane, rest = _plain_lane(keys, groups, targets, ties, hooks)
+    routing = _route(source, rest, targets, scope, hooks)
+    for g in groups:
+        if g.resolutions is not None:
+            routing.hits.update(id(r.rule) for r in g.resolutions if r.rule is not None)
+        elif g.rule is not None:
+            routing.hits[id(g.rule)] += len(g.positions)
+    lane = _settle(lane, source, targets, routing)
+    recipes, fresh_reasons, warnings = _decide(source, targets, ties, routing, on_mismatch, scope, set(lane.names))
+    recipes.update(lane.recipes())
     warnings += [f"rule {r.described()} matched no source tensor" for r in _idle_rules(mapping, routing)]
-    entries = _entries(source, targets, recipes, fresh_reasons)
+    rows = _rows(source, targets, recipes, fresh_reasons, lane.rows(targets))
     dropped = set(routing.dropped)
-    unused = [k for k in source if k not in routing.used and k not in dropped]
+    used = routing.used
+    unused = [k for k in keys if k not in used and k not in dropped]
     reasons = {k: routing.unused_reasons.get(k, "no target tensor with this name") for k in unused}
-    missing = sum(1 for e in entries if e.status == "fresh" and e.reason == "missing")
+    missing = sum(1 for r in rows if r[_REASON] == "missing")
     if unused and missing and len(unused) >= 0.5 * len(source):
         warnings.append(
             f"{len(unused)} source tensors unused and {missing} target tensors missing: the names "
             "probably differ; try a mapping (weightport mappings) or `weightport suggest SOURCE TARGET`"
         )
+    _check_strictness(rows, unused, strict, require)
     report = TransferReport(
-        tuple(entries),
+        EntryTable.from_rows(rows),
         tuple(unused),
         tuple(routing.dropped),
         tuple(warnings),
@@ -233,7 +251,6 @@ def _build_plan(
         into=into,
         unused_reasons=reasons,
     )
-    _check_strictness(report, strict, require)
     return TransferPlan(
         source=source,
         scope=scope,
@@ -274,13 +291,19 @@ def scope_of(model: nn.Module, into: str | None) -> nn.Module:
 
 def collect_targets(scope: nn.Module) -> dict[str, Target]:
     """Parameters and persistent buffers by state-dict name, tied names grouped."""
-    state = {n: t for n, t in scope.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
-    # (non-tensor entries: _extra_state and the like)
-    first: dict[int, str] = {}
-    for name, t in state.items():
-        first.setdefault(id(t), name)
-    parameter = nn.Parameter
-    return {name: _tuple(Target, (name, t, isinstance(t, parameter), first[id(t)])) for name, t in state.items()}
+    state = scope.state_dict(keep_vars=True)
+    if not all(map(isinstance, state.values(), repeat(torch.Tensor))):  # _extra_state and the like
+        state = {n: t for n, t in state.items() if isinstance(t, torch.Tensor)}
+    names, tensors = list(state), list(state.values())
+    ids = list(map(id, tensors))
+    if len(set(ids)) == len(ids):  # nothing tied: every name is its own canonical name
+        canonical: list[str] = names
+    else:
+        first: dict[int, str] = {}
+        canonical = [first.setdefault(i, n) for i, n in zip(ids, names)]
+    parameters = map(isinstance, tensors, repeat(nn.Parameter))
+    # in bulk, in C: a 100k-parameter model's targets in a few hundredths of a second
+    return dict(zip(names, map(_tuple, repeat(Target), zip(names, tensors, parameters, canonical))))
 
 
 def _check_meta_buffers(scope: nn.Module, targets: dict[str, Target], into: str | None) -> None:
@@ -305,13 +328,18 @@ class _Routing:
     hits: Counter[int]
 
 
-def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: nn.Module) -> _Routing:
-    keys = list(source)
-    resolutions = mapping.resolve_all(keys)
-    r = _Routing({}, set(), [], {}, Counter(id(rule) for rule, _ in resolutions if rule is not None))
+def _route(
+    source: Source,
+    resolved: list[tuple[str, Resolution]],
+    targets: dict[str, Target],
+    scope: nn.Module,
+    hooks: bool,
+) -> _Routing:
+    """Candidates per target name for the keys the plain lane did not take."""
+    r = _Routing({}, set(), [], {}, Counter())
     routed: list[tuple[str, Rule | None, Output]] = []
     append = routed.append
-    for key, (rule, outputs) in zip(keys, resolutions):
+    for key, (rule, outputs) in resolved:
         if rule is not None:
             if isinstance(rule, Drop):
                 r.dropped.append(key)
@@ -320,25 +348,147 @@ def _route(source: Source, mapping: Mapping, targets: dict[str, Target], scope: 
                 outputs = _auto_split_sizes(source, key, rule, outputs, targets)
         for out in outputs:
             append((key, rule, out))
-    if any(has_custom_loading(m) for m in scope.modules()):
+    if hooks:
         # lazy: hooks look at the few keys under their module; other shards stay closed
         routed = replay(
             scope, routed, _LazyMeta(source, "shape"), _LazyMeta(source, "dtype"), source.state_dict_metadata
         )
     candidates, used = r.candidates, r.used
-    for item in routed:  # one pass, kept lean: 100k keys
+    for item in routed:
         key, _, out = item
         target = out.target
         if target in targets:
-            found = candidates.get(target)
-            if found is None:
-                candidates[target] = [item]
-            else:
-                found.append(item)
+            candidates.setdefault(target, []).append(item)
             used.add(key)
         elif key not in used:
             r.unused_reasons[key] = f"no target tensor named {target!r}"
     return r
+
+
+# -- the plain lane: most keys of a large model, decided column by column ----------------------------
+
+
+@dataclass
+class _Lane:
+    """Source keys loaded as they are (their own name, or a rename without ops) into an untied target
+    of the same shape that no other key feeds: nearly every key of a large model. They are decided in
+    bulk — lists mapped and zipped in C — rather than through candidates one key at a time."""
+
+    names: list[str]
+    keys: list[str]
+    rules: list[Rule | None]
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+    def recipes(self) -> Iterator[tuple[str, Recipe]]:
+        inputs = zip(map(_tuple, repeat(Input), zip(self.keys, repeat(()))))  # (Input(key),) each
+        fields = zip(self.names, inputs, repeat(None), repeat(()), self.rules, self.shapes)
+        return zip(self.names, map(_tuple, repeat(Recipe), fields))
+
+    def rows(self, targets: dict[str, Target]) -> dict[str, tuple[Any, ...]]:
+        """Report rows (:class:`Entry` fields in order) by target name."""
+        texts: dict[Rule | None, str | None] = {r: r.described() for r in set(self.rules) if r is not None}
+        texts[None] = None
+        params = map(itemgetter(2), map(targets.__getitem__, self.names))
+        rows = zip(
+            self.names,
+            repeat("loaded"),
+            zip(self.keys),
+            map(texts.__getitem__, self.rules),
+            repeat(()),
+            self.shapes,
+            self.shapes,
+            repeat(None),
+            repeat(None),
+            map(math.prod, self.shapes),
+            params,
+        )
+        return dict(zip(self.names, rows))
+
+    def take(self, keep: Iterable[bool]) -> _Lane:
+        mask = list(keep)
+        return _Lane(
+            list(compress(self.names, mask)),
+            list(compress(self.keys, mask)),
+            list(compress(self.rules, mask)),
+            list(compress(self.shapes, mask)),
+        )
+
+
+def _plain_lane(
+    keys: list[str],
+    groups: list[Group],
+    targets: dict[str, Target],
+    ties: dict[str, list[str]],
+    hooks: bool,
+) -> tuple[_Lane, list[tuple[str, Resolution]]]:
+    """Split the keys: candidates for the plain lane, and the rest (``(key, resolution)`` in
+    source order). Groups of keys renamed alike are split with C-level maps, not key by key."""
+    lane = _Lane([], [], [])
+    rest: list[tuple[int, str, Resolution]] = []
+    tied = set(ties).union(*ties.values()) if ties else set()
+
+    def solo(name: str) -> bool:
+        return name in targets and name not in tied
+
+    for g in groups:
+        rule = g.rule
+        plain = not hooks and (rule is None or (type(rule) is Rename and not rule.ops))
+        group_keys = list(map(keys.__getitem__, g.positions))
+        if g.names is not None:
+            o = g.output
+            assert o is not None
+            fits = list(map(targets.__contains__, g.names)) if not tied else list(map(solo, g.names))
+            if not plain:
+                fits = [False] * len(fits)
+            lane.names += compress(g.names, fits)
+            lane.keys += compress(group_keys, fits)
+            lane.rules += repeat(rule, sum(fits))
+            if not all(fits):
+                for position, key, name, ok in zip(g.positions, group_keys, g.names, fits):
+                    if not ok:
+                        rest.append((position, key, Resolution(rule, (Output(name, o.ops, o.part, o.dim),))))
+            continue
+        assert g.resolutions is not None
+        for position, key, res in zip(g.positions, group_keys, g.resolutions):
+            r, outputs = res
+            if not hooks and (r is None or (type(r) is Rename and not r.ops)) and solo(outputs[0].target):
+                lane.names.append(outputs[0].target)
+                lane.keys.append(key)
+                lane.rules.append(r)
+            else:
+                rest.append((position, key, res))
+    rest.sort(key=itemgetter(0))
+    return lane, [(key, res) for _, key, res in rest]
+
+
+def _settle(lane: _Lane, source: Source, targets: dict[str, Target], routing: _Routing) -> _Lane:
+    """Keep the lane's keys whose target no other key feeds and whose shape matches; hand the
+    others to the general path (collisions and the mismatch policy are decided there)."""
+    if not lane.names:
+        return lane
+    lane.shapes = source.shapes(lane.keys)
+    wanted = map(attrgetter("shape"), map(itemgetter(1), map(targets.__getitem__, lane.names)))
+    fits = list(map(eq, lane.shapes, wanted))
+    distinct = set(lane.names)
+    shared = Counter(lane.names) if len(distinct) != len(lane.names) else {}
+    fed = routing.candidates.keys() & distinct
+    if shared or fed:
+        fits = [ok and n not in fed and shared.get(n, 1) == 1 for ok, n in zip(fits, lane.names)]
+    if all(fits):
+        routing.used.update(lane.keys)
+        return lane
+    moved = set()
+    for ok, name, key, rule in zip(fits, lane.names, lane.keys, lane.rules):
+        if not ok:
+            routing.candidates.setdefault(name, []).append((key, rule, Output(name)))
+            routing.used.add(key)
+            moved.add(name)
+    order = {k: i for i, k in enumerate(source)} if moved & fed or shared else {}
+    for name in moved if order else ():  # candidates in source order, as the general path has them
+        routing.candidates[name].sort(key=lambda c: order[c[0]])
+    kept = lane.take(fits)
+    routing.used.update(kept.keys)
+    return kept
 
 
 class _LazyMeta(abc.Mapping):
@@ -383,40 +533,37 @@ def _auto_split_sizes(
 # -- deciding: shapes, collisions, policies --------------------------------------------------------
 
 
+def _ties(targets: dict[str, Target]) -> dict[str, list[str]]:
+    """canonical name -> the other names of one tied tensor."""
+    ties: dict[str, list[str]] = {}
+    for name, target in targets.items():
+        if target.canonical != name:
+            ties.setdefault(target.canonical, []).append(name)
+    return ties
+
+
 def _decide(
-    source: Source, targets: dict[str, Target], routing: _Routing, on_mismatch: str, scope: nn.Module
+    source: Source,
+    targets: dict[str, Target],
+    ties: dict[str, list[str]],
+    routing: _Routing,
+    on_mismatch: str,
+    scope: nn.Module,
+    decided: set[str],
 ) -> tuple[dict[str, Recipe], dict[str, tuple[str, tuple[int, ...] | None]], list[str]]:
+    """Recipes (or fresh reasons) for every canonical target not in ``decided`` (the plain lane's)."""
     recipes: dict[str, Recipe] = {}
     fresh: dict[str, tuple[str, tuple[int, ...] | None]] = {}
     warnings: list[str] = []
     collisions: list[str] = []
     mismatches: list[str] = []
-    ties: dict[str, list[str]] = {}  # canonical -> the other names of one tied tensor
-    for name, target in targets.items():
-        if target.canonical != name:
-            ties.setdefault(target.canonical, []).append(name)
     dropped = set(routing.dropped)
     candidates = routing.candidates
-    meta = source.meta
     for canonical, target in targets.items():
-        if target.canonical != canonical:
-            continue  # decided with its canonical name
-        tied = ties.get(canonical)
-        if tied is None:  # untied: the common case, kept cheap for 100k-key models
-            cands = candidates.get(canonical)
-            chosen = None if cands is None else canonical
-            if cands is not None and len(cands) == 1:
-                key, rule, out = cands[0]
-                if out.part is None and not out.ops:
-                    shape = meta(key).shape
-                    if shape == target.tensor.shape:  # else the general path applies the mismatch policy
-                        inputs = (_tuple(Input, (key, ())),)
-                        recipes[canonical] = _tuple(Recipe, (canonical, inputs, None, (), rule, shape))
-                        continue
-            group = [canonical]
-        else:
-            group = [canonical, *tied]
-            chosen = next((n for n in group if n in candidates), None)
+        if target.canonical != canonical or canonical in decided:
+            continue  # a tied name is decided with its canonical name
+        group = [canonical, *ties.get(canonical, ())]
+        chosen = next((n for n in group if n in candidates), None)
         if chosen is None:
             fresh[canonical] = ("dropped" if any(n in dropped for n in group) else "missing", None)
             continue
@@ -605,67 +752,38 @@ def _owner(scope: nn.Module, name: str) -> nn.Module | None:
 # -- entries and checks -----------------------------------------------------------------------------
 
 
-def _entries(
+def _rows(
     source: Source,
     targets: dict[str, Target],
     recipes: dict[str, Recipe],
     fresh: dict[str, tuple[str, tuple[int, ...] | None]],
-) -> list[Entry]:
+    lane_rows: dict[str, tuple[Any, ...]],
+) -> list[tuple[Any, ...]]:
+    """One report row (:class:`Entry` fields in order) per target, in the model's order."""
+    if len(lane_rows) == len(targets):
+        return (
+            list(lane_rows.values()) if list(lane_rows) == list(targets) else list(map(lane_rows.__getitem__, targets))
+        )
     out = []
     described: dict[int, str] = {}  # rule descriptions, built once per rule
-    loaded_as_is = Entry._loaded_as_is
-    prod = math.prod
-    get = recipes.get
     for name, t in targets.items():
+        row = lane_rows.get(name)
+        if row is not None:
+            out.append(row)
+            continue
         _, tensor, is_parameter, canonical = t
-        recipe = get(canonical)
+        recipe = recipes.get(canonical)
         tied = canonical if canonical != name else None
-        if recipe is not None:
-            _, inputs, fuse_dim, post, rule, shape = recipe
-            if fuse_dim is None and not post and shape is not None and len(inputs) == 1 and not inputs[0].ops:
-                # plain: the common case, without the general recipe walk
-                text = None if rule is None else described.get(id(rule)) or _described(rule, described)
-                shape = tuple(shape)
-                out.append(loaded_as_is(name, inputs[0].key, text, shape, tied, prod(shape), is_parameter))
-                continue
         shape = tuple(tensor.shape)
         if recipe is None:
-            reason, src_shape = fresh.get(t.canonical, ("missing", None))
-            out.append(
-                Entry(name, "fresh", (), None, (), src_shape, shape, reason, tied, tensor.numel(), t.is_parameter)
-            )
+            reason, src_shape = fresh.get(canonical, ("missing", None))
+            out.append((name, "fresh", (), None, (), src_shape, shape, reason, tied, tensor.numel(), is_parameter))
             continue
         rule_text = _described(recipe.rule, described)
-        if recipe.plain:
-            key = recipe.inputs[0].key
-            entry = Entry(
-                name,
-                "loaded",
-                (key,),
-                rule_text,
-                (),
-                source.meta(key).shape,
-                shape,
-                None,
-                tied,
-                tensor.numel(),
-                t.is_parameter,
-            )
-        else:
-            entry = Entry(
-                name,
-                "adapted" if recipe.adapted else "loaded",
-                tuple(i.key for i in recipe.inputs),
-                rule_text,
-                recipe.labels(),
-                _source_shape(source, recipe),
-                shape,
-                None,
-                tied,
-                tensor.numel(),
-                t.is_parameter,
-            )
-        out.append(entry)
+        status = "adapted" if recipe.adapted else "loaded"
+        sources = tuple(i.key for i in recipe.inputs)
+        row = (name, status, sources, rule_text, recipe.labels(), _source_shape(source, recipe), shape, None, tied)
+        out.append((*row, tensor.numel(), is_parameter))
     return out
 
 
@@ -691,27 +809,27 @@ def _source_shape(source: Source, recipe: Recipe) -> tuple[int, ...]:
     return tuple(first)
 
 
-def _check_strictness(report: TransferReport, strict: bool, require: Iterable[str]) -> None:
+def _check_strictness(rows: list[tuple[Any, ...]], unused: list[str], strict: bool, require: Iterable[str]) -> None:
     problems: list[str] = []
     for pattern in require:
-        matched = [e for e in report.entries if fnmatch.fnmatchcase(e.target, pattern)]
+        matched = [r for r in rows if fnmatch.fnmatchcase(r[0], pattern)]
         if not matched:
             problems.append(f"require={pattern!r} matches no target tensor")
             continue
-        fresh = [e.target for e in matched if e.status == "fresh"]
+        fresh = [r[0] for r in matched if r[_STATUS] == "fresh"]
         if fresh:
             problems.append(f"require={pattern!r}: not loaded: {', '.join(group_names(fresh)[:10])}")
     if strict:
-        not_loaded = [e.target for e in report.entries if e.status == "fresh"]
+        not_loaded = [r[0] for r in rows if r[_STATUS] == "fresh"]
         if not_loaded:
             problems.append("strict=True: target tensors not loaded: " + ", ".join(group_names(not_loaded)[:12]))
-        if report.unused:
-            problems.append("strict=True: source tensors not used: " + ", ".join(group_names(report.unused)[:12]))
+        if unused:
+            problems.append("strict=True: source tensors not used: " + ", ".join(group_names(unused)[:12]))
     if problems:
-        raise StrictnessError("\n".join(problems) + "\n" + _strict_hint(report))
+        raise StrictnessError("\n".join(problems) + "\n" + _strict_hint())
 
 
-def _strict_hint(report: TransferReport) -> str:
+def _strict_hint() -> str:
     return (
         "fix the mapping (rules that rename or drop these), or relax strict=/require=; "
         "wp.plan(...) with strict=False shows the full report"

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from weightport.sources.base import SourceInfo
 
-__all__ = ["Entry", "TransferReport", "group_names"]
+__all__ = ["Entry", "EntryTable", "TransferReport", "group_names"]
 
 STATUSES = ("loaded", "adapted", "fresh")
-_new = object.__new__
-_setattr = object.__setattr__
 
 
 @dataclass(frozen=True)
@@ -49,40 +48,6 @@ class Entry:
     numel: int = 0
     is_parameter: bool = True
 
-    @classmethod
-    def _loaded_as_is(
-        cls,
-        target: str,
-        source: str,
-        rule: str | None,
-        shape: tuple[int, ...],
-        tied_to: str | None,
-        numel: int,
-        is_parameter: bool,
-    ) -> Entry:
-        """``Entry(target, "loaded", (source,), rule, (), shape, shape, None, tied_to, numel, is_parameter)``,
-        made without the frozen dataclass's per-field ``__init__`` (planning makes one per tensor,
-        100k of them for a large model). Equal, in every respect, to the one ``__init__`` makes."""
-        entry = _new(cls)
-        _setattr(
-            entry,
-            "__dict__",
-            {
-                "target": target,
-                "status": "loaded",
-                "sources": (source,),
-                "rule": rule,
-                "ops": (),
-                "source_shape": shape,
-                "target_shape": shape,
-                "reason": None,
-                "tied_to": tied_to,
-                "numel": numel,
-                "is_parameter": is_parameter,
-            },
-        )
-        return entry
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "target": self.target,
@@ -97,12 +62,77 @@ class Entry:
         }
 
 
+FIELDS = tuple(f for f in Entry.__dataclass_fields__)
+_STATUS, _REASON, _TIED, _NUMEL, _PARAM = (
+    FIELDS.index(f) for f in ("status", "reason", "tied_to", "numel", "is_parameter")
+)
+
+
+class EntryTable(Sequence[Entry]):
+    """A report's entries, kept as rows of field values (one tuple per target tensor, in
+    :class:`Entry` field order); each :class:`Entry` is made when it is asked for.
+
+    A 100k-tensor model's report then costs 100k small tuples instead of 100k dataclass
+    instances, and counts, coverage and the summary read the rows directly. It behaves as an
+    immutable sequence of :class:`Entry` and compares equal to any sequence of equal entries.
+    """
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, entries: Iterable[Entry | tuple[Any, ...]] = ()) -> None:
+        self._rows: tuple[tuple[Any, ...], ...] = tuple(
+            tuple(getattr(e, f) for f in FIELDS) if isinstance(e, Entry) else e for e in entries
+        )
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple[Any, ...]]) -> EntryTable:
+        """A table over ``rows`` as they are (tuples in field order, not checked)."""
+        table = cls()
+        table._rows = tuple(rows)
+        return table
+
+    @property
+    def rows(self) -> tuple[tuple[Any, ...], ...]:
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> Entry: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Entry]: ...
+
+    def __getitem__(self, index: int | slice) -> Entry | list[Entry]:
+        if isinstance(index, slice):
+            return [Entry(*row) for row in self._rows[index]]
+        return Entry(*self._rows[index])
+
+    def __iter__(self) -> Iterator[Entry]:
+        for row in self._rows:
+            yield Entry(*row)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EntryTable):
+            return self._rows == other._rows
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self._rows) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<EntryTable of {len(self._rows)} entries>"
+
+
 @dataclass(frozen=True)
 class TransferReport:
     """Every target tensor in scope with its status, and the fate of every source tensor.
 
     Attributes:
-        entries: One :class:`Entry` per target tensor in scope, in the model's order.
+        entries: One :class:`Entry` per target tensor in scope, in the model's order (an
+            :class:`EntryTable`: any sequence of entries given is stored as one).
         unused: Source keys that fed no target.
         dropped: Source keys a rule dropped on purpose.
         warnings: Things worth a look: rules that matched nothing, incomplete fuses …
@@ -113,7 +143,7 @@ class TransferReport:
         unused_reasons: Why each unused key was not used.
     """
 
-    entries: tuple[Entry, ...]
+    entries: Sequence[Entry]
     unused: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -123,9 +153,22 @@ class TransferReport:
     stats: dict[str, float] = field(default_factory=dict)
     unused_reasons: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.entries, EntryTable):
+            object.__setattr__(self, "entries", EntryTable(self.entries))
+
+    @property
+    def _rows(self) -> tuple[tuple[Any, ...], ...]:
+        return self.entries.rows  # type: ignore[attr-defined]
+
     # -- views ----------------------------------------------------------------------------------
     def _with(self, status: str) -> list[Entry]:
-        return [e for e in self.entries if e.status == status]
+        return [Entry(*r) for r in self._rows if r[_STATUS] == status]
+
+    def counts(self) -> dict[str, int]:
+        """How many target tensors have each status."""
+        counts = Counter(r[_STATUS] for r in self._rows)
+        return {s: counts.get(s, 0) for s in STATUSES}
 
     @property
     def loaded(self) -> list[Entry]:
@@ -142,30 +185,31 @@ class TransferReport:
     @property
     def skipped(self) -> list[Entry]:
         """Fresh entries refused for a shape mismatch."""
-        return [e for e in self.entries if e.status == "fresh" and e.reason == "shape mismatch"]
+        return [Entry(*r) for r in self._rows if r[_STATUS] == "fresh" and r[_REASON] == "shape mismatch"]
 
     @property
     def coverage(self) -> float:
         """Share of target parameter elements (each shared tensor once) that received
         pretrained values."""
-        params = [e for e in self.entries if e.is_parameter and e.tied_to is None]
-        total = sum(e.numel for e in params)
-        done = sum(e.numel for e in params if e.status != "fresh")
+        params = [r for r in self._rows if r[_PARAM] and r[_TIED] is None]
+        total = sum(r[_NUMEL] for r in params)
+        done = sum(r[_NUMEL] for r in params if r[_STATUS] != "fresh")
         return done / total if total else 1.0
 
     def __getitem__(self, target: str) -> Entry:
-        for e in self.entries:
-            if e.target == target:
-                return e
+        for r in self._rows:
+            if r[0] == target:
+                return Entry(*r)
         raise KeyError(target)
 
     # -- renderers ------------------------------------------------------------------------------
     def summary(self) -> str:
         """A few lines: counts, coverage, and grouped names of what did not load as is."""
         verb = "transferred" if self.applied else "planned (dry run)"
+        counts = self.counts()
         lines = [
-            f"{verb}: {len(self.loaded)} loaded, {len(self.adapted)} adapted, "
-            f"{len(self.fresh)} fresh of {len(self.entries)} target tensors; "
+            f"{verb}: {counts['loaded']} loaded, {counts['adapted']} adapted, "
+            f"{counts['fresh']} fresh of {len(self.entries)} target tensors; "
             f"coverage {self.coverage:.2%} of parameters",
         ]
         if self.source is not None:
@@ -218,7 +262,7 @@ class TransferReport:
         return {
             "applied": self.applied,
             "into": self.into,
-            "counts": {s: len(self._with(s)) for s in STATUSES},
+            "counts": self.counts(),
             "coverage": self.coverage,
             "entries": [e.to_dict() for e in self.entries],
             "unused": list(self.unused),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from itertools import chain
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from weightport.mapping.pattern import Pattern, Placeholder, Wildcard, captures
 from weightport.mapping.rules import Drop, Output, Rule
@@ -40,23 +40,58 @@ _tuple = tuple.__new__
 _SMALL = 64  # below this many keys, resolving each key costs less than analysing the mapping
 
 
-def resolve_all(mapping: Mapping, keys: Sequence[str]) -> list[Resolution]:
-    """``[mapping.resolve(k) for k in keys]``, in bulk where that is exact (module docstring)."""
+class Group(NamedTuple):
+    """Keys resolved alike.
+
+    Attributes:
+        positions: The keys' indices in the list given.
+        rule: The rule that decided them (``None``: no rule matched, the keys keep their names).
+        names: When each key feeds exactly one target by ``output`` (same ops for all): each key's
+            target name, in order; else ``None``.
+        output: The representative output (its ``target`` is the first key's) when ``names`` is given.
+        resolutions: Otherwise, each key's :class:`Resolution`, in order.
+    """
+
+    positions: list[int]
+    rule: Rule | None
+    names: list[str] | None
+    output: Output | None
+    resolutions: list[Resolution] | None
+
+
+def resolve_groups(mapping: Mapping, keys: Sequence[str]) -> list[Group]:
+    """The keys resolved group by group: one group per key shape where bulk resolution applies,
+    else one group of per-key resolutions (module docstring)."""
     stripped = [mapping.strip_source_prefix(k) for k in keys] if mapping.source_prefix else list(keys)
     shapes = _shapes(mapping, stripped) if len(stripped) >= _SMALL else None
     if shapes is None:
-        return [mapping.resolve_stripped(k) for k in stripped]
-    groups: dict[str, list[int]] = {}
+        return [Group(list(range(len(stripped))), None, None, None, [mapping.resolve_stripped(k) for k in stripped])]
+    by_shape: dict[str, list[int]] = {}
     for i, shape in enumerate(shapes):
-        group = groups.get(shape)
-        if group is None:
-            groups[shape] = [i]
+        positions = by_shape.get(shape)
+        if positions is None:
+            by_shape[shape] = [i]
         else:
-            group.append(i)
-    out: list[Resolution] = [None] * len(stripped)  # type: ignore[list-item]
-    for positions in groups.values():
-        names = [stripped[i] for i in positions]
-        for i, res in zip(positions, _resolve_group(mapping, names)):
+            positions.append(i)
+    return [_resolve_group(mapping, positions, [stripped[i] for i in positions]) for positions in by_shape.values()]
+
+
+def resolve_all(mapping: Mapping, keys: Sequence[str]) -> list[Resolution]:
+    """``[mapping.resolve(k) for k in keys]``, in bulk where that is exact (module docstring)."""
+    from weightport.mapping.core import Resolution
+
+    out: list[Resolution] = [None] * len(keys)  # type: ignore[list-item]
+    for group in resolve_groups(mapping, keys):
+        if group.resolutions is not None:
+            resolutions: Sequence[Resolution] = group.resolutions
+        else:
+            rule, o = group.rule, group.output
+            assert group.names is not None and o is not None
+            # tuple.__new__ makes the same named tuples without a Python-level __new__ per key
+            resolutions = [
+                _tuple(Resolution, (rule, (_tuple(Output, (t, o.ops, o.part, o.dim)),))) for t in group.names
+            ]
+        for i, res in zip(group.positions, resolutions):
             out[i] = res
     return out
 
@@ -108,30 +143,30 @@ def _blind(pattern: Pattern, digit_literals: set[str]) -> bool:
     return True
 
 
-def _resolve_group(mapping: Mapping, keys: list[str]) -> list[Resolution]:
-    """Resolutions of keys of one shape (source prefix removed)."""
+def _resolve_group(mapping: Mapping, positions: list[int], keys: list[str]) -> Group:
+    """The group of keys of one shape (source prefix removed)."""
     from weightport.mapping.core import Resolution
 
     first = keys[0]
     hit = mapping.match(first)
     if hit is None:
-        return [Resolution(None, (Output(k),)) for k in keys]
+        return Group(positions, None, keys, Output(first), None)
     index, rule, m = hit
     if isinstance(rule, Drop):
-        return [Resolution(rule, ())] * len(keys)
+        return Group(positions, rule, None, None, [Resolution(rule, ())] * len(keys))
     outputs = rule.outputs(index, captures(m))
     if len(keys) > 1:
         targets = _renamed(rule.patterns[index], rule, outputs, first, keys)
         if targets is not None and len(outputs) == 1:
-            (o,) = outputs
-            # tuple.__new__ makes the same named tuples without a Python-level __new__ per key
-            return [_tuple(Resolution, (rule, (_tuple(Output, (t, o.ops, o.part, o.dim)),))) for t in targets[0]]
+            return Group(positions, rule, targets[0], outputs[0], None)
         if targets is not None:
-            return [
+            resolutions = [
                 Resolution(rule, tuple(Output(t[j], o.ops, o.part, o.dim) for j, o in enumerate(outputs)))
                 for t in zip(*targets)
             ]
-    return [Resolution(rule, outputs)] + [mapping.resolve_stripped(k) for k in keys[1:]]
+            return Group(positions, rule, None, None, resolutions)
+    rest = [mapping.resolve_stripped(k) for k in keys[1:]]
+    return Group(positions, rule, None, None, [Resolution(rule, outputs), *rest])
 
 
 def _renamed(

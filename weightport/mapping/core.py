@@ -11,11 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from weightport.errors import MappingError
 from weightport.mapping.pattern import captures
 from weightport.mapping.rules import Drop, Output, Rule
+
+if TYPE_CHECKING:
+    from weightport.mapping._bulk import Group
 
 __all__ = ["Mapping", "Resolution"]
 
@@ -178,6 +181,13 @@ class Mapping:
         from weightport.mapping._bulk import shape_regex
 
         return shape_regex(self.rules)
+
+    def resolve_groups(self, keys: Sequence[str]) -> list[Group]:
+        """:meth:`resolve_all`, grouped: keys resolved alike, with their target names in one list
+        where each feeds one target the same way (what planning 100k keys works with)."""
+        from weightport.mapping._bulk import resolve_groups
+
+        return resolve_groups(self, keys)
 
     def strip_source_prefix(self, key: str) -> str:
         if self.source_prefix and key.startswith(self.source_prefix):

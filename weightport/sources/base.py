@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -148,6 +148,10 @@ class Source(Mapping[str, torch.Tensor]):
         except KeyError:
             raise TensorNotFoundError(self._missing_message(name)) from None
         return self._meta_of(handle)
+
+    def shapes(self, names: Iterable[str]) -> list[tuple[int, ...]]:
+        """``[self.meta(n).shape for n in names]`` (tuples); sources that can answer in bulk do."""
+        return [self.meta(n).shape for n in names]
 
     def view(self, name: str) -> torch.Tensor:
         """The tensor ``name``, zero-copy where the format allows. Do not modify it."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from operator import attrgetter
 from typing import Any
 
 import torch
 
 from weightport.sources._mapped import MappedFile, TensorRef
 from weightport.sources.base import Source, SourceInfo, TensorMeta
+
+_shape = attrgetter("shape")
 
 
 class TensorSource(Source):
@@ -59,6 +62,13 @@ class FileSource(Source):
 
     def _meta_of(self, handle: TensorRef) -> TensorMeta:
         return handle.meta
+
+    def shapes(self, names: Iterable[str]) -> list[tuple[int, ...]]:
+        names = list(names)
+        try:
+            return list(map(_shape, map(self._handles.__getitem__, names)))
+        except KeyError:
+            return super().shapes(names)  # raises with the missing name
 
     def _view_of(self, handle: TensorRef) -> torch.Tensor:
         return handle.view()
