@@ -81,3 +81,32 @@ def test_library_logs_and_never_prints(capsys, report):
     wp.transfer(trained().state_dict(), TinyNet())
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+def test_entries_are_a_sequence_of_entries_kept_as_rows(report):
+    from weightport.report import EntryTable
+
+    entries = report.entries
+    assert isinstance(entries, EntryTable)
+    as_list = list(entries)
+    assert all(isinstance(e, wp.Entry) for e in as_list)
+    assert len(entries) == len(as_list) and entries[0] == as_list[0] and entries[-1] == as_list[-1]
+    assert entries[1:3] == as_list[1:3]
+    assert entries == tuple(as_list) and entries == as_list and entries != as_list[:-1]
+    with pytest.raises(IndexError):
+        entries[len(as_list)]
+    assert report[as_list[2].target] == as_list[2]
+    with pytest.raises(KeyError):
+        report["no.such.tensor"]
+    assert report.counts() == {s: len(getattr(report, s)) for s in ("loaded", "adapted", "fresh")}
+
+
+def test_a_report_given_entries_stores_them_as_a_table():
+    e1 = wp.Entry("a", "loaded", ("a",), None, (), (2,), (2,), None, None, 2, True)
+    e2 = wp.Entry("b", "fresh", (), None, (), None, (3,), "missing", None, 3, True)
+    r = wp.TransferReport((e1, e2))
+    assert list(r.entries) == [e1, e2]
+    assert r.loaded == [e1] and r.fresh == [e2]
+    assert r.coverage == pytest.approx(2 / 5)
+    assert r.counts() == {"loaded": 1, "adapted": 0, "fresh": 1}
+    assert r == wp.TransferReport([e1, e2])

@@ -179,3 +179,14 @@ def test_a_plan_refuses_a_model_whose_tensors_were_moved_between_names(tiny):
     with pytest.raises(wp.errors.PlanError, match="changed since it was planned"):
         p.apply()
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+
+
+def test_source_shapes_in_bulk(tmp_path):
+    tensors = {"a": torch.zeros(2, 3), "b": torch.zeros(()), "c": torch.zeros(4)}
+    path = str(tmp_path / "s.safetensors")
+    save_file(tensors, path)
+    for source in (wp.open_source(path), wp.open_source(tensors)):
+        assert source.shapes(["c", "a", "b"]) == [(4,), (2, 3), ()]
+        assert source.shapes(iter(["a"])) == [(2, 3)]
+        with pytest.raises(wp.errors.TensorNotFoundError, match="'nope'"):
+            source.shapes(["a", "nope"])
