@@ -5,6 +5,12 @@ results against the target's parameters and persistent buffers, infers the
 shape each op chain produces by running it on meta tensors, applies the
 mismatch policy and the strictness checks, and returns a :class:`TransferPlan`.
 Nothing is written and no tensor data is read until :meth:`TransferPlan.apply`.
+
+Two paths decide the same way (a differential test holds them to it): the *plain
+lane* takes the keys loaded as they are into an untied target of the same shape
+that no other key feeds, and decides them column by column, with the loops in C;
+the *general path* decides the rest one key at a time (collisions, ties, fuses,
+splits, ops, adapters, the mismatch policy, modules with loading hooks).
 """
 
 from __future__ import annotations
@@ -219,12 +225,7 @@ def _build_plan(
     hooks = any(has_custom_loading(m) for m in scope.modules())
     ties = _ties(targets)
     lane, rest = _plain_lane(keys, groups, targets, ties, hooks)
-    routing = _route(source, rest, targets, scope, hooks)
-    for g in groups:
-        if g.resolutions is not None:
-            routing.hits.update(id(r.rule) for r in g.resolutions if r.rule is not None)
-        elif g.rule is not None:
-            routing.hits[id(g.rule)] += len(g.positions)
+    routing = _route(source, rest, targets, scope, hooks, _hits(groups))
     lane = _settle(lane, source, targets, routing)
     recipes, fresh_reasons, warnings = _decide(source, targets, ties, routing, on_mismatch, scope, set(lane.names))
     recipes.update(lane.recipes())
@@ -328,15 +329,27 @@ class _Routing:
     hits: Counter[int]
 
 
+def _hits(groups: list[Group]) -> Counter[int]:
+    """How many keys each rule decided, by ``id(rule)``."""
+    hits: Counter[int] = Counter()
+    for g in groups:
+        if g.resolutions is not None:
+            hits.update(id(r.rule) for r in g.resolutions if r.rule is not None)
+        elif g.rule is not None:
+            hits[id(g.rule)] += len(g.positions)
+    return hits
+
+
 def _route(
     source: Source,
     resolved: list[tuple[str, Resolution]],
     targets: dict[str, Target],
     scope: nn.Module,
     hooks: bool,
+    hits: Counter[int],
 ) -> _Routing:
     """Candidates per target name for the keys the plain lane did not take."""
-    r = _Routing({}, set(), [], {}, Counter())
+    r = _Routing({}, set(), [], {}, hits)
     routed: list[tuple[str, Rule | None, Output]] = []
     append = routed.append
     for key, (rule, outputs) in resolved:
