@@ -205,9 +205,11 @@ def main() -> None:
             for _ in range(args.runs):
                 results.append(run_case(model, name, args.work))
             _say(
-                f"{model:5s} {name:60s} {median_of(results, 'wall_s'):7.3f} s {median_of(results, 'peak_mib'):7.0f} MiB"
+                f"{model:5s} {name:66s} {median_of(results, 'wall_s'):7.3f} s {median_of(results, 'peak_mib'):7.0f} MiB"
             )
             rows.append((name, results))
+        if not rows:  # --only left no case of this model
+            continue
         out.append(plan_table(rows[0][1]) if model == "plan" else table(model, rows, file_size(args.work, model)))
         out.append("")
     out.append(f"Load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
