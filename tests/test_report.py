@@ -110,3 +110,12 @@ def test_a_report_given_entries_stores_them_as_a_table():
     assert r.coverage == pytest.approx(2 / 5)
     assert r.counts() == {"loaded": 1, "adapted": 0, "fresh": 1}
     assert r == wp.TransferReport([e1, e2])
+
+
+def test_a_report_survives_pickle_and_deepcopy(report):
+    import copy
+    import pickle
+
+    for clone in (pickle.loads(pickle.dumps(report)), copy.deepcopy(report)):
+        assert clone == report and list(clone.entries) == list(report.entries)
+        assert clone.summary() == report.summary()
