@@ -6,7 +6,7 @@ import html
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, overload
 
 from weightport.sources.base import SourceInfo
@@ -62,7 +62,7 @@ class Entry:
         }
 
 
-FIELDS = tuple(f for f in Entry.__dataclass_fields__)
+FIELDS = tuple(f.name for f in fields(Entry))
 _STATUS, _REASON, _TIED, _NUMEL, _PARAM = (
     FIELDS.index(f) for f in ("status", "reason", "tied_to", "numel", "is_parameter")
 )

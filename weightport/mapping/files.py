@@ -233,12 +233,7 @@ def _check_field_syntax(kind: str, raw: dict[str, Any], where: str) -> None:
     templates = [Template(v) for v in _field_texts(raw, "to", where, Template)]
     for t in templates:
         for p in patterns:
-            missing = [n for n in t.names if n not in p.names]
-            if missing:
-                raise MappingError(
-                    f"{where}: field 'to': {t.text!r} uses {', '.join('{' + n + '}' for n in missing)}, which "
-                    f"field {pattern_field!r} ({p.text!r}) does not capture; a placeholder must appear on both sides"
-                )
+            t.check_against(p, f"{where}: field 'to'")
 
 
 def _field_texts(raw: dict[str, Any], name: str, where: str, parser: Callable[[str], object]) -> list[str]:

@@ -14,6 +14,7 @@ predicate that lets ``on_mismatch="adapt"`` choose them automatically.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -251,16 +252,9 @@ def _reshape(x: torch.Tensor, *, target: torch.Tensor | None, shape: list[int] |
         want = tuple(target.shape)
     else:
         raise OpError("reshape needs shape=[...] when there is no target tensor")
-    if _numel(want) != x.numel() and -1 not in want:
+    if math.prod(want) != x.numel() and -1 not in want:
         raise OpError(f"reshape cannot turn {tuple(x.shape)} ({x.numel()} elements) into {want}")
     return x.reshape(want)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @register_op("select", label=lambda p: f"select[{len(p['index'])} along {p.get('dim', 0)}]")

@@ -143,11 +143,7 @@ class Source(Mapping[str, torch.Tensor]):
 
     def meta(self, name: str) -> TensorMeta:
         """Shape and dtype of ``name``; reads no tensor data."""
-        try:  # _handle() inlined: planning asks this once per key
-            handle = self._handles[name]
-        except KeyError:
-            raise TensorNotFoundError(self._missing_message(name)) from None
-        return self._meta_of(handle)
+        return self._meta_of(self._handle(name))
 
     def shapes(self, names: Iterable[str]) -> list[tuple[int, ...]]:
         """``[self.meta(n).shape for n in names]`` (tuples); sources that can answer in bulk do."""
