@@ -450,9 +450,10 @@ def _plain_lane(
         if g.names is not None:
             o = g.output
             assert o is not None
-            fits = list(map(targets.__contains__, g.names)) if not tied else list(map(solo, g.names))
             if not plain:
-                fits = [False] * len(fits)
+                fits = [False] * len(g.names)
+            else:
+                fits = list(map(solo if tied else targets.__contains__, g.names))
             lane.names += compress(g.names, fits)
             lane.keys += compress(group_keys, fits)
             lane.rules += repeat(rule, sum(fits))

@@ -4,8 +4,9 @@ A 100k-key checkpoint (an LLM, a mixture of experts) has a few dozen key shapes:
 ``model.layers.#.mlp.experts.#.proj_3.weight``, where ``#`` stands for a whole
 integer segment. Under a *digit-blind* mapping, every key of one shape is decided
 by the same rule in the same way, so each shape is resolved once, on its first key,
-and the rest of its keys are renamed by one regex substitution over all of them,
-joined by newlines (C speed, no Python per key beyond building the result).
+and the rest of its keys are renamed in bulk: one regex ``findall`` over all of them,
+joined by newlines, for the captures, and one ``str.format`` for the new names (C speed,
+no Python per key).
 
 Why it is exact. A mapping is digit-blind when none of its patterns is a ``re:``
 pattern, repeats a placeholder (a back-reference), or puts two placeholders or
@@ -16,8 +17,8 @@ literal are not abstracted: see ``guard``), and every placeholder matches any
 canonical integer (``0``, ``17``; never ``007``, which stays literal). So whether a
 pattern matches, and which segments each capture spans, does not depend on the
 integers' values: keys of one shape take the same rule, and their captures are
-their own integer segments where the first key's were. The substitution is still
-checked (it must rename every key, the first one exactly as :meth:`Mapping.resolve`
+their own integer segments where the first key's were. The renaming is still
+checked (it must match every key, and name the first one exactly as :meth:`Mapping.resolve`
 did); anything else falls back to resolving each key on its own.
 """
 
@@ -156,7 +157,7 @@ def _resolve_group(mapping: Mapping, positions: list[int], keys: list[str]) -> G
         return Group(positions, rule, None, None, [Resolution(rule, ())] * len(keys))
     outputs = rule.outputs(index, captures(m))
     if len(keys) > 1:
-        targets = _renamed(rule.patterns[index], rule, outputs, first, keys)
+        targets = _renamed(rule.patterns[index], rule, outputs, keys)
         if targets is not None and len(outputs) == 1:
             return Group(positions, rule, targets[0], outputs[0], None)
         if targets is not None:
@@ -169,9 +170,7 @@ def _resolve_group(mapping: Mapping, positions: list[int], keys: list[str]) -> G
     return Group(positions, rule, None, None, [Resolution(rule, outputs), *rest])
 
 
-def _renamed(
-    pattern: Pattern, rule: Rule, outputs: tuple[Output, ...], first: str, keys: list[str]
-) -> list[list[str]] | None:
+def _renamed(pattern: Pattern, rule: Rule, outputs: tuple[Output, ...], keys: list[str]) -> list[list[str]] | None:
     """Per output of ``rule``, the target name of every key: the captures of all keys by one
     ``findall`` over the joined keys, the names by one ``str.format``. ``None`` when a template
     shifts a capture or the result does not check out."""
