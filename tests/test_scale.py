@@ -158,6 +158,40 @@ def test_gc_paused_restores_the_collector():
         gc.enable()
 
 
+def _generation_of(obj: object) -> int:
+    return next(g for g in range(3) if any(o is obj for o in gc.get_objects(generation=g)))
+
+
+def test_gc_paused_moves_what_it_made_to_the_oldest_generation():
+    gc.collect()
+    with gc_paused():
+        made = [[i] for i in range(2000)]  # more than a young collection's threshold
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert _generation_of(made) == 2 and _generation_of(made[-1]) == 2  # promoted without a scan
+    assert gc.get_count()[0] < 100
+
+
+def test_gc_paused_leaves_young_what_a_failed_block_made():
+    gc.collect()
+    with pytest.raises(RuntimeError), gc_paused():
+        made = [[i] for i in range(10)]
+        raise RuntimeError
+    assert _generation_of(made) == 0  # a young collection frees a traceback's cycles soon
+
+
+def test_gc_paused_keeps_the_process_own_frozen_objects_frozen():
+    gc.collect()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with gc_paused():
+            made = [[i] for i in range(10)]
+        assert gc.get_freeze_count() == frozen and gc.isenabled()
+        assert _generation_of(made) == 0
+    finally:
+        gc.unfreeze()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.complex64, torch.int8])
 @pytest.mark.parametrize("shape", [(), (5,), (2, 3)])
 def test_byte_view_of_a_destination_writes_into_it(dtype, shape):
