@@ -313,5 +313,10 @@ def test_planning_many_keys_with_many_rules_is_exact(tmp_path):
     plan = wp.plan(tmp_path / "many.safetensors", model, rules=rules, strict=True)
     assert len(plan.recipes) == layers * experts * projs and plan.report.dropped == ("lm_head.weight",)
     assert plan.recipes["b.3.7.w2"].inputs[0].key == "model.layers.3.mlp.experts.7.proj_2.weight"
+    assert "b.3.7.w2" in plan.recipes and "b.3.7.w9" not in plan.recipes
+    # the plain lane's recipes and report rows are made on demand: planning and the summary make neither
+    assert plan.report.entries._all is None
+    assert "1000 loaded" in plan.summary() and plan.report.entries._all is None
+    assert plan.report["b.3.7.w2"].sources == ("model.layers.3.mlp.experts.7.proj_2.weight",)
     plan.apply()
     assert all(float(p.detach().sum()) == 0.0 for p in model.parameters())

@@ -119,3 +119,43 @@ def test_a_report_survives_pickle_and_deepcopy(report):
     for clone in (pickle.loads(pickle.dumps(report)), copy.deepcopy(report)):
         assert clone == report and list(clone.entries) == list(report.entries)
         assert clone.summary() == report.summary()
+
+
+def _parts_table():
+    from weightport.report import EntryTable, LoadedColumns
+
+    loaded = LoadedColumns(["b", "d"], ["src.b", "src.d"], ["rule b", None], [(2, 3), (4,)], [True, False])
+    other = [
+        ("a", "fresh", (), None, (), None, (5,), "missing", None, 5, True),
+        ("c", "adapted", ("src.c",), None, ("in_channels 3->1",), (3, 3), (1, 3), None, None, 3, True),
+    ]
+    return EntryTable.from_parts(["a", "b", "c", "d"], other, loaded), other
+
+
+def test_a_table_from_loaded_columns_lists_every_entry_in_the_model_order():
+    table, other = _parts_table()
+    b = wp.Entry("b", "loaded", ("src.b",), "rule b", (), (2, 3), (2, 3), None, None, 6, True)
+    d = wp.Entry("d", "loaded", ("src.d",), None, (), (4,), (4,), None, None, 4, False)
+    assert list(table) == [wp.Entry(*other[0]), b, wp.Entry(*other[1]), d]
+    assert len(table) == 4 and table[1] == b and table[-1] == d
+
+
+def test_counts_coverage_and_summary_read_the_loaded_columns_without_making_their_rows():
+    table, _ = _parts_table()
+    report = wp.TransferReport(table)
+    assert report.counts() == {"loaded": 2, "adapted": 1, "fresh": 1}
+    assert report.coverage == pytest.approx((6 + 3) / (5 + 6 + 3))  # d is a buffer
+    assert [e.target for e in report.fresh] == ["a"] and [e.target for e in report.adapted] == ["c"]
+    assert "2 loaded, 1 adapted, 1 fresh of 4" in report.summary()
+    assert table._all is None  # nothing above listed the loaded entries one by one
+    assert [e.target for e in report.loaded] == ["b", "d"]
+    assert report == wp.TransferReport(list(table))
+
+
+def test_a_table_from_parts_refuses_names_that_do_not_add_up():
+    from weightport.report import EntryTable, LoadedColumns
+
+    with pytest.raises(ValueError, match="3 names for 0 rows and 2 loaded"):
+        EntryTable.from_parts(
+            ["a", "b", "c"], [], LoadedColumns(["a", "b"], ["a", "b"], [None, None], [(), ()], [True] * 2)
+        )

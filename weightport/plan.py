@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import math
 from collections import Counter, abc
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import attrgetter, eq, itemgetter
 from typing import Any, NamedTuple
 
@@ -43,7 +42,7 @@ from weightport.mapping.core import Mapping, Resolution
 from weightport.mapping.files import shipped_dir
 from weightport.mapping.ops import OpCall, fuse, get_op, list_adapters
 from weightport.mapping.rules import Drop, Output, Rename, Rule, Split
-from weightport.report import FIELDS, Entry, EntryTable, TransferReport, group_names
+from weightport.report import FIELDS, Entry, EntryTable, LoadedColumns, TransferReport, group_names
 from weightport.sources.base import Source, TensorMeta
 
 ON_MISMATCH = ("skip", "adapt", "error")
@@ -113,6 +112,45 @@ class Recipe(NamedTuple):
         return not self.plain and (bool(self.ops) or self.fuse_dim is not None)
 
 
+class Recipes(abc.Mapping):  # type: ignore[type-arg]  # Mapping[str, Recipe]
+    """A plan's recipes by canonical target name: those decided one by one, then the plain lane's,
+    each made when it is asked for (a 100k-key lane would otherwise cost 100k recipes up front)."""
+
+    def __init__(self, decided: dict[str, Recipe], lane: _Lane) -> None:
+        self._decided = decided
+        self._lane = lane
+        self._index: dict[str, int] | None = None
+
+    def _position(self, name: str) -> int | None:
+        if self._index is None:
+            self._index = dict(zip(self._lane.names, range(len(self._lane.names))))
+        return self._index.get(name)
+
+    def __getitem__(self, name: str) -> Recipe:
+        recipe = self._decided.get(name)
+        if recipe is not None:
+            return recipe
+        i = self._position(name)
+        if i is None:
+            raise KeyError(name)
+        return self._lane.recipe(i)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._decided or (isinstance(name, str) and self._position(name) is not None)
+
+    def __iter__(self) -> Iterator[str]:
+        return chain(self._decided, self._lane.names)
+
+    def __len__(self) -> int:
+        return len(self._decided) + len(self._lane.names)
+
+    def items(self) -> Iterator[tuple[str, Recipe]]:  # type: ignore[override]
+        return chain(self._decided.items(), self._lane.recipes())
+
+    def values(self) -> Iterator[Recipe]:  # type: ignore[override]
+        return map(itemgetter(1), self.items())
+
+
 class TransferPlan:
     """A decided transfer, not yet applied. ``plan.apply()`` performs it.
 
@@ -134,7 +172,7 @@ class TransferPlan:
         scope: nn.Module,
         into: str | None,
         targets: dict[str, Target],
-        recipes: dict[str, Recipe],
+        recipes: abc.Mapping[str, Recipe],
         report: TransferReport,
         dtype: torch.dtype | None,
         device: torch.device | None,
@@ -228,9 +266,10 @@ def _build_plan(
     routing = _route(source, rest, targets, scope, hooks, _hits(groups))
     lane = _settle(lane, source, targets, routing)
     recipes, fresh_reasons, warnings = _decide(source, targets, ties, routing, on_mismatch, scope, set(lane.names))
-    recipes.update(lane.recipes())
     warnings += [f"rule {r.described()} matched no source tensor" for r in _idle_rules(mapping, routing)]
-    rows = _rows(source, targets, recipes, fresh_reasons, lane.rows(targets))
+    loaded = lane.columns(targets)
+    rows = _rows(source, targets, recipes, fresh_reasons, loaded.names)
+    table = EntryTable.from_parts(list(targets), rows, loaded)
     dropped = set(routing.dropped)
     used = routing.used
     unused = [k for k in keys if k not in used and k not in dropped]
@@ -241,9 +280,9 @@ def _build_plan(
             f"{len(unused)} source tensors unused and {missing} target tensors missing: the names "
             "probably differ; try a mapping (weightport mappings) or `weightport suggest SOURCE TARGET`"
         )
-    _check_strictness(rows, unused, strict, require)
+    _check_strictness(table, unused, strict, require)
     report = TransferReport(
-        EntryTable.from_rows(rows),
+        table,
         tuple(unused),
         tuple(routing.dropped),
         tuple(warnings),
@@ -257,7 +296,7 @@ def _build_plan(
         scope=scope,
         into=into,
         targets=targets,
-        recipes=recipes,
+        recipes=Recipes(recipes, lane),
         report=report,
         dtype=dtype,
         device=device,
@@ -392,30 +431,20 @@ class _Lane:
     rules: list[Rule | None]
     shapes: list[tuple[int, ...]] = field(default_factory=list)
 
+    def recipe(self, i: int) -> Recipe:
+        return Recipe(self.names[i], (Input(self.keys[i]),), None, (), self.rules[i], self.shapes[i])
+
     def recipes(self) -> Iterator[tuple[str, Recipe]]:
         inputs = zip(map(_tuple, repeat(Input), zip(self.keys, repeat(()))))  # (Input(key),) each
         fields = zip(self.names, inputs, repeat(None), repeat(()), self.rules, self.shapes)
         return zip(self.names, map(_tuple, repeat(Recipe), fields))
 
-    def rows(self, targets: dict[str, Target]) -> dict[str, tuple[Any, ...]]:
-        """Report rows (:class:`Entry` fields in order) by target name."""
+    def columns(self, targets: dict[str, Target]) -> LoadedColumns:
+        """The lane's report entries, as columns (rows are made only if they are listed)."""
         texts: dict[Rule | None, str | None] = {r: r.described() for r in set(self.rules) if r is not None}
         texts[None] = None
-        params = map(itemgetter(2), map(targets.__getitem__, self.names))
-        rows = zip(
-            self.names,
-            repeat("loaded"),
-            zip(self.keys),
-            map(texts.__getitem__, self.rules),
-            repeat(()),
-            self.shapes,
-            self.shapes,
-            repeat(None),
-            repeat(None),
-            map(math.prod, self.shapes),
-            params,
-        )
-        return dict(zip(self.names, rows))
+        params = list(map(itemgetter(2), map(targets.__getitem__, self.names)))
+        return LoadedColumns(self.names, self.keys, list(map(texts.__getitem__, self.rules)), self.shapes, params)
 
     def take(self, keep: Iterable[bool]) -> _Lane:
         mask = list(keep)
@@ -771,19 +800,17 @@ def _rows(
     targets: dict[str, Target],
     recipes: dict[str, Recipe],
     fresh: dict[str, tuple[str, tuple[int, ...] | None]],
-    lane_rows: dict[str, tuple[Any, ...]],
+    lane: Sequence[str],
 ) -> list[tuple[Any, ...]]:
-    """One report row (:class:`Entry` fields in order) per target, in the model's order."""
-    if len(lane_rows) == len(targets):
-        return (
-            list(lane_rows.values()) if list(lane_rows) == list(targets) else list(map(lane_rows.__getitem__, targets))
-        )
-    out = []
+    """One report row (:class:`Entry` fields in order) per target outside the plain ``lane``, in
+    the model's order."""
+    if len(lane) == len(targets):
+        return []
+    in_lane = set(lane)
+    out: list[tuple[Any, ...]] = []
     described: dict[int, str] = {}  # rule descriptions, built once per rule
     for name, t in targets.items():
-        row = lane_rows.get(name)
-        if row is not None:
-            out.append(row)
+        if name in in_lane:
             continue
         _, tensor, is_parameter, canonical = t
         recipe = recipes.get(canonical)
@@ -823,20 +850,19 @@ def _source_shape(source: Source, recipe: Recipe) -> tuple[int, ...]:
     return tuple(first)
 
 
-def _check_strictness(rows: list[tuple[Any, ...]], unused: list[str], strict: bool, require: Iterable[str]) -> None:
+def _check_strictness(table: EntryTable, unused: list[str], strict: bool, require: Iterable[str]) -> None:
     problems: list[str] = []
+    fresh = [r[0] for r in table.other_rows if r[_STATUS] == "fresh"]  # loaded columns hold none
     for pattern in require:
-        matched = [r for r in rows if fnmatch.fnmatchcase(r[0], pattern)]
-        if not matched:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in table.names()):
             problems.append(f"require={pattern!r} matches no target tensor")
             continue
-        fresh = [r[0] for r in matched if r[_STATUS] == "fresh"]
-        if fresh:
-            problems.append(f"require={pattern!r}: not loaded: {', '.join(group_names(fresh)[:10])}")
+        missed = [n for n in fresh if fnmatch.fnmatchcase(n, pattern)]
+        if missed:
+            problems.append(f"require={pattern!r}: not loaded: {', '.join(group_names(missed)[:10])}")
     if strict:
-        not_loaded = [r[0] for r in rows if r[_STATUS] == "fresh"]
-        if not_loaded:
-            problems.append("strict=True: target tensors not loaded: " + ", ".join(group_names(not_loaded)[:12]))
+        if fresh:
+            problems.append("strict=True: target tensors not loaded: " + ", ".join(group_names(fresh)[:12]))
         if unused:
             problems.append("strict=True: source tensors not used: " + ", ".join(group_names(unused)[:12]))
     if problems:

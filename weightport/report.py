@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, overload
+from itertools import chain, compress, repeat
+from typing import Any, NamedTuple, overload
 
 from weightport.sources.base import SourceInfo
 
@@ -68,35 +70,117 @@ _STATUS, _REASON, _TIED, _NUMEL, _PARAM = (
 )
 
 
+class LoadedColumns(NamedTuple):
+    """Entries of tensors loaded as they are, one list per field: a plan's bulk of a large model.
+
+    Each is ``Entry(name, "loaded", (source,), rule, (), shape, shape, None, None, numel,
+    is_parameter)``: no ops, the source's shape is the target's, not tied.
+    """
+
+    names: Sequence[str]
+    sources: Sequence[str]
+    rules: Sequence[str | None]  # each rule as written
+    shapes: Sequence[tuple[int, ...]]
+    params: Sequence[bool]
+
+    def rows(self) -> Iterator[tuple[Any, ...]]:
+        return zip(
+            self.names,
+            repeat("loaded"),
+            zip(self.sources),
+            self.rules,
+            repeat(()),
+            self.shapes,
+            self.shapes,
+            repeat(None),
+            repeat(None),
+            map(math.prod, self.shapes),
+            self.params,
+        )
+
+
 class EntryTable(Sequence[Entry]):
     """A report's entries, kept as rows of field values (one tuple per target tensor, in
     :class:`Entry` field order); each :class:`Entry` is made when it is asked for.
 
-    A 100k-tensor model's report then costs 100k small tuples instead of 100k dataclass
-    instances, and counts, coverage and the summary read the rows directly. It behaves as an
-    immutable sequence of :class:`Entry` and compares equal to any sequence of equal entries.
+    A plan's loaded-as-is bulk can be kept as :class:`LoadedColumns` beside the other rows
+    (:meth:`from_parts`): their rows are then made only when entries are listed one by one;
+    counts, coverage and the summary read the columns. A 100k-tensor model's plan then costs
+    a few lists instead of 100k rows. The table behaves as an immutable sequence of
+    :class:`Entry` in the model's order and compares equal to any sequence of equal entries.
     """
 
-    __slots__ = ("_rows",)
+    __slots__ = ("_all", "_loaded", "_order", "_other")
 
     def __init__(self, entries: Iterable[Entry | tuple[Any, ...]] = ()) -> None:
-        self._rows: tuple[tuple[Any, ...], ...] = tuple(
-            tuple(getattr(e, f) for f in FIELDS) if isinstance(e, Entry) else e for e in entries
-        )
+        rows = tuple(tuple(getattr(e, f) for f in FIELDS) if isinstance(e, Entry) else e for e in entries)
+        self._all: tuple[tuple[Any, ...], ...] | None = rows
+        self._other = rows
+        self._order: Sequence[str] = ()
+        self._loaded: LoadedColumns | None = None
 
     @classmethod
     def from_rows(cls, rows: Sequence[tuple[Any, ...]]) -> EntryTable:
         """A table over ``rows`` as they are (tuples in field order, not checked)."""
         table = cls()
-        table._rows = tuple(rows)
+        table._all = table._other = tuple(rows)
+        return table
+
+    @classmethod
+    def from_parts(cls, order: Sequence[str], other: Sequence[tuple[Any, ...]], loaded: LoadedColumns) -> EntryTable:
+        """A table of ``loaded`` and the ``other`` rows (in the model's order among themselves),
+        listed in ``order``: every target name once, in the model's order."""
+        if len(order) != len(other) + len(loaded.names):
+            raise ValueError(f"{len(order)} names for {len(other)} rows and {len(loaded.names)} loaded entries")
+        table = cls()
+        table._order, table._other, table._loaded = order, tuple(other), loaded
+        table._all = None if loaded.names else table._other
         return table
 
     @property
     def rows(self) -> tuple[tuple[Any, ...], ...]:
-        return self._rows
+        """Every row, in the model's order (the loaded columns' rows are made on first use)."""
+        if self._all is None:
+            assert self._loaded is not None
+            loaded = self._loaded.rows()
+            if not self._other and list(self._order) == list(self._loaded.names):
+                self._all = tuple(loaded)
+            else:
+                by_name = dict(zip(self._loaded.names, loaded))
+                by_name.update((r[0], r) for r in self._other)
+                self._all = tuple(map(by_name.__getitem__, self._order))
+        return self._all
+
+    @property
+    def other_rows(self) -> tuple[tuple[Any, ...], ...]:
+        """The rows not in loaded columns (every row when there are none), in the model's order."""
+        return self._other
+
+    def names(self) -> Iterator[str]:
+        """Every target name (the loaded columns' first, when there are some)."""
+        if self._loaded is None:
+            return (r[0] for r in self._other)
+        return chain(self._loaded.names, (r[0] for r in self._other))
+
+    def counts(self) -> Counter[str]:
+        """Entries by status."""
+        counts = Counter(r[_STATUS] for r in self._other)
+        if self._loaded is not None and self._loaded.names:
+            counts["loaded"] += len(self._loaded.names)
+        return counts
+
+    def coverage_numel(self) -> tuple[int, int]:
+        """``(loaded or adapted, all)`` elements of parameters, each tied tensor once."""
+        params = [r for r in self._other if r[_PARAM] and r[_TIED] is None]
+        total = sum(r[_NUMEL] for r in params)
+        done = sum(r[_NUMEL] for r in params if r[_STATUS] != "fresh")
+        if self._loaded is not None:
+            numel = sum(map(math.prod, compress(self._loaded.shapes, self._loaded.params)))
+            total, done = total + numel, done + numel
+        return done, total
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._other) + (len(self._loaded.names) if self._loaded is not None else 0)
 
     @overload
     def __getitem__(self, index: int) -> Entry: ...
@@ -106,24 +190,24 @@ class EntryTable(Sequence[Entry]):
 
     def __getitem__(self, index: int | slice) -> Entry | list[Entry]:
         if isinstance(index, slice):
-            return [Entry(*row) for row in self._rows[index]]
-        return Entry(*self._rows[index])
+            return [Entry(*row) for row in self.rows[index]]
+        return Entry(*self.rows[index])
 
     def __iter__(self) -> Iterator[Entry]:
-        for row in self._rows:
+        for row in self.rows:
             yield Entry(*row)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, EntryTable):
-            return self._rows == other._rows
+            return self.rows == other.rows
         if isinstance(other, Sequence) and not isinstance(other, str):
-            return len(other) == len(self._rows) and all(a == b for a, b in zip(self, other))
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"<EntryTable of {len(self._rows)} entries>"
+        return f"<EntryTable of {len(self)} entries>"
 
 
 @dataclass(frozen=True)
@@ -158,16 +242,17 @@ class TransferReport:
             object.__setattr__(self, "entries", EntryTable(self.entries))
 
     @property
-    def _rows(self) -> tuple[tuple[Any, ...], ...]:
-        return self.entries.rows  # type: ignore[attr-defined]
+    def _table(self) -> EntryTable:
+        return self.entries  # type: ignore[return-value]  # made one in __post_init__
 
     # -- views ----------------------------------------------------------------------------------
     def _with(self, status: str) -> list[Entry]:
-        return [Entry(*r) for r in self._rows if r[_STATUS] == status]
+        rows = self._table.rows if status == "loaded" else self._table.other_rows
+        return [Entry(*r) for r in rows if r[_STATUS] == status]
 
     def counts(self) -> dict[str, int]:
         """How many target tensors have each status."""
-        counts = Counter(r[_STATUS] for r in self._rows)
+        counts = self._table.counts()
         return {s: counts.get(s, 0) for s in STATUSES}
 
     @property
@@ -185,19 +270,17 @@ class TransferReport:
     @property
     def skipped(self) -> list[Entry]:
         """Fresh entries refused for a shape mismatch."""
-        return [Entry(*r) for r in self._rows if r[_STATUS] == "fresh" and r[_REASON] == "shape mismatch"]
+        return [Entry(*r) for r in self._table.other_rows if r[_STATUS] == "fresh" and r[_REASON] == "shape mismatch"]
 
     @property
     def coverage(self) -> float:
         """Share of target parameter elements (each shared tensor once) that received
         pretrained values."""
-        params = [r for r in self._rows if r[_PARAM] and r[_TIED] is None]
-        total = sum(r[_NUMEL] for r in params)
-        done = sum(r[_NUMEL] for r in params if r[_STATUS] != "fresh")
+        done, total = self._table.coverage_numel()
         return done / total if total else 1.0
 
     def __getitem__(self, target: str) -> Entry:
-        for r in self._rows:
+        for r in self._table.rows:
             if r[0] == target:
                 return Entry(*r)
         raise KeyError(target)
