@@ -196,3 +196,32 @@ def test_module_version_hooks_are_replayed():
     assert "MLPBlock._load_from_state_dict" in r["0.weight"].rule
     x = torch.randn(3, 8)
     torch.testing.assert_close(target(x), ref(x), rtol=0, atol=0)
+
+
+def test_targets_are_the_tensors_of_the_state_dict_with_their_kind():
+    from weightport.plan import collect_targets
+
+    class MyParam(nn.Parameter):
+        pass
+
+    class WithExtra(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.special = MyParam(torch.ones(2))
+            self.register_buffer("count", torch.zeros(()))
+            self.tied = self.fc  # the same tensors under a second name
+
+        def get_extra_state(self):
+            return {"version": 3}
+
+        def set_extra_state(self, state):
+            pass
+
+    model = WithExtra()
+    assert "_extra_state" in model.state_dict()
+    targets = collect_targets(model)
+    assert list(targets) == ["special", "count", "fc.weight", "fc.bias", "tied.weight", "tied.bias"]
+    assert [t.is_parameter for t in targets.values()] == [True, False, True, True, True, True]
+    assert targets["tied.weight"].canonical == "fc.weight" and targets["special"].canonical == "special"
+    assert targets["count"].tensor is model.count
