@@ -225,3 +225,63 @@ def test_targets_are_the_tensors_of_the_state_dict_with_their_kind():
     assert [t.is_parameter for t in targets.values()] == [True, False, True, True, True, True]
     assert targets["tied.weight"].canonical == "fc.weight" and targets["special"].canonical == "special"
     assert targets["count"].tensor is model.count
+
+
+def _state_dict_models():
+    import torchvision
+
+    shared = nn.Linear(2, 2)
+    with_shared = nn.Sequential(shared, nn.ReLU(), shared)
+    nobias = nn.Sequential(nn.Linear(3, 3, bias=False), nn.BatchNorm1d(3), nn.Identity())
+    nonpersistent = nn.Linear(2, 2)
+    nonpersistent.register_buffer("cache", torch.zeros(2), persistent=False)
+    nonpersistent.register_buffer("kept", torch.ones(2))
+    nonpersistent.register_buffer("absent", None)
+    hooked = nn.Sequential(nn.Linear(2, 2))
+    hooked[0].register_state_dict_post_hook(lambda module, sd, prefix, local: [sd.pop(prefix + "bias")] and None)
+    prehooked = nn.Sequential(nn.Linear(2, 2))
+    prehooked.register_state_dict_pre_hook(lambda module, prefix, keep_vars: None)
+
+    class Saves(nn.Linear):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            destination[prefix + "only"] = self.weight
+
+    class Extra(nn.Linear):
+        def get_extra_state(self):
+            return torch.ones(1)
+
+        def set_extra_state(self, state):
+            pass
+
+    class Whole(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def state_dict(self, *args, **kwargs):
+            return {"renamed": self.fc.weight}
+
+    return {
+        "resnet18": torchvision.models.resnet18(),
+        "vit": torchvision.models.VisionTransformer(32, 16, 2, 2, 32, 64, num_classes=3),
+        "shared": with_shared,
+        "none entries": nobias,
+        "non-persistent": nonpersistent,
+        "post hook": hooked,
+        "pre hook": prehooked,
+        "_save_to_state_dict": nn.Sequential(Saves(2, 2)),
+        "extra state": nn.Sequential(Extra(2, 2)),
+        "state_dict override": nn.Sequential(nn.Linear(1, 1), Whole()),
+    }
+
+
+@pytest.mark.parametrize("name", list(_state_dict_models()))
+def test_state_tensors_is_the_state_dict_keeping_vars(name):
+    from weightport.plan import state_tensors
+
+    model = _state_dict_models()[name]
+    expected = model.state_dict(keep_vars=True)
+    got = state_tensors(model)
+    assert list(got) == list(expected)
+    for k, v in expected.items():  # the same objects; extra state is made anew by each call
+        assert got[k] is v or (k.endswith("_extra_state") and torch.equal(got[k], v)), k

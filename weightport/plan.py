@@ -330,9 +330,43 @@ def scope_of(model: nn.Module, into: str | None) -> nn.Module:
         raise TargetError(f"into={into!r}: the model has no submodule of that name{hint}") from None
 
 
+def state_tensors(scope: nn.Module) -> dict[str, Any]:
+    """``scope.state_dict(keep_vars=True)``, without its per-module calls where no module changes
+    what it would give: no module overrides ``state_dict``, ``_save_to_state_dict`` or
+    ``get_extra_state``, nor has a state-dict hook (a 100k-parameter model: 0.06 s instead of
+    0.13 s here). Anything else takes ``state_dict`` itself."""
+    plain: dict[type, bool] = {}
+    out: dict[str, Any] = {}
+    stack: list[tuple[str, nn.Module]] = [("", scope)]
+    pop, push = stack.pop, stack.extend
+    while stack:
+        prefix, module = pop()
+        kind = type(module)
+        ok = plain.get(kind)
+        if ok is None:
+            ok = plain[kind] = (
+                kind.state_dict is nn.Module.state_dict
+                and kind._save_to_state_dict is nn.Module._save_to_state_dict
+                and getattr(kind, "get_extra_state", nn.Module.get_extra_state) is nn.Module.get_extra_state
+            )
+        if not ok or module._state_dict_hooks or module._state_dict_pre_hooks:
+            return scope.state_dict(keep_vars=True)
+        for name, param in module._parameters.items():
+            if param is not None:
+                out[prefix + name] = param
+        if module._buffers:
+            skip = module._non_persistent_buffers_set
+            for name, buf in module._buffers.items():
+                if buf is not None and name not in skip:
+                    out[prefix + name] = buf
+        if module._modules:  # children in order: pushed last to first
+            push((f"{prefix}{name}.", child) for name, child in reversed(module._modules.items()) if child is not None)
+    return out
+
+
 def collect_targets(scope: nn.Module) -> dict[str, Target]:
     """Parameters and persistent buffers by state-dict name, tied names grouped."""
-    state = scope.state_dict(keep_vars=True)
+    state = state_tensors(scope)
     names, tensors = list(state), list(state.values())
     # isinstance(t, torch.Tensor) goes through torch's metaclass (0.35 us a call here): test the few
     # distinct types instead
