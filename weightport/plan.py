@@ -20,7 +20,7 @@ import fnmatch
 from collections import Counter, abc
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, compress, repeat
+from itertools import chain, compress, filterfalse, repeat
 from operator import attrgetter, eq, itemgetter
 from typing import Any, NamedTuple
 
@@ -273,7 +273,7 @@ def _build_plan(
     table = EntryTable.from_parts(list(targets), rows, loaded)
     dropped = set(routing.dropped)
     used = routing.used
-    unused = [k for k in keys if k not in used and k not in dropped]
+    unused = [k for k in filterfalse(used.__contains__, keys) if k not in dropped]
     reasons = {k: routing.unused_reasons.get(k, "no target tensor with this name") for k in unused}
     missing = sum(1 for r in rows if r[_REASON] == "missing")
     if unused and missing and len(unused) >= 0.5 * len(source):
@@ -647,8 +647,8 @@ def _decide(
     mismatches: list[str] = []
     dropped = set(routing.dropped)
     candidates = routing.candidates
-    for canonical, target in targets.items():
-        if target.canonical != canonical or canonical in decided:
+    for canonical in filterfalse(decided.__contains__, targets):  # in C: most targets are the lane's
+        if targets[canonical].canonical != canonical:
             continue  # a tied name is decided with its canonical name
         group = [canonical, *ties.get(canonical, ())]
         chosen = next((n for n in group if n in candidates), None)
