@@ -199,7 +199,8 @@ class Source(Mapping[str, torch.Tensor]):
         """A shallow copy whose keys are renamed by ``names`` (old -> new); no data is read."""
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
-        clone._handles = {names.get(k, k): h for k, h in self._handles.items()}
+        handles = self._handles
+        clone._handles = dict(zip(map(names.get, handles, handles), handles.values()))  # in C, for 100k keys
         clone.info = self.info.with_(**info_changes)
         return clone
 

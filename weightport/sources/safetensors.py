@@ -12,7 +12,8 @@ import json
 import math
 import os
 import struct
-from itertools import pairwise
+from itertools import compress, repeat
+from operator import add, attrgetter, gt, itemgetter, lt, mul, sub
 
 import torch
 
@@ -149,18 +150,18 @@ def _refs_in_bulk(file: MappedFile, start: int, header: dict[str, object]) -> di
         return None
     numels = list(map(math.prod, shapes))
     begins, ends = bounds[0::2], bounds[1::2]
-    if any(e - b != n * t.itemsize for b, e, n, t in zip(begins, ends, numels, dtypes)):
-        return None
+    if list(map(sub, ends, begins)) != list(map(mul, numels, map(attrgetter("itemsize"), dtypes))):
+        return None  # a span that is not the size of its tensor
     if start + max(ends, default=0) > file.size:
         return None
-    spans = sorted((b, e) for b, e in zip(begins, ends) if e > b)
-    if any(b1 < e0 for (_, e0), (b1, _) in pairwise(spans)):
-        return None  # two tensors overlap
-    make = tuple.__new__  # TensorRef is a named tuple: build it without a Python-level __new__
-    return {
-        name: make(TensorRef, (file, start + b, n, t, tuple(shape), None, 0, False))
-        for name, b, n, t, shape in zip(header, begins, numels, dtypes, shapes)
-    }
+    spans = sorted(compress(zip(begins, ends), map(gt, ends, begins)))  # empty tensors overlap nothing
+    if any(map(lt, map(itemgetter(0), spans[1:]), map(itemgetter(1), spans))):
+        return None  # a tensor begins before the one before it ends: they overlap
+    # TensorRef is a named tuple: tuple.__new__ builds each without a Python-level __new__
+    offsets_in_file = map(add, repeat(start), begins)
+    defaults = repeat(None), repeat(0), repeat(False)  # stride, storage_offset, byteswap
+    fields = zip(repeat(file), offsets_in_file, numels, dtypes, map(tuple, shapes), *defaults)
+    return dict(zip(header, map(tuple.__new__, repeat(TensorRef), fields)))
 
 
 def _entry_ref(
