@@ -200,3 +200,33 @@ def test_ops_and_fuse_values_are_exact():
         ("fuse[3]",),
         (12, 4),
     )
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_swap_keeps_identity_class_attributes_and_takes_the_new_values(monkeypatch, fast):
+    from weightport import apply as apply_module
+
+    if not fast:  # the public torch.utils.swap_tensors path, for torches without the primitive
+        monkeypatch.setattr(apply_module, "_swap_impl", None)
+    old = nn.Parameter(torch.empty(2, 3, device="meta"), requires_grad=False)
+    old.tag = "kept"  # an attribute a library put on the parameter
+    held = old
+    write = apply_module._swap(old, torch.arange(6.0).reshape(2, 3), {})
+    apply_module._replace(write)
+    assert held is old and type(old) is nn.Parameter and not old.is_meta
+    assert torch.equal(old, torch.arange(6.0).reshape(2, 3)) and old.requires_grad is False
+    assert old.tag == "kept"
+
+
+def test_a_swap_replaces_the_object_where_torch_cannot_swap(monkeypatch):
+    import weakref
+
+    from weightport import apply as apply_module
+
+    module = nn.Linear(2, 2, device="meta")
+    old = module.weight
+    ref = weakref.ref(old)  # a weak reference forbids swapping the tensor's contents
+    write = apply_module._swap(old, torch.ones(2, 2), {id(old): [(module, "_parameters", "weight")]})
+    apply_module._replace(write)
+    assert module.weight is not old and torch.equal(module.weight, torch.ones(2, 2)) and ref() is old
+    assert old.is_meta  # the old object is left as it was

@@ -224,3 +224,18 @@ def test_source_shapes_in_bulk(tmp_path):
         assert source.shapes(iter(["a"])) == [(2, 3)]
         with pytest.raises(wp.errors.TensorNotFoundError, match="'nope'"):
             source.shapes(["a", "nope"])
+
+
+def test_source_bytes_in_bulk(tmp_path):
+    tensors = {
+        "a": torch.zeros(2, 3),
+        "b": torch.zeros((), dtype=torch.float16),
+        "c": torch.zeros(0, dtype=torch.int64),
+    }
+    path = str(tmp_path / "s.safetensors")
+    save_file(tensors, path)
+    torch.save(tensors, tmp_path / "s.pt")
+    for source in (wp.open_source(path), wp.open_source(tensors), wp.open_source(tmp_path / "s.pt")):
+        assert source.nbytes(["a", "b", "c"]) == [24, 2, 0] == [source.meta(k).nbytes for k in "abc"]
+        with pytest.raises(wp.errors.TensorNotFoundError, match="'nope'"):
+            source.nbytes(["a", "nope"])

@@ -18,8 +18,9 @@ import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from itertools import compress
+from operator import not_
+from typing import Any, NamedTuple
 
 import torch
 
@@ -31,17 +32,12 @@ PARALLEL_MIN_BYTES = 64 * 2**20
 PINNED_IN_FLIGHT_BYTES = 512 * 2**20
 
 
-@dataclass
-class ReadJob:
+class ReadJob(NamedTuple):
     """Read source tensor ``key`` into ``out`` (same shape; any dtype and device)."""
 
     key: str
     out: torch.Tensor
-    nbytes: int = 0  # source bytes, for progress (``out.nbytes`` if not given)
-
-    def __post_init__(self) -> None:
-        if not self.nbytes:
-            self.nbytes = self.out.nbytes
+    nbytes: int  # source bytes, for progress
 
 
 def read_workers(total_bytes: int, jobs: int) -> int:
@@ -58,8 +54,9 @@ def run_reads(source: Any, jobs: list[ReadJob], bar: Progress) -> None:
     """Perform ``jobs``; the first error is raised after the others stop."""
     if not jobs:
         return
-    cpu = [j for j in jobs if j.out.device.type != "cuda"]
-    gpu = [j for j in jobs if j.out.device.type == "cuda"]
+    on_gpu = [j.out.is_cuda for j in jobs]
+    cpu = list(compress(jobs, map(not_, on_gpu))) if any(on_gpu) else jobs
+    gpu = list(compress(jobs, on_gpu))
     _read_cpu(source, cpu, bar)
     if gpu:
         stager = Stager()
@@ -70,11 +67,12 @@ def run_reads(source: Any, jobs: list[ReadJob], bar: Progress) -> None:
 
 
 def _read_cpu(source: Any, jobs: list[ReadJob], bar: Progress) -> None:
-    workers = read_workers(sum(j.out.nbytes for j in jobs), len(jobs))
+    workers = read_workers(sum(j.nbytes for j in jobs), len(jobs))
     if workers <= 1:
-        for job in jobs:
-            source.read_into(job.key, job.out)
-            bar.update(job.nbytes)
+        read, update = source.read_into, bar.update
+        for key, out, nbytes in jobs:
+            read(key, out)
+            update(nbytes)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="weightport-read") as pool:
         futures: list[Future[None]] = [pool.submit(source.read_into, j.key, j.out) for j in jobs]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import copyreg
 import logging
 import signal
 import threading
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from weightport.report import TransferReport
 
 log = logging.getLogger(__name__)
+_tuple = tuple.__new__  # builds a named tuple from a tuple of all its fields, in C
 
 
 @dataclass(slots=True)
@@ -77,11 +79,11 @@ def _apply(plan: TransferPlan) -> TransferReport:
     start = time.perf_counter()
     owners = _owners(plan.scope)
     _check_unchanged(plan, owners)
-    meta = plan.source.meta
-    sizes = {name: sum(meta(i.key).nbytes for i in r.inputs) for name, r in plan.recipes.items()}
-    total = sum(sizes.values())
+    recipes = list(plan.recipes.items())
+    sizes = _source_bytes(plan.source, [r for _, r in recipes])
+    total = sum(sizes)
     with _progress.progress(plan.progress, total, desc="weightport: loading") as bar:
-        prepared = _prepare(plan, owners, sizes, bar)
+        prepared = _prepare(plan, recipes, owners, sizes, bar)
         run_reads(plan.source, prepared.jobs, bar)
         if prepared.stager is not None:
             prepared.stager.finish()
@@ -113,14 +115,22 @@ def _check_unchanged(plan: TransferPlan, owners: dict[int, list[tuple[nn.Module,
 
 # -- prepare ----------------------------------------------------------------------------------------
 
+_CPU = torch.device("cpu")
+
+
+def _source_bytes(source: Any, recipes: list[Recipe]) -> list[int]:
+    """Source bytes each recipe reads (for progress): one bulk lookup for single-input recipes."""
+    sizes = iter(source.nbytes([r.inputs[0].key for r in recipes if len(r.inputs) == 1]))
+    meta = source.meta
+    return [next(sizes) if len(r.inputs) == 1 else sum(meta(i.key).nbytes for i in r.inputs) for r in recipes]
+
 
 def _final(t: torch.Tensor, plan: TransferPlan) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device ``t`` ends with."""
     dtype = plan.dtype if plan.dtype is not None and t.is_floating_point() else t.dtype
     if plan.device is not None:
-        device = plan.device
-    else:
-        device = torch.device("cpu") if t.is_meta else t.device
-    return dtype, device
+        return dtype, plan.device
+    return dtype, (_CPU if t.is_meta else t.device)
 
 
 @dataclass
@@ -136,22 +146,27 @@ class _Prepared:
 
 def _prepare(
     plan: TransferPlan,
+    recipes: list[tuple[str, Recipe]],
     owners: dict[int, list[tuple[nn.Module, str, str]]],
-    sizes: dict[str, int],
+    sizes: list[int],
     bar: _progress.Progress,
 ) -> _Prepared:
     out = _Prepared()
-    fresh_names = [n for n, t in plan.targets.items() if n == t.canonical and n not in plan.recipes]
-    needs_init = [n for n in fresh_names if plan.targets[n].tensor.is_meta]
+    targets = plan.targets
+    loaded = {n for n, _ in recipes}
+    fresh_names = [n for n, t in targets.items() if n == t.canonical and n not in loaded]
+    needs_init = [n for n in fresh_names if targets[n].tensor.is_meta]
     value_ops = [
         n
-        for n, r in plan.recipes.items()
-        if plan.targets[n].tensor.is_meta and any(op.target_use == "value" for op in r.ops)
+        for n, r in recipes
+        if (r.post or any(i.ops for i in r.inputs))  # cheap test first: most recipes have no ops
+        and targets[n].tensor.is_meta
+        and any(op.target_use == "value" for op in r.ops)
     ]
     inits = _fresh_values(plan, needs_init + value_ops, out.notes)
-    for name, recipe in plan.recipes.items():
-        target = plan.targets[name].tensor
-        out.writes.append(_prepare_recipe(plan, recipe, target, inits.get(name), owners, sizes[name], out, bar))
+    for (name, recipe), nbytes in zip(recipes, sizes):
+        init = inits.get(name) if inits else None
+        out.writes.append(_prepare_recipe(plan, recipe, targets[name].tensor, init, owners, nbytes, out, bar))
     for name in fresh_names:
         t = plan.targets[name].tensor
         dtype, device = _final(t, plan)
@@ -176,11 +191,11 @@ def _prepare_recipe(
 ) -> Any:
     source = plan.source
     dtype, device = _final(target, plan)
-    in_place = not target.is_meta and (dtype, device) == (target.dtype, target.device)
+    meta = target.is_meta
+    in_place = not meta and dtype == target.dtype and device == target.device
     plain = recipe.plain
-    keys = tuple(i.key for i in recipe.inputs)
-    if plain and plan.zero_copy and target.is_meta and device.type == "cpu" and not plan.check_finite:
-        view = source.mapped_view(keys[0])
+    if plain and plan.zero_copy and meta and device.type == "cpu" and not plan.check_finite:
+        view = source.mapped_view(recipe.inputs[0].key)
         if view is not None and view.dtype == dtype and tuple(view.shape) == tuple(target.shape):
             prepared.zero_copy += 1
             bar.update(nbytes)
@@ -189,10 +204,12 @@ def _prepare_recipe(
         # a tuple shape, and no device argument for the CPU: each halves torch.empty's call overhead,
         # which counts with 100k small tensors
         shape = recipe.shape if recipe.shape is not None else tuple(target.shape)
-        on_cpu = device.type == "cpu"
+        on_cpu = device is _CPU or device.type == "cpu"
         new = torch.empty(shape, dtype=dtype) if on_cpu else torch.empty(shape, dtype=dtype, device=device)
-        prepared.jobs.append(ReadJob(keys[0], new, nbytes))  # read later, straight from the file into ``new``
+        # read later, straight from the file into ``new``
+        prepared.jobs.append(_tuple(ReadJob, (recipe.inputs[0].key, new, nbytes)))
         return _swap(target, new, owners)
+    keys = tuple(i.key for i in recipe.inputs)
     value = compute(recipe, source, init if init is not None else target)
     if tuple(value.shape) != tuple(target.shape):
         raise ShapeMismatchError(
@@ -251,7 +268,13 @@ def _owners(scope: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
 
 
 def _swap(old: torch.Tensor, new: torch.Tensor, owners: dict[int, list[tuple[nn.Module, str, str]]]) -> _Swap:
-    if isinstance(old, nn.Parameter):
+    if type(old) is nn.Parameter and type(new) is torch.Tensor:
+        # what nn.Parameter(new, requires_grad=...) does for a plain tensor, without its Python __new__
+        param = torch.Tensor._make_subclass(nn.Parameter, new, old.requires_grad)
+        if old.__dict__:
+            param.__dict__.update(old.__dict__)
+        new = param
+    elif isinstance(old, nn.Parameter):
         param = nn.Parameter(new, requires_grad=old.requires_grad)
         if type(old) is not nn.Parameter:  # keep Parameter subclasses
             param = type(old)(new, requires_grad=old.requires_grad) if _can_rebuild(old) else param
@@ -357,11 +380,22 @@ def _commit(writes: list[Any], plan: TransferPlan, bar: _progress.Progress) -> N
 
 
 def _replace(w: _Swap) -> None:
-    if _swappable(w.old) and _swappable(w.new) and type(w.old) is type(w.new):
-        torch.utils.swap_tensors(w.old, w.new)
+    old, new = w.old, w.new
+    if type(old) is type(new) and _swappable(old) and _swappable(new):
+        if _swap_impl is not None and not copyreg._slotnames(type(old)):  # type: ignore[attr-defined]
+            # torch.utils.swap_tensors' own steps for two tensors of one class without slots, with no
+            # weak references or other users (checked above): its Python checks cost 7 us a tensor
+            if old.__dict__ or new.__dict__:
+                old.__dict__, new.__dict__ = new.__dict__, old.__dict__
+            _swap_impl(old, new)
+        else:
+            torch.utils.swap_tensors(old, new)
         return
     for module, kind, attr in w.owners:
-        getattr(module, kind)[attr] = w.new
+        getattr(module, kind)[attr] = new
+
+
+_swap_impl = getattr(torch._C, "_swap_tensor_impl", None)  # the primitive under torch.utils.swap_tensors
 
 
 def _swappable(t: torch.Tensor) -> bool:

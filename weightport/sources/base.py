@@ -149,6 +149,10 @@ class Source(Mapping[str, torch.Tensor]):
         """``[self.meta(n).shape for n in names]`` (tuples); sources that can answer in bulk do."""
         return [self.meta(n).shape for n in names]
 
+    def nbytes(self, names: Iterable[str]) -> list[int]:
+        """``[self.meta(n).nbytes for n in names]``; sources that can answer in bulk do."""
+        return [self.meta(n).nbytes for n in names]
+
     def view(self, name: str) -> torch.Tensor:
         """The tensor ``name``, zero-copy where the format allows. Do not modify it."""
         return self._view_of(self._handle(name))

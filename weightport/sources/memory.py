@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
-from operator import attrgetter
+from operator import attrgetter, mul
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from weightport.sources._mapped import MappedFile, TensorRef
 from weightport.sources.base import Source, SourceInfo, TensorMeta
 
-_shape = attrgetter("shape")
+_shape, _dtype, _itemsize = attrgetter("shape"), attrgetter("dtype"), attrgetter("itemsize")
 
 
 class TensorSource(Source):
@@ -69,6 +70,14 @@ class FileSource(Source):
             return list(map(_shape, map(self._handles.__getitem__, names)))
         except KeyError:
             return super().shapes(names)  # raises with the missing name
+
+    def nbytes(self, names: Iterable[str]) -> list[int]:
+        names = list(names)
+        try:
+            refs = list(map(self._handles.__getitem__, names))
+        except KeyError:
+            return super().nbytes(names)  # raises with the missing name
+        return list(map(mul, map(math.prod, map(_shape, refs)), map(_itemsize, map(_dtype, refs))))
 
     def _view_of(self, handle: TensorRef) -> torch.Tensor:
         return handle.view()
