@@ -124,7 +124,7 @@ def _stages() -> list[Any]:
             pytest.param(fmt, files_module, opener, None, id=f"{fmt}-open"),
             pytest.param(fmt, Source, "meta", None, id=f"{fmt}-meta"),
             pytest.param(fmt, Source, "view", None, id=f"{fmt}-read-view"),
-            pytest.param(fmt, Source, "read_into", CAST, id=f"{fmt}-read-into"),
+            pytest.param(fmt, Source, "read_into_many", CAST, id=f"{fmt}-read-into"),
             pytest.param(fmt, apply_module, "_prepare_recipe", None, id=f"{fmt}-prepare"),
             pytest.param(fmt, apply_module, "_prepare_recipe", CAST, id=f"{fmt}-prepare-cast"),
         ]
@@ -146,8 +146,9 @@ def test_fault_at_every_stage_leaves_model_unchanged(monkeypatch, sources, fmt, 
 
 
 def test_fault_on_a_meta_built_model_leaves_it_on_meta(monkeypatch, sources):
-    for owner, attr in [(Source, "view"), (Source, "read_into"), (plan_module, "_decide")]:
+    for owner, attr in [(Source, "view"), (Source, "read_into_many"), (plan_module, "_decide")]:
         total = count_calls(monkeypatch, owner, attr, lambda: wp.transfer(sources["zip"], on_meta()))
+        assert total > 0, attr
         for n in range(1, total + 1):
             model = on_meta()
             with fail_on_call(monkeypatch, owner, attr, n, KeyboardInterrupt()), pytest.raises(KeyboardInterrupt):

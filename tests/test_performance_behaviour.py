@@ -198,15 +198,16 @@ def test_parallel_reads_give_identical_results(checkpoint, monkeypatch):
     wp.transfer(checkpoint, sequential)
     monkeypatch.setenv("WEIGHTPORT_READ_THREADS", "4")
     threads: set[str] = set()
-    original = wp.sources.base.Source.read_into
+    original = wp.sources.base.Source.read_into_many
 
-    def spy(self, name, out):  # type: ignore[no-untyped-def]
+    def spy(self, names, outs):  # type: ignore[no-untyped-def]
         import threading
 
         threads.add(threading.current_thread().name)
-        return original(self, name, out)
+        return original(self, names, outs)
 
-    monkeypatch.setattr(wp.sources.base.Source, "read_into", spy)
+    monkeypatch.setattr(wp.sources.base.Source, "read_into_many", spy)
+    monkeypatch.setattr(wp._reading, "BATCH_BYTES", 64)  # a batch per tensor or so: many batches to share
     parallel = _meta_net()
     wp.transfer(checkpoint, parallel)
     assert any(t.startswith("weightport-read") for t in threads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,11 +32,19 @@ class ReadLog:
         self.views: list[tuple[str, int, int]] = []
         self.mapped: list[str] = []
         read_into, view, map_ = _mapped.MappedFile.read_into, _mapped.MappedFile.view, _mapped.MappedFile._map
+        read_run = _mapped.MappedFile.read_run
         log = self
 
         def spy_read(self: _mapped.MappedFile, offset: int, out: torch.Tensor) -> None:
             log.preads.append((self.path, offset, out.nbytes))
             read_into(self, offset, out)
+
+        def spy_run(self: _mapped.MappedFile, offset: int, outs: list[torch.Tensor]) -> None:
+            at = offset
+            for out in outs:  # one range per tensor, as if each were read on its own
+                log.preads.append((self.path, at, out.nbytes))
+                at += out.nbytes
+            read_run(self, offset, outs)
 
         def spy_view(self: _mapped.MappedFile, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
             log.views.append((self.path, offset, nbytes))
@@ -46,6 +55,7 @@ class ReadLog:
             return map_(self)
 
         monkeypatch.setattr(_mapped.MappedFile, "read_into", spy_read)
+        monkeypatch.setattr(_mapped.MappedFile, "read_run", spy_run)
         monkeypatch.setattr(_mapped.MappedFile, "view", spy_view)
         monkeypatch.setattr(_mapped.MappedFile, "_map", spy_map)
 
@@ -223,3 +233,67 @@ def test_fresh_tensors_of_a_meta_target_are_initialised_loaded_ones_never(checkp
     assert calls == []  # building initialised nothing real
     wp.transfer(checkpoint, model)
     assert calls == [(10, 8)]  # only the new head's weight
+
+
+def _many(tmp_path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    tensors = {f"t{i:02d}": torch.randn(i % 5 + 1, 3) for i in range(12)}
+    tensors["half"] = torch.randn(7, dtype=torch.float16)
+    tensors["brain"] = torch.randn(2, 2).to(torch.bfloat16)  # no numpy dtype: the byte-view path
+    tensors["scalar"] = torch.tensor(3.5)
+    path = str(tmp_path / "many.safetensors")
+    save_file(tensors, path)
+    return path, tensors
+
+
+def test_tensors_next_to_each_other_are_read_with_one_call_in_any_order(tmp_path, monkeypatch):
+    path, tensors = _many(tmp_path)
+    source = wp.open_source(path)
+    runs: list[int] = []
+    read_run = _mapped.MappedFile.read_run
+    monkeypatch.setattr(
+        _mapped.MappedFile, "read_run", lambda self, o, outs: (runs.append(len(outs)), read_run(self, o, outs))
+    )
+    names = list(reversed(tensors))  # not the file's order
+    outs = [torch.empty(tensors[n].shape, dtype=tensors[n].dtype) for n in names]
+    outs[0] = torch.empty(tensors[names[0]].shape, dtype=torch.float64)  # another dtype: read through a view
+    source.read_into_many(names, outs)
+    for name, out in zip(names, outs):
+        assert torch.equal(out, tensors[name].to(out.dtype)), name
+    assert sum(runs) == len(names) - 1 and len(runs) <= 2  # the cast one left a gap, at most
+
+
+def test_a_run_survives_short_reads_and_many_buffers(tmp_path, monkeypatch):
+    path, tensors = _many(tmp_path)
+    source = wp.open_source(path)
+    preadv = os.preadv
+
+    def stingy(fd, buffers, offset):  # type: ignore[no-untyped-def]
+        return preadv(fd, [memoryview(buffers[0]).cast("B")[:5]], offset)  # 5 bytes at most per call
+
+    monkeypatch.setattr(_mapped, "IOV_MAX", 3)
+    monkeypatch.setattr(_mapped.os, "preadv", stingy)
+    outs = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in tensors.items()}
+    source.read_into_many(list(outs), list(outs.values()))
+    assert all(torch.equal(outs[n], t) for n, t in tensors.items())
+
+
+def test_a_run_cut_short_by_the_end_of_the_file_is_a_corrupt_file(tmp_path):
+    path, tensors = _many(tmp_path)
+    source = wp.open_source(path)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 4)
+    outs = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in tensors.items()}
+    with pytest.raises(wp.errors.CorruptFileError, match="unexpected end of file"):
+        source.read_into_many(list(outs), list(outs.values()))
+
+
+def test_a_sharded_source_reads_each_shard_in_runs(tmp_path):
+    tensors = {f"layer.{i}.w": torch.randn(3) for i in range(6)}
+    wp.save(dict(list(tensors.items())[:3]), tmp_path / "a.safetensors")
+    wp.save(dict(list(tensors.items())[3:]), tmp_path / "b.safetensors")
+    index = {"weight_map": {n: "a.safetensors" if i < 3 else "b.safetensors" for i, n in enumerate(tensors)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    source = wp.open_source(tmp_path)
+    outs = [torch.empty(3) for _ in tensors]
+    source.read_into_many(list(tensors)[::-1], outs)
+    assert all(torch.equal(o, t) for o, t in zip(outs, list(tensors.values())[::-1]))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import compress
 from operator import not_
@@ -68,22 +68,45 @@ def run_reads(source: Any, jobs: list[ReadJob], bar: Progress) -> None:
 
 def _read_cpu(source: Any, jobs: list[ReadJob], bar: Progress) -> None:
     workers = read_workers(sum(j.nbytes for j in jobs), len(jobs))
+    batches = list(_batches(jobs))
     if workers <= 1:
-        read, update = source.read_into, bar.update
-        for key, out, nbytes in jobs:
-            read(key, out)
-            update(nbytes)
+        for batch in batches:
+            _read_batch(source, batch)
+            bar.update(sum(j.nbytes for j in batch))
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="weightport-read") as pool:
-        futures: list[Future[None]] = [pool.submit(source.read_into, j.key, j.out) for j in jobs]
+        futures: list[Future[None]] = [pool.submit(_read_batch, source, b) for b in batches]
         try:
-            for job, future in zip(jobs, futures):
+            for batch, future in zip(batches, futures):
                 future.result()
-                bar.update(job.nbytes)
+                bar.update(sum(j.nbytes for j in batch))
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
+
+
+#: A batch of reads (for one thread, and one progress step) ends after this many bytes.
+BATCH_BYTES = 16 * 2**20
+
+
+def _batches(jobs: list[ReadJob]) -> Iterator[list[ReadJob]]:
+    """The jobs in order, in batches of about :data:`BATCH_BYTES` (however many tensors that takes:
+    within a batch, tensors next to each other in the file are read together, whatever their order)."""
+    batch: list[ReadJob] = []
+    size = 0
+    for job in jobs:
+        batch.append(job)
+        size += job.nbytes
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _read_batch(source: Any, batch: list[ReadJob]) -> None:
+    source.read_into_many([j.key for j in batch], [j.out for j in batch])
 
 
 class Stager:

@@ -120,6 +120,9 @@ class PartSource(Source):
     def _read_into(self, handle: str, out: torch.Tensor) -> None:
         self._inner.read_into(handle, out)
 
+    def _read_many(self, handles: list[str], outs: list[torch.Tensor]) -> None:
+        self._inner.read_into_many(handles, outs)
+
     def _release(self, handle: str) -> None:
         self._inner.release(handle)
 

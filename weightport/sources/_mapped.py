@@ -13,7 +13,8 @@ import math
 import mmap
 import os
 import threading
-from typing import NamedTuple
+from operator import attrgetter, itemgetter
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,6 +22,8 @@ from weightport.errors import CorruptFileError
 from weightport.sources.base import TensorMeta
 
 _PAGE = mmap.PAGESIZE
+#: Most buffers one ``preadv`` call takes (the system's limit, 1024 on Linux).
+IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024))
 _tuple = tuple.__new__  # a named tuple from all its fields, without a Python-level __new__
 
 
@@ -66,16 +69,37 @@ class MappedFile:
             )
         return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
 
-    def read_into(self, offset: int, out: torch.Tensor) -> None:
-        """Read ``out.nbytes`` bytes at ``offset`` straight into contiguous CPU ``out``."""
-        buf = _bytes_of(out)
+    def _descriptor(self) -> int:
         if self._fd is None:
             with self._lock:
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def read_into(self, offset: int, out: torch.Tensor) -> None:
+        """Read ``out.nbytes`` bytes at ``offset`` straight into contiguous CPU ``out``."""
+        self._read_exact(self._descriptor(), _bytes_of(out), offset)
+
+    def read_run(self, offset: int, outs: list[torch.Tensor]) -> None:
+        """Fill contiguous CPU tensors ``outs`` from the bytes that follow one another from ``offset``:
+        one ``preadv`` for up to :data:`IOV_MAX` tensors."""
+        fd = self._descriptor()
+        bufs = list(map(_buffer_of, outs))
+        sizes = list(map(_nbytes, outs))
+        for i in range(0, len(bufs), IOV_MAX):
+            chunk = bufs[i : i + IOV_MAX]
+            n = os.preadv(fd, chunk, offset)
+            for buf, size in zip(chunk, sizes[i : i + IOV_MAX]):  # a short read (rare): finish it
+                if n < size:
+                    done = max(n, 0)
+                    self._read_exact(fd, memoryview(buf).cast("B")[done:], offset + done)
+                n -= size
+                offset += size
+
+    def _read_exact(self, fd: int, buf: memoryview, offset: int) -> None:
         done = 0
         while done < len(buf):
-            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            n = os.preadv(fd, [buf[done:]], offset + done)
             if n <= 0:
                 raise CorruptFileError(f"{self.path}: unexpected end of file at byte {offset + done}")
             done += n
@@ -105,6 +129,18 @@ class MappedFile:
     def __del__(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
+
+
+_nbytes = attrgetter("nbytes")
+
+
+def _buffer_of(out: torch.Tensor) -> Any:
+    """A writable buffer over contiguous CPU tensor ``out``: its numpy array where numpy knows the
+    dtype (the cheapest to make), else a byte view."""
+    try:
+        return out.numpy()
+    except (TypeError, RuntimeError):  # bfloat16, float8 …: no numpy dtype
+        return memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _bytes_of(out: torch.Tensor) -> memoryview:
@@ -202,19 +238,25 @@ class TensorRef(NamedTuple):
         stride = self.stride or _contiguous_stride(self.shape)
         return flat.as_strided(self.shape, stride, self.storage_offset)
 
+    def direct_offset(self, out: torch.Tensor) -> int | None:
+        """The file offset to read ``out``'s bytes from as they are, or ``None`` when they need a
+        view and a copy (strided, big-endian, another dtype or device, empty)."""
+        if (
+            out.dtype == self.dtype
+            and out.is_cpu
+            and not self.byteswap
+            and self.contiguous
+            and out.is_contiguous()
+            and out.numel() > 0
+        ):
+            return self.offset + self.storage_offset * _itemsize(self.dtype)
+        return None
+
     def read_into(self, out: torch.Tensor) -> None:
         """Fill ``out`` (same shape) with this tensor's values, reading once."""
-        direct = (
-            self.contiguous
-            and not self.byteswap
-            and out.dtype == self.dtype
-            and out.device.type == "cpu"
-            and out.is_contiguous()
-            and self.numel > 0
-        )
-        if direct:
-            itemsize = _itemsize(self.dtype)
-            self.file.read_into(self.offset + self.storage_offset * itemsize, out)
+        offset = self.direct_offset(out)
+        if offset is not None:
+            self.file.read_into(offset, out)
             return
         out.copy_(self.view())
         self.release()
@@ -222,6 +264,31 @@ class TensorRef(NamedTuple):
     def release(self) -> None:
         itemsize = _itemsize(self.dtype)
         self.file.release(self.offset, self.storage_numel * itemsize)
+
+
+def read_refs(refs: list[TensorRef], outs: list[torch.Tensor]) -> None:
+    """``ref.read_into(out)`` for each pair; tensors lying back to back in one file are read by
+    :meth:`MappedFile.read_run`, in file order."""
+    direct: list[tuple[int, int, MappedFile, torch.Tensor]] = []
+    for ref, out in zip(refs, outs):
+        offset = ref.direct_offset(out)
+        if offset is None:
+            ref.read_into(out)
+        else:
+            direct.append((id(ref.file), offset, ref.file, out))
+    direct.sort(key=itemgetter(0, 1))  # by file, then offset
+    run: list[torch.Tensor] = []
+    start = end = 0
+    file: MappedFile | None = None
+    for _, offset, f, out in direct:
+        if f is not file or offset != end:
+            if run:
+                file.read_run(start, run)  # type: ignore[union-attr]
+            run, start, end, file = [], offset, offset, f
+        run.append(out)
+        end += out.nbytes
+    if run:
+        file.read_run(start, run)  # type: ignore[union-attr]
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

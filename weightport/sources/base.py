@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -123,6 +123,10 @@ class Source(Mapping[str, torch.Tensor]):
         out.copy_(self._view_of(handle))
         self._release(handle)
 
+    def _read_many(self, handles: list[Any], outs: list[torch.Tensor]) -> None:
+        for handle, out in zip(handles, outs):
+            self._read_into(handle, out)
+
     def _release(self, handle: Any) -> None:
         return None
 
@@ -169,6 +173,11 @@ class Source(Mapping[str, torch.Tensor]):
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Copy the values of ``name`` into ``out`` (same shape), reading once."""
         self._read_into(self._handle(name), out)
+
+    def read_into_many(self, names: Sequence[str], outs: Sequence[torch.Tensor]) -> None:
+        """:meth:`read_into` for each name and tensor; file sources read tensors that lie next to each
+        other in a file with one system call (100k small tensors cost 100k calls otherwise)."""
+        self._read_many(list(map(self._handle, names)), list(outs))
 
     def same_tensor(self, a: str, b: str) -> bool:
         """Whether names ``a`` and ``b`` hold one shared tensor (tied weights saved once)."""

@@ -105,6 +105,16 @@ class ShardedSource(Source):
         shard, name = self._locate(handle)
         shard.read_into(name, out)
 
+    def _read_many(self, handles: list[tuple[str, str]], outs: list[torch.Tensor]) -> None:
+        by_shard: dict[int, tuple[Source, list[str], list[torch.Tensor]]] = {}
+        for handle, out in zip(handles, outs):
+            shard, name = self._locate(handle)
+            _, names, shard_outs = by_shard.setdefault(id(shard), (shard, [], []))
+            names.append(name)
+            shard_outs.append(out)
+        for shard, names, shard_outs in by_shard.values():
+            shard.read_into_many(names, shard_outs)
+
     def _release(self, handle: tuple[str, str]) -> None:
         shard, name = self._locate(handle)
         shard.release(name)

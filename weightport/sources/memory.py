@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from weightport.sources._mapped import MappedFile, TensorRef
+from weightport.sources._mapped import MappedFile, TensorRef, read_refs
 from weightport.sources.base import Source, SourceInfo, TensorMeta
 
 _shape, _dtype, _itemsize = attrgetter("shape"), attrgetter("dtype"), attrgetter("itemsize")
@@ -84,6 +84,9 @@ class FileSource(Source):
 
     def _read_into(self, handle: TensorRef, out: torch.Tensor) -> None:
         handle.read_into(out)
+
+    def _read_many(self, handles: list[TensorRef], outs: list[torch.Tensor]) -> None:
+        read_refs(handles, outs)
 
     def _release(self, handle: TensorRef) -> None:
         handle.release()
