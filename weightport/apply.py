@@ -29,6 +29,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from itertools import filterfalse
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -154,7 +155,7 @@ def _prepare(
     out = _Prepared()
     targets = plan.targets
     loaded = {n for n, _ in recipes}
-    fresh_names = [n for n, t in targets.items() if n == t.canonical and n not in loaded]
+    fresh_names = [n for n in filterfalse(loaded.__contains__, targets) if targets[n].canonical == n]
     needs_init = [n for n in fresh_names if targets[n].tensor.is_meta]
     value_ops = [
         n
@@ -164,9 +165,17 @@ def _prepare(
         and any(op.target_use == "value" for op in r.ops)
     ]
     inits = _fresh_values(plan, needs_init + value_ops, out.notes)
+    # the bulk of a meta-built target, kept lean for 100k small tensors: new CPU tensors of the
+    # target's dtype, filled later straight from the file (what _prepare_recipe decides for them)
+    bulk = plan.dtype is None and plan.device is None and not plan.check_finite and not plan.zero_copy
     for (name, recipe), nbytes in zip(recipes, sizes):
+        target = targets[name].tensor
+        if bulk and target.is_meta and recipe.plain:
+            new = _read_later(out, recipe, target, target.dtype, _CPU, nbytes)
+            out.writes.append(_swap(target, new, owners))
+            continue
         init = inits.get(name) if inits else None
-        out.writes.append(_prepare_recipe(plan, recipe, targets[name].tensor, init, owners, nbytes, out, bar))
+        out.writes.append(_prepare_recipe(plan, recipe, target, init, owners, nbytes, out, bar))
     for name in fresh_names:
         t = plan.targets[name].tensor
         dtype, device = _final(t, plan)
@@ -201,14 +210,7 @@ def _prepare_recipe(
             bar.update(nbytes)
             return _swap(target, view, owners)  # shares the file's pages (see docs/performance.md)
     if plain and not in_place and not plan.check_finite and device.type in ("cpu", "cuda"):
-        # a tuple shape, and no device argument for the CPU: each halves torch.empty's call overhead,
-        # which counts with 100k small tensors
-        shape = recipe.shape if recipe.shape is not None else tuple(target.shape)
-        on_cpu = device is _CPU or device.type == "cpu"
-        new = torch.empty(shape, dtype=dtype) if on_cpu else torch.empty(shape, dtype=dtype, device=device)
-        # read later, straight from the file into ``new``
-        prepared.jobs.append(_tuple(ReadJob, (recipe.inputs[0].key, new, nbytes)))
-        return _swap(target, new, owners)
+        return _swap(target, _read_later(prepared, recipe, target, dtype, device, nbytes), owners)
     keys = tuple(i.key for i in recipe.inputs)
     value = compute(recipe, source, init if init is not None else target)
     if tuple(value.shape) != tuple(target.shape):
@@ -241,6 +243,21 @@ def _prepare_recipe(
         source.release(k)
     bar.update(nbytes)
     return _swap(target, new, owners)
+
+
+def _read_later(
+    prepared: _Prepared, recipe: Recipe, target: torch.Tensor, dtype: torch.dtype, device: torch.device, nbytes: int
+) -> torch.Tensor:
+    """A new tensor for a plain recipe, with a job to read its source tensor straight into it."""
+    # a tuple shape, and no device argument for the CPU: each halves torch.empty's call overhead,
+    # which counts with 100k small tensors
+    shape = recipe.shape if recipe.shape is not None else tuple(target.shape)
+    if device is _CPU or device.type == "cpu":
+        new = torch.empty(shape, dtype=dtype)
+    else:
+        new = torch.empty(shape, dtype=dtype, device=device)
+    prepared.jobs.append(_tuple(ReadJob, (recipe.inputs[0].key, new, nbytes)))
+    return new
 
 
 def compute(recipe: Recipe, source: Any, target: torch.Tensor) -> torch.Tensor:
