@@ -97,7 +97,8 @@ class Source(Mapping[str, torch.Tensor]):
     read nothing or read once without copying twice.
 
     Subclasses fill ``self._handles`` and implement :meth:`_meta_of`,
-    :meth:`_view_of`, and optionally :meth:`_read_into` and :meth:`_release`.
+    :meth:`_view_of`, and optionally :meth:`_read_into`, :meth:`_read_many` (many
+    reads at once) and :meth:`_release`.
 
     Attributes:
         info: Where the weights came from.
