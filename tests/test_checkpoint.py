@@ -115,6 +115,15 @@ def test_resume_restores_model_optimizer_scheduler_counters_and_extra(trained):
     json.dumps(state.to_dict())
 
 
+def test_resume_refuses_a_map_location_that_is_no_device(trained):
+    _, _, _, path = trained
+    model2, opt2, _ = _setup(seed=1)
+    before = {k: v.clone() for k, v in model2.state_dict().items()}
+    with pytest.raises(wp.errors.CheckpointError, match="map_location='nowhere' is not a torch device"):
+        wp.checkpoint.resume(path, model=model2, optimizer=opt2, map_location="nowhere")
+    assert all(torch.equal(v, before[k]) for k, v in model2.state_dict().items())
+
+
 def test_resume_continues_training_identically(trained, tmp_path):
     model, opt, sched, path = trained
     model2, opt2, sched2 = _setup(seed=7)

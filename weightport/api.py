@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightport.errors import PlanError
+from weightport.errors import PlanError, WeightportError
 from weightport.mapping.core import Mapping
 from weightport.mapping.rules import Rule
 from weightport.plan import TransferPlan, build_plan
@@ -61,7 +61,7 @@ def plan(
         strict=strict,
         require=require,
         dtype=_dtype(dtype),
-        device=_device(device),
+        device=as_device(device),
         check_finite=check_finite,
     )
     planned.zero_copy, planned.progress = bool(zero_copy), progress
@@ -178,10 +178,14 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return resolved
 
 
-def _device(device: torch.device | str | None) -> torch.device | None:
-    if device is None or isinstance(device, torch.device):
-        return device
+def as_device(
+    value: torch.device | str | None, argument: str = "device", error: type[WeightportError] = PlanError
+) -> torch.device | None:
+    """``value`` as a ``torch.device`` (``None`` stays ``None``); anything else raises ``error``
+    naming the ``argument`` it was given as."""
+    if value is None or isinstance(value, torch.device):
+        return value
     try:
-        return torch.device(device)
+        return torch.device(value)
     except (RuntimeError, TypeError) as e:
-        raise PlanError(f"device={device!r} is not a torch device ({e})") from e
+        raise error(f"{argument}={value!r} is not a torch device such as 'cpu', 'cuda' or 'cuda:1' ({e})") from e

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightport.api import as_device
 from weightport.api import plan as plan_transfer
 from weightport.checkpoint import _optim, _rng
 from weightport.checkpoint._format import CheckpointFile
@@ -155,7 +156,7 @@ def resume(
         >>> state = wp.checkpoint.resume("last.safetensors", model=model, optimizer=opt, scheduler=sched)
         >>> start_epoch = state.epoch + 1
     """
-    device = _device(map_location)
+    device = as_device(map_location, "map_location", CheckpointError)
     target, _ = unwrap(model)
     with CheckpointFile(path) as ckpt:
         body = ckpt.body
@@ -202,15 +203,6 @@ def _tied_aliases(ckpt: CheckpointFile, model: nn.Module) -> frozenset[str]:
         if alias.startswith("model/") and a in tensors and c in tensors and tensors[a] is tensors[c]:
             hidden.add(alias)
     return frozenset(hidden)
-
-
-def _device(map_location: str | torch.device | None) -> torch.device | None:
-    if map_location is None or isinstance(map_location, torch.device):
-        return map_location
-    try:
-        return torch.device(map_location)
-    except (RuntimeError, TypeError) as e:
-        raise CheckpointError(f"map_location={map_location!r} is not a device ('cpu', 'cuda', 'cuda:1')") from e
 
 
 def _missing(ckpt: CheckpointFile, part: str, strict: bool, pending: _Pending) -> None:
