@@ -21,7 +21,7 @@ def test_plan_reads_no_tensor_data_and_changes_nothing(tmp_path, monkeypatch):
     before = digest(model)
     reads = []
     monkeypatch.setattr(_mapped.MappedFile, "_map", lambda self: reads.append(self.path))
-    monkeypatch.setattr(_mapped.MappedFile, "read_into", lambda *a: reads.append("read_into"))
+    monkeypatch.setattr(_mapped.MappedFile, "read_run", lambda *a: reads.append("read_run"))
     for name in ("w.safetensors", "w.pth"):
         p = wp.plan(tmp_path / name, model)
         assert p.report.applied is False

@@ -74,7 +74,7 @@ def test_listing_reads_no_tensor_data(tmp_path, state, monkeypatch):
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
     touched = []
     monkeypatch.setattr(_mapped.MappedFile, "_map", lambda self: touched.append("map"))
-    monkeypatch.setattr(_mapped.MappedFile, "read_into", lambda *a: touched.append("read"))
+    monkeypatch.setattr(_mapped.MappedFile, "read_run", lambda *a: touched.append("read"))
     for name in ("w.pt", "w.safetensors"):
         src = wp.open_source(tmp_path / name)
         for k in src:

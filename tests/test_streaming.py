@@ -25,19 +25,14 @@ from weightport.sources.safetensors import read_header
 
 
 class ReadLog:
-    """Records every byte range read from weight files: ``preadv`` calls and mapped views."""
+    """Records every byte range read from weight files: ``preadv`` reads and mapped views."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.preads: list[tuple[str, int, int]] = []
         self.views: list[tuple[str, int, int]] = []
         self.mapped: list[str] = []
-        read_into, view, map_ = _mapped.MappedFile.read_into, _mapped.MappedFile.view, _mapped.MappedFile._map
-        read_run = _mapped.MappedFile.read_run
+        read_run, view, map_ = _mapped.MappedFile.read_run, _mapped.MappedFile.view, _mapped.MappedFile._map
         log = self
-
-        def spy_read(self: _mapped.MappedFile, offset: int, out: torch.Tensor) -> None:
-            log.preads.append((self.path, offset, out.nbytes))
-            read_into(self, offset, out)
 
         def spy_run(self: _mapped.MappedFile, offset: int, outs: list[torch.Tensor]) -> None:
             at = offset
@@ -54,8 +49,7 @@ class ReadLog:
             log.mapped.append(self.path)
             return map_(self)
 
-        monkeypatch.setattr(_mapped.MappedFile, "read_into", spy_read)
-        monkeypatch.setattr(_mapped.MappedFile, "read_run", spy_run)
+        monkeypatch.setattr(_mapped.MappedFile, "read_run", spy_run)  # every read into a tensor
         monkeypatch.setattr(_mapped.MappedFile, "view", spy_view)
         monkeypatch.setattr(_mapped.MappedFile, "_map", spy_map)
 

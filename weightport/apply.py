@@ -165,17 +165,9 @@ def _prepare(
         and any(op.target_use == "value" for op in r.ops)
     ]
     inits = _fresh_values(plan, needs_init + value_ops, out.notes)
-    # the bulk of a meta-built target, kept lean for 100k small tensors: new CPU tensors of the
-    # target's dtype, filled later straight from the file (what _prepare_recipe decides for them)
-    bulk = plan.dtype is None and plan.device is None and not plan.check_finite and not plan.zero_copy
     for (name, recipe), nbytes in zip(recipes, sizes):
-        target = targets[name].tensor
-        if bulk and target.is_meta and recipe.plain:
-            new = _read_later(out, recipe, target, target.dtype, _CPU, nbytes)
-            out.writes.append(_swap(target, new, owners))
-            continue
         init = inits.get(name) if inits else None
-        out.writes.append(_prepare_recipe(plan, recipe, target, init, owners, nbytes, out, bar))
+        out.writes.append(_prepare_recipe(plan, recipe, targets[name].tensor, init, owners, nbytes, out, bar))
     for name in fresh_names:
         t = plan.targets[name].tensor
         dtype, device = _final(t, plan)
@@ -198,11 +190,15 @@ def _prepare_recipe(
     prepared: _Prepared,
     bar: _progress.Progress,
 ) -> Any:
+    plain = recipe.plain
+    meta = target.is_meta
+    if plain and meta and plan.dtype is None and plan.device is None and not plan.check_finite and not plan.zero_copy:
+        # the bulk of a meta-built target, decided first and cheaply (100k small tensors in an MoE):
+        # what the branches below decide for it, a new CPU tensor read straight from the file
+        return _swap(target, _read_later(prepared, recipe, target, target.dtype, _CPU, nbytes), owners)
     source = plan.source
     dtype, device = _final(target, plan)
-    meta = target.is_meta
     in_place = not meta and dtype == target.dtype and device == target.device
-    plain = recipe.plain
     if plain and plan.zero_copy and meta and device.type == "cpu" and not plan.check_finite:
         view = source.mapped_view(recipe.inputs[0].key)
         if view is not None and view.dtype == dtype and tuple(view.shape) == tuple(target.shape):
@@ -285,16 +281,14 @@ def _owners(scope: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
 
 
 def _swap(old: torch.Tensor, new: torch.Tensor, owners: dict[int, list[tuple[nn.Module, str, str]]]) -> _Swap:
-    if type(old) is nn.Parameter and type(new) is torch.Tensor:
-        # what nn.Parameter(new, requires_grad=...) does for a plain tensor, without its Python __new__
-        param = torch.Tensor._make_subclass(nn.Parameter, new, old.requires_grad)
-        if old.__dict__:
-            param.__dict__.update(old.__dict__)
-        new = param
-    elif isinstance(old, nn.Parameter):
-        param = nn.Parameter(new, requires_grad=old.requires_grad)
-        if type(old) is not nn.Parameter:  # keep Parameter subclasses
-            param = type(old)(new, requires_grad=old.requires_grad) if _can_rebuild(old) else param
+    if isinstance(old, nn.Parameter):
+        if type(old) is nn.Parameter and type(new) is torch.Tensor:
+            # what nn.Parameter(new, requires_grad=...) does for a plain tensor, without its Python __new__
+            param = torch.Tensor._make_subclass(nn.Parameter, new, old.requires_grad)
+        elif type(old) is not nn.Parameter and _can_rebuild(old):  # keep Parameter subclasses
+            param = type(old)(new, requires_grad=old.requires_grad)
+        else:
+            param = nn.Parameter(new, requires_grad=old.requires_grad)
         if old.__dict__:
             param.__dict__.update(old.__dict__)
         new = param

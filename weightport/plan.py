@@ -518,7 +518,7 @@ def _plain_lane(
 
     for g in groups:
         rule = g.rule
-        plain = not hooks and (rule is None or (type(rule) is Rename and not rule.ops))
+        plain = not hooks and _as_is(rule)
         group_keys = list(map(keys.__getitem__, g.positions))
         if g.names is not None:
             o = g.output
@@ -538,7 +538,7 @@ def _plain_lane(
         assert g.resolutions is not None
         for position, key, res in zip(g.positions, group_keys, g.resolutions):
             r, outputs = res
-            if not hooks and (r is None or (type(r) is Rename and not r.ops)) and solo(outputs[0].target):
+            if not hooks and _as_is(r) and solo(outputs[0].target):
                 lane.names.append(outputs[0].target)
                 lane.keys.append(key)
                 lane.rules.append(r)
@@ -546,6 +546,11 @@ def _plain_lane(
                 rest.append((position, key, res))
     rest.sort(key=itemgetter(0))
     return lane, [(key, res) for _, key, res in rest]
+
+
+def _as_is(rule: Rule | None) -> bool:
+    """Whether keys this rule decides load as they are: no rule, or a rename without ops."""
+    return rule is None or (type(rule) is Rename and not rule.ops)
 
 
 def _settle(lane: _Lane, source: Source, targets: dict[str, Target], routing: _Routing) -> _Lane:

@@ -120,13 +120,6 @@ class EntryTable(Sequence[Entry]):
         self._loaded: LoadedColumns | None = None
 
     @classmethod
-    def from_rows(cls, rows: Sequence[tuple[Any, ...]]) -> EntryTable:
-        """A table over ``rows`` as they are (tuples in field order, not checked)."""
-        table = cls()
-        table._all = table._other = tuple(rows)
-        return table
-
-    @classmethod
     def from_parts(cls, order: Sequence[str], other: Sequence[tuple[Any, ...]], loaded: LoadedColumns) -> EntryTable:
         """A table of ``loaded`` and the ``other`` rows (in the model's order among themselves),
         listed in ``order``: every target name once, in the model's order."""

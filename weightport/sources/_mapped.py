@@ -76,13 +76,10 @@ class MappedFile:
                     self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
-    def read_into(self, offset: int, out: torch.Tensor) -> None:
-        """Read ``out.nbytes`` bytes at ``offset`` straight into contiguous CPU ``out``."""
-        self._read_exact(self._descriptor(), _bytes_of(out), offset)
-
     def read_run(self, offset: int, outs: list[torch.Tensor]) -> None:
-        """Fill contiguous CPU tensors ``outs`` from the bytes that follow one another from ``offset``:
-        one ``preadv`` for up to :data:`IOV_MAX` tensors."""
+        """Fill contiguous CPU tensors ``outs`` (one or many) from the bytes that follow one another
+        from ``offset``: one ``preadv`` for up to :data:`IOV_MAX` tensors. Every read of a file into
+        a tensor goes through here."""
         fd = self._descriptor()
         bufs = list(map(_buffer_of, outs))
         sizes = list(map(_nbytes, outs))
@@ -139,15 +136,6 @@ def _buffer_of(out: torch.Tensor) -> Any:
     dtype (the cheapest to make), else a byte view."""
     try:
         return out.numpy()
-    except (TypeError, RuntimeError):  # bfloat16, float8 …: no numpy dtype
-        return memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
-
-
-def _bytes_of(out: torch.Tensor) -> memoryview:
-    """A writable byte view of contiguous CPU tensor ``out`` (through numpy where it knows the dtype:
-    a third of the cost, which counts with 100k small tensors)."""
-    try:
-        return out.numpy().data.cast("B")
     except (TypeError, RuntimeError):  # bfloat16, float8 …: no numpy dtype
         return memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
 
@@ -256,7 +244,7 @@ class TensorRef(NamedTuple):
         """Fill ``out`` (same shape) with this tensor's values, reading once."""
         offset = self.direct_offset(out)
         if offset is not None:
-            self.file.read_into(offset, out)
+            self.file.read_run(offset, [out])
             return
         out.copy_(self.view())
         self.release()

@@ -64,19 +64,19 @@ class FileSource(Source):
     def _meta_of(self, handle: TensorRef) -> TensorMeta:
         return handle.meta
 
-    def shapes(self, names: Iterable[str]) -> list[tuple[int, ...]]:
+    def _refs(self, names: Iterable[str]) -> list[TensorRef]:
+        """The references of ``names``, looked up in C; a missing name raises as :meth:`meta` does."""
         names = list(names)
         try:
-            return list(map(_shape, map(self._handles.__getitem__, names)))
+            return list(map(self._handles.__getitem__, names))
         except KeyError:
-            return super().shapes(names)  # raises with the missing name
+            return list(map(self._handle, names))  # raises, naming the missing one
+
+    def shapes(self, names: Iterable[str]) -> list[tuple[int, ...]]:
+        return list(map(_shape, self._refs(names)))
 
     def nbytes(self, names: Iterable[str]) -> list[int]:
-        names = list(names)
-        try:
-            refs = list(map(self._handles.__getitem__, names))
-        except KeyError:
-            return super().nbytes(names)  # raises with the missing name
+        refs = self._refs(names)
         return list(map(mul, map(math.prod, map(_shape, refs)), map(_itemsize, map(_dtype, refs))))
 
     def _view_of(self, handle: TensorRef) -> torch.Tensor:

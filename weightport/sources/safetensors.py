@@ -22,7 +22,8 @@ from weightport.sources._mapped import MappedFile, TensorRef, first_overlap
 from weightport.sources.base import SourceInfo
 from weightport.sources.memory import FileSource
 
-_MAX_HEADER = 100 * 1024 * 1024
+#: The longest header read, and the longest a file of unknown type may claim to be taken for safetensors.
+MAX_HEADER = 100 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -51,13 +52,9 @@ for _name, _attr in [
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
-#: A header longer than this is not taken for safetensors when sniffing an unknown file.
-SNIFF_MAX_HEADER = 100 * 1024 * 1024
-
-
 def looks_like_safetensors(head: bytes) -> bool:
     """Whether a file's first bytes start like safetensors: a plausible header length, then ``{``."""
-    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= SNIFF_MAX_HEADER
+    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER
 
 
 def read_header(path: str) -> tuple[dict, int]:
@@ -74,7 +71,7 @@ def read_header(path: str) -> tuple[dict, int]:
         raise CorruptFileError(f"{path}: {size} bytes is too short for a safetensors file")
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        if n > _MAX_HEADER or 8 + n > size:
+        if n > MAX_HEADER or 8 + n > size:
             raise CorruptFileError(
                 f"{path}: header length {n} runs past the end of the file ({size} bytes); "
                 "the file is truncated or not safetensors"
