@@ -204,10 +204,11 @@ def test_ops_and_fuse_values_are_exact():
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_swap_keeps_identity_class_attributes_and_takes_the_new_values(monkeypatch, fast):
+    from weightport import _torch_fast
     from weightport import apply as apply_module
 
-    if not fast:  # the public torch.utils.swap_tensors path, for torches without the primitive
-        monkeypatch.setattr(apply_module, "_swap_impl", None)
+    if not fast:  # the public path: torch.utils.swap_tensors and nn.Parameter
+        monkeypatch.setattr(_torch_fast, "FAST", False)
     old = nn.Parameter(torch.empty(2, 3, device="meta"), requires_grad=False)
     old.tag = "kept"  # an attribute a library put on the parameter
     held = old

@@ -26,7 +26,8 @@ from weightport.sources import files as files_module
 from weightport.sources.base import Source
 
 apply_module = importlib.import_module("weightport.apply")
-plan_module = importlib.import_module("weightport.plan")  # the module; ``weightport.plan`` is the function
+plan_module = importlib.import_module("weightport.planning.build")
+
 FAULTS = [RuntimeError("injected fault"), KeyboardInterrupt()]
 
 
@@ -129,8 +130,8 @@ def _stages() -> list[Any]:
             pytest.param(fmt, apply_module, "_prepare_recipe", CAST, id=f"{fmt}-prepare-cast"),
         ]
     return cases + [  # planning does not depend on the file format
-        pytest.param("zip", plan_module, "_decide", None, id="plan-decide"),
-        pytest.param("zip", plan_module, "_route", None, id="plan-route"),
+        pytest.param("zip", plan_module, "decide", None, id="plan-decide"),
+        pytest.param("zip", plan_module, "route", None, id="plan-route"),
         pytest.param("zip", plan_module, "collect_targets", None, id="plan-targets"),
     ]
 
@@ -146,7 +147,7 @@ def test_fault_at_every_stage_leaves_model_unchanged(monkeypatch, sources, fmt, 
 
 
 def test_fault_on_a_meta_built_model_leaves_it_on_meta(monkeypatch, sources):
-    for owner, attr in [(Source, "view"), (Source, "read_into_many"), (plan_module, "_decide")]:
+    for owner, attr in [(Source, "view"), (Source, "read_into_many"), (plan_module, "decide")]:
         total = count_calls(monkeypatch, owner, attr, lambda: wp.transfer(sources["zip"], on_meta()))
         assert total > 0, attr
         for n in range(1, total + 1):

@@ -199,7 +199,7 @@ def test_module_version_hooks_are_replayed():
 
 
 def test_targets_are_the_tensors_of_the_state_dict_with_their_kind():
-    from weightport.plan import collect_targets
+    from weightport.planning.targets import collect_targets
 
     class MyParam(nn.Parameter):
         pass
@@ -277,7 +277,7 @@ def _state_dict_models():
 
 @pytest.mark.parametrize("name", list(_state_dict_models()))
 def test_state_tensors_is_the_state_dict_keeping_vars(name):
-    from weightport.plan import state_tensors
+    from weightport.planning.targets import state_tensors
 
     model = _state_dict_models()[name]
     expected = model.state_dict(keep_vars=True)

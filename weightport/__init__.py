@@ -24,7 +24,7 @@ from weightport.mapping import (
 from weightport.mapping.files import list_mappings, load_mapping
 from weightport.mapping.suggest import Suggestion, suggest
 from weightport.meta import init_empty
-from weightport.plan import TransferPlan
+from weightport.planning.data import TransferPlan
 from weightport.report import Entry, TransferReport
 from weightport.save import save
 from weightport.sources import Source, SourceInfo, open_source

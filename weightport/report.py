@@ -9,13 +9,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from itertools import chain, compress, repeat
-from typing import Any, NamedTuple, overload
+from typing import Any, Literal, NamedTuple, overload
 
 from weightport.sources.base import SourceInfo
 
-__all__ = ["Entry", "EntryTable", "TransferReport", "group_names"]
+__all__ = ["Entry", "EntryTable", "LoadedColumns", "Row", "TransferReport", "group_names"]
 
 STATUSES = ("loaded", "adapted", "fresh")
+Status = Literal["loaded", "adapted", "fresh"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Entry:
     """
 
     target: str
-    status: str
+    status: Status
     sources: tuple[str, ...] = ()
     rule: str | None = None
     ops: tuple[str, ...] = ()
@@ -65,9 +66,35 @@ class Entry:
 
 
 FIELDS = tuple(f.name for f in fields(Entry))
-_STATUS, _REASON, _TIED, _NUMEL, _PARAM = (
-    FIELDS.index(f) for f in ("status", "reason", "tied_to", "numel", "is_parameter")
-)
+
+
+class Row(NamedTuple):
+    """A report row: :class:`Entry`'s fields as a named tuple, built and read by field name (a
+    table of 100k entries keeps rows and makes each :class:`Entry` only when it is asked for)."""
+
+    target: str
+    status: Status
+    sources: tuple[str, ...]
+    rule: str | None
+    ops: tuple[str, ...]
+    source_shape: tuple[int, ...] | None
+    target_shape: tuple[int, ...]
+    reason: str | None
+    tied_to: str | None
+    numel: int
+    is_parameter: bool
+
+
+if Row._fields != FIELDS:  # Entry(*row) below relies on it: fail at import, never corrupt a report
+    raise ImportError(f"weightport.report.Row's fields {Row._fields} are not Entry's {FIELDS}")
+
+
+def _entry(row: Row) -> Entry:
+    return Entry(*row)
+
+
+def _row(entry: Entry) -> Row:
+    return Row(**{f: getattr(entry, f) for f in FIELDS})
 
 
 class LoadedColumns(NamedTuple):
@@ -83,20 +110,21 @@ class LoadedColumns(NamedTuple):
     shapes: Sequence[tuple[int, ...]]
     params: Sequence[bool]
 
-    def rows(self) -> Iterator[tuple[Any, ...]]:
-        return zip(
-            self.names,
-            repeat("loaded"),
-            zip(self.sources),
-            self.rules,
-            repeat(()),
-            self.shapes,
-            self.shapes,
-            repeat(None),
-            repeat(None),
-            map(math.prod, self.shapes),
-            self.params,
-        )
+    def rows(self) -> Iterator[Row]:
+        columns: dict[str, Iterable[Any]] = {
+            "target": self.names,
+            "status": repeat("loaded"),
+            "sources": zip(self.sources),
+            "rule": self.rules,
+            "ops": repeat(()),
+            "source_shape": self.shapes,
+            "target_shape": self.shapes,
+            "reason": repeat(None),
+            "tied_to": repeat(None),
+            "numel": map(math.prod, self.shapes),
+            "is_parameter": self.params,
+        }
+        return map(Row._make, zip(*(columns[f] for f in Row._fields)))
 
 
 class EntryTable(Sequence[Entry]):
@@ -113,25 +141,25 @@ class EntryTable(Sequence[Entry]):
     __slots__ = ("_all", "_loaded", "_order", "_other")
 
     def __init__(self, entries: Iterable[Entry | tuple[Any, ...]] = ()) -> None:
-        rows = tuple(tuple(getattr(e, f) for f in FIELDS) if isinstance(e, Entry) else e for e in entries)
-        self._all: tuple[tuple[Any, ...], ...] | None = rows
+        rows = tuple(_row(e) if isinstance(e, Entry) else Row._make(e) for e in entries)
+        self._all: tuple[Row, ...] | None = rows
         self._other = rows
         self._order: Sequence[str] = ()
         self._loaded: LoadedColumns | None = None
 
     @classmethod
-    def from_parts(cls, order: Sequence[str], other: Sequence[tuple[Any, ...]], loaded: LoadedColumns) -> EntryTable:
+    def from_parts(cls, order: Sequence[str], other: Sequence[Row], loaded: LoadedColumns) -> EntryTable:
         """A table of ``loaded`` and the ``other`` rows (in the model's order among themselves),
         listed in ``order``: every target name once, in the model's order."""
         if len(order) != len(other) + len(loaded.names):
             raise ValueError(f"{len(order)} names for {len(other)} rows and {len(loaded.names)} loaded entries")
         table = cls()
-        table._order, table._other, table._loaded = order, tuple(other), loaded
+        table._order, table._other, table._loaded = order, tuple(map(Row._make, other)), loaded
         table._all = None if loaded.names else table._other
         return table
 
     @property
-    def rows(self) -> tuple[tuple[Any, ...], ...]:
+    def rows(self) -> tuple[Row, ...]:
         """Every row, in the model's order (the loaded columns' rows are made on first use)."""
         if self._all is None:
             assert self._loaded is not None
@@ -140,33 +168,33 @@ class EntryTable(Sequence[Entry]):
                 self._all = tuple(loaded)
             else:
                 by_name = dict(zip(self._loaded.names, loaded))
-                by_name.update((r[0], r) for r in self._other)
+                by_name.update((r.target, r) for r in self._other)
                 self._all = tuple(map(by_name.__getitem__, self._order))
         return self._all
 
     @property
-    def other_rows(self) -> tuple[tuple[Any, ...], ...]:
+    def other_rows(self) -> tuple[Row, ...]:
         """The rows not in loaded columns (every row when there are none), in the model's order."""
         return self._other
 
     def names(self) -> Iterator[str]:
         """Every target name (the loaded columns' first, when there are some)."""
         if self._loaded is None:
-            return (r[0] for r in self._other)
-        return chain(self._loaded.names, (r[0] for r in self._other))
+            return (r.target for r in self._other)
+        return chain(self._loaded.names, (r.target for r in self._other))
 
     def counts(self) -> Counter[str]:
         """Entries by status."""
-        counts = Counter(r[_STATUS] for r in self._other)
+        counts: Counter[str] = Counter(r.status for r in self._other)
         if self._loaded is not None and self._loaded.names:
             counts["loaded"] += len(self._loaded.names)
         return counts
 
     def coverage_numel(self) -> tuple[int, int]:
         """``(loaded or adapted, all)`` elements of parameters, each tied tensor once."""
-        params = [r for r in self._other if r[_PARAM] and r[_TIED] is None]
-        total = sum(r[_NUMEL] for r in params)
-        done = sum(r[_NUMEL] for r in params if r[_STATUS] != "fresh")
+        params = [r for r in self._other if r.is_parameter and r.tied_to is None]
+        total = sum(r.numel for r in params)
+        done = sum(r.numel for r in params if r.status != "fresh")
         if self._loaded is not None:
             numel = sum(map(math.prod, compress(self._loaded.shapes, self._loaded.params)))
             total, done = total + numel, done + numel
@@ -183,12 +211,12 @@ class EntryTable(Sequence[Entry]):
 
     def __getitem__(self, index: int | slice) -> Entry | list[Entry]:
         if isinstance(index, slice):
-            return [Entry(*row) for row in self.rows[index]]
-        return Entry(*self.rows[index])
+            return [_entry(row) for row in self.rows[index]]
+        return _entry(self.rows[index])
 
     def __iter__(self) -> Iterator[Entry]:
         for row in self.rows:
-            yield Entry(*row)
+            yield _entry(row)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, EntryTable):
@@ -241,7 +269,7 @@ class TransferReport:
     # -- views ----------------------------------------------------------------------------------
     def _with(self, status: str) -> list[Entry]:
         rows = self._table.rows if status == "loaded" else self._table.other_rows
-        return [Entry(*r) for r in rows if r[_STATUS] == status]
+        return [_entry(r) for r in rows if r.status == status]
 
     def counts(self) -> dict[str, int]:
         """How many target tensors have each status."""
@@ -263,7 +291,7 @@ class TransferReport:
     @property
     def skipped(self) -> list[Entry]:
         """Fresh entries refused for a shape mismatch."""
-        return [Entry(*r) for r in self._table.other_rows if r[_STATUS] == "fresh" and r[_REASON] == "shape mismatch"]
+        return [_entry(r) for r in self._table.other_rows if r.status == "fresh" and r.reason == "shape mismatch"]
 
     @property
     def coverage(self) -> float:
@@ -274,8 +302,8 @@ class TransferReport:
 
     def __getitem__(self, target: str) -> Entry:
         for r in self._table.rows:
-            if r[0] == target:
-                return Entry(*r)
+            if r.target == target:
+                return _entry(r)
         raise KeyError(target)
 
     # -- renderers ------------------------------------------------------------------------------
@@ -305,7 +333,7 @@ class TransferReport:
 
     def rows(self) -> list[tuple[str, str, str, str, str]]:
         """``(target, status, source, shapes, detail)`` per entry, for tables."""
-        out = []
+        out: list[tuple[str, str, str, str, str]] = []
         for e in self.entries:
             src = ", ".join(e.sources) if e.sources else "-"
             if e.source_shape is not None and tuple(e.source_shape) != tuple(e.target_shape):

@@ -21,15 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightport.apply import compute
 from weightport.checkpoint._format import CheckpointFile
 from weightport.checkpoint._save import names_by_id, type_name
 from weightport.checkpoint._tree import decode
 from weightport.errors import CheckpointError
-from weightport.plan import TransferPlan
+from weightport.planning.data import TransferPlan, evaluate
 from weightport.report import group_names
-from weightport.sources.base import SourceInfo
-from weightport.sources.memory import TensorSource
 
 # Ops that only move elements around: elementwise optimizer state can follow them exactly.
 REARRANGING_OPS = frozenset({"split", "transpose", "permute", "reshape", "select", "narrow", "cast"})
@@ -239,7 +236,7 @@ def _entry(
     stored = [tuple(ctx.ckpt.source.meta(v.key).shape) for v in values]
     if stored == shapes:
         views = {i.key: ctx.ckpt.source.view(v.key) for i, v in zip(recipe.inputs, values)}
-        value = compute(recipe, TensorSource(views, SourceInfo("dict", "optimizer state")), param)
+        value = evaluate(recipe, views.__getitem__, param)
         placed = _place(value, param, key, ctx.device)
         for v in values:
             ctx.ckpt.source.release(v.key)  # the copy is made: let the file's pages go

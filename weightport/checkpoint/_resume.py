@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightport.api import as_device
 from weightport.api import plan as plan_transfer
 from weightport.checkpoint import _optim, _rng
 from weightport.checkpoint._format import CheckpointFile
@@ -29,6 +28,7 @@ from weightport.checkpoint._tree import decode
 from weightport.errors import CheckpointError
 from weightport.mapping.core import Mapping
 from weightport.mapping.rules import Rule
+from weightport.options import as_device
 from weightport.report import TransferReport
 
 log = logging.getLogger(__name__)

@@ -169,7 +169,7 @@ def _source_shapes(source: Any, checkpoint_key: str | None) -> dict[str, Shape]:
 def _target_shapes(target: Any, into: str | None) -> dict[str, Shape]:
     if _is_shapes(target):
         return {k: tuple(v) for k, v in target.items()}
-    from weightport.plan import collect_targets, scope_of
+    from weightport.planning.targets import collect_targets, scope_of
 
     found = collect_targets(scope_of(target, into))
     return {n: tuple(t.tensor.shape) for n, t in found.items() if t.canonical == n}

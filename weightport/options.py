@@ -1,0 +1,229 @@
+"""The options of :func:`weightport.transfer` and :func:`weightport.plan`, declared once.
+
+Each phase of a transfer takes one frozen options object: :class:`OpenOptions` (opening the
+source), :class:`PlanOptions` (deciding every tensor's fate) and :class:`ApplyOptions`
+(writing into the model). The public functions keep flat keyword arguments, the ecosystem's
+convention (``hf_hub_download``, ``from_pretrained``); their signatures and the ``Args`` of
+their docstrings are generated from the fields below (:func:`takes_options`), so a new option
+is one field here and nothing else.
+
+Values are checked and normalised when an options object is made (``dtype="bfloat16"``
+becomes ``torch.bfloat16``, ``require="a.*"`` becomes ``("a.*",)``), before any file is
+opened; a bad value raises :class:`~weightport.errors.OptionError` naming the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from weightport.errors import OptionError, WeightportError
+from weightport.mapping.rules import Rule
+
+__all__ = [
+    "ApplyOptions",
+    "CheckFinite",
+    "OnMismatch",
+    "OpenOptions",
+    "PlanOptions",
+    "as_device",
+    "split_options",
+    "takes_options",
+]
+
+OnMismatch = Literal["skip", "adapt", "error"]
+CheckFinite = Literal[True, False, "report"]
+ON_MISMATCH: tuple[str, ...] = ("skip", "adapt", "error")
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": " ".join(text.split())}
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """How the source is opened (see :func:`weightport.open_source`)."""
+
+    checkpoint_key: str | None = field(default=None, metadata=_doc("Key of the weights inside a nested checkpoint."))
+    trust_pickle: bool = field(
+        default=False, metadata=_doc("Allow full pickle loading of torch files (runs code from the file).")
+    )
+    check_hash: bool = field(
+        default=True,
+        metadata=_doc("Verify the hash a zoo file name carries (torchvision weights); ``False`` skips it."),
+    )
+    expected_sha256: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Refuse a local file whose sha256 differs (checked before it is parsed); the digest is "
+            "recorded in ``report.source.provenance``."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """How every target tensor's fate is decided (names and shapes only)."""
+
+    mapping: Any = field(
+        default=None, metadata=_doc("A shipped mapping name, a mapping file path, or a :class:`Mapping`.")
+    )
+    rules: tuple[Rule, ...] = field(default=(), metadata=_doc("Extra rules, applied before the mapping's own."))
+    into: str | None = field(
+        default=None, metadata=_doc("Load into this submodule (dotted name); the rest of the model is untouched.")
+    )
+    on_mismatch: OnMismatch = field(
+        default="skip",
+        metadata=_doc(
+            "For a source tensor whose shape differs from its target: ``'skip'`` keeps the target's "
+            "initialisation and reports it, ``'adapt'`` uses a shape adapter, ``'error'`` refuses."
+        ),
+    )
+    strict: bool = field(default=False, metadata=_doc("Every target tensor must load and every source tensor be used."))
+    require: tuple[str, ...] = field(
+        default=(), metadata=_doc("Glob patterns of target tensors that must load (``'backbone.*'``).")
+    )
+
+    def __post_init__(self) -> None:
+        if self.on_mismatch not in ON_MISMATCH:
+            raise OptionError(
+                f"on_mismatch must be one of {', '.join(map(repr, ON_MISMATCH))}, not {self.on_mismatch!r}"
+            )
+        require = (self.require,) if isinstance(self.require, str) else tuple(self.require)
+        if not all(isinstance(p, str) for p in require):
+            raise OptionError(f"require must be glob patterns (strings), not {self.require!r}")
+        rules = tuple(self.rules)
+        for r in rules:
+            if not isinstance(r, Rule):
+                raise OptionError(f"rules must be rules (wp.rename, wp.drop …), not {r!r}")
+        if self.into is not None and not isinstance(self.into, str):
+            raise OptionError(f"into must be a submodule's dotted name, not {self.into!r}")
+        object.__setattr__(self, "require", require)
+        object.__setattr__(self, "rules", rules)
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How the planned values are written into the model."""
+
+    dtype: torch.dtype | None = field(
+        default=None, metadata=_doc("Cast floating-point tensors in scope to this dtype (``'bfloat16'`` or a dtype).")
+    )
+    device: torch.device | None = field(
+        default=None, metadata=_doc("Place tensors in scope on this device (the ``map_location`` idea).")
+    )
+    check_finite: CheckFinite = field(
+        default=False,
+        metadata=_doc(
+            "``True``: refuse source tensors holding NaN or Inf (naming them); ``'report'``: load them and "
+            "list them in ``report.warnings``; ``False``: do not look."
+        ),
+    )
+    zero_copy: bool = field(
+        default=False,
+        metadata=_doc(
+            "For tensors of a meta-built target that a memory-mapped file holds with the same dtype and "
+            "layout on CPU, assign read-only views of the file instead of owning copies: near-instant and no "
+            "extra memory, but the file must not change while the model lives, and writing to those "
+            "tensors raises. See docs/performance.md."
+        ),
+    )
+    progress: bool | None = field(
+        default=None,
+        metadata=_doc(
+            "Show a progress bar (tqdm) while reading. ``None``: only when stderr is a terminal and more "
+            "than 256 MiB are read; ``False``: never; ``True``: always."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", _dtype(self.dtype))
+        object.__setattr__(self, "device", as_device(self.device))
+        if self.check_finite not in (True, False, "report"):
+            raise OptionError(f"check_finite must be True, False or 'report', not {self.check_finite!r}")
+        if self.progress not in (None, True, False):
+            raise OptionError(f"progress must be None, True or False, not {self.progress!r}")
+        object.__setattr__(self, "zero_copy", bool(self.zero_copy))
+
+
+PHASES: tuple[type, ...] = (OpenOptions, PlanOptions, ApplyOptions)
+_O = TypeVar("_O")
+
+
+def split_options(
+    options: dict[str, Any], phases: Sequence[type] = PHASES, *, where: str = "weightport.transfer"
+) -> list[Any]:
+    """One options object per phase from flat keyword arguments; an unknown name raises
+    :class:`OptionError` with the closest known names."""
+    known = {f.name: phase for phase in phases for f in fields(phase)}
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(known), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise OptionError(f"{where}() got an unknown option {unknown[0]!r}{hint}")
+    return [phase(**{k: v for k, v in options.items() if known[k] is phase}) for phase in phases]
+
+
+def takes_options(
+    *phases: type, returns: Any = inspect.Parameter.empty
+) -> Callable[[Callable[..., _O]], Callable[..., _O]]:
+    """Give ``fn(*positional, **options)`` the flat keyword-only signature of ``phases``' fields
+    and an ``Args`` entry for each in its docstring (where the docstring says ``{options}``)."""
+
+    def decorate(fn: Callable[..., _O]) -> Callable[..., _O]:
+        sig = inspect.signature(fn)
+        positional = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        keywords = [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+            for phase in phases
+            for f in fields(phase)
+        ]
+        fn.__signature__ = sig.replace(parameters=[*positional, *keywords])  # type: ignore[attr-defined]
+        if fn.__doc__ and "{options}" in fn.__doc__:
+            fn.__doc__ = fn.__doc__.replace("{options}", _options_doc(phases).strip())
+        return fn
+
+    return decorate
+
+
+def _options_doc(phases: Iterable[type]) -> str:
+    lines = []
+    for phase in phases:
+        for f in fields(phase):
+            text = textwrap.fill(f"{f.name}: {f.metadata.get('doc', '')}", 96, subsequent_indent="    ")
+            lines.append(textwrap.indent(text, " " * 8))
+    return "\n".join(lines)
+
+
+def with_changes(options: _O, **changes: Any) -> _O:
+    """``options`` with some fields replaced (checked again)."""
+    return dataclasses.replace(options, **changes)  # type: ignore[type-var]
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype):
+        raise OptionError(f"dtype={dtype!r} is not a torch dtype (try 'float16', 'bfloat16', 'float32')")
+    return resolved
+
+
+def as_device(
+    value: torch.device | str | None, argument: str = "device", error: type[WeightportError] = OptionError
+) -> torch.device | None:
+    """``value`` as a ``torch.device`` (``None`` stays ``None``); anything else raises ``error``
+    naming the ``argument`` it was given as."""
+    if value is None or isinstance(value, torch.device):
+        return value
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise error(f"{argument}={value!r} is not a torch device such as 'cpu', 'cuda' or 'cuda:1' ({e})") from e

@@ -1,0 +1,254 @@
+"""Deciding: one loop over the target tensors, in the model's order, that gives each its recipe
+or the reason it stays fresh.
+
+Each target first tries the cheap branch: one candidate, taken as it is (no op, no fuse), an
+untied target, equal shapes. Such a target is loaded as it is and appended to the plan's
+columns (:class:`~weightport.planning.data.LoadedLane`): nearly every tensor of a large model.
+Everything else falls through to the general decision in the same loop: ties, fuses and
+their parts, collisions, ops, shape inference, the mismatch policy and adapters. The cheap
+branch is the general decision's answer for the case it covers, taken without building
+the objects the general decision needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from weightport.errors import Collision, CollisionError, Mismatch, OpError, ShapeMismatchError
+from weightport.mapping.ops import OpCall, get_op, list_adapters
+from weightport.planning.data import Input, LoadedLane, Recipe, Target, infer_shape
+from weightport.planning.route import Candidate, Routes
+from weightport.sources.base import Source, TensorMeta
+
+__all__ = ["Decisions", "decide"]
+
+Fresh = tuple[str, "tuple[int, ...] | None"]  # (reason, source shape)
+
+
+@dataclass
+class Decisions:
+    """What the loop decided.
+
+    Attributes:
+        lane: Targets loaded as they are, as columns, in the model's order.
+        recipes: The other loaded or adapted targets' recipes, by canonical name.
+        fresh: Why each canonical target that loads nothing stays fresh, and the source's shape
+            when one was refused.
+        unused: Source keys fed somewhere but not used after all, with the reason.
+        warnings: Things worth a look.
+    """
+
+    lane: LoadedLane
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+    fresh: dict[str, Fresh] = field(default_factory=dict)
+    unused: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def decide(
+    source: Source,
+    targets: dict[str, Target],
+    ties: dict[str, list[str]],
+    routes: Routes,
+    on_mismatch: str,
+    scope: nn.Module,
+) -> Decisions:
+    """Every canonical target's recipe or fresh reason.
+
+    Raises:
+        CollisionError: several source tensors would write one target (all are listed).
+        ShapeMismatchError: ``on_mismatch='error'`` and shapes differ (all are listed).
+    """
+    out = Decisions(LoadedLane([], [], [], []))
+    lane_names, lane_keys, lane_rules, lane_shapes = out.lane
+    single = routes.single
+    tied = set(ties).union(*ties.values()) if ties else ()
+    shape_of = _as_is_shapes(source, single, tied)
+    general = _General(source, targets, ties, routes, on_mismatch, scope, out)
+    for name, target in targets.items():
+        cand = single.get(name)
+        shape = shape_of.get(name) if cand is not None else None
+        if shape is not None and shape == target.tensor.shape:
+            lane_names.append(name)
+            lane_keys.append(cand.key)  # type: ignore[union-attr]
+            lane_rules.append(cand.rule)  # type: ignore[union-attr]
+            lane_shapes.append(shape)
+        elif target.canonical == name:  # a tied name is decided with its canonical name
+            general.decide(name)
+    general.raise_errors()
+    return out
+
+
+def _as_is_shapes(source: Source, single: dict[str, Candidate], tied: Any) -> dict[str, tuple[int, ...]]:
+    """The source shape of every untied target's single candidate taken as it is (one bulk lookup)."""
+    names = [n for n, c in single.items() if not c.output.ops and c.output.part is None and n not in tied]
+    return dict(zip(names, source.shapes([single[n].key for n in names])))
+
+
+class _General:
+    """The general decision for one canonical target (and the names tied to it)."""
+
+    def __init__(
+        self,
+        source: Source,
+        targets: dict[str, Target],
+        ties: dict[str, list[str]],
+        routes: Routes,
+        on_mismatch: str,
+        scope: nn.Module,
+        out: Decisions,
+    ) -> None:
+        self.source, self.targets, self.ties, self.routes = source, targets, ties, routes
+        self.on_mismatch, self.scope, self.out = on_mismatch, scope, out
+        self.dropped = set(routes.dropped)
+        self.collisions: list[Collision] = []
+        self.mismatches: list[Mismatch] = []
+
+    def decide(self, canonical: str) -> None:
+        group = [canonical, *self.ties.get(canonical, ())]
+        found = [(n, c) for n in group if (c := self.routes.candidates(n)) is not None]
+        if not found:
+            reason = "dropped" if any(n in self.dropped for n in group) else "missing"
+            self.out.fresh[canonical] = (reason, None)
+            return
+        chosen, cands = found[0]
+        for other, other_cands in found[1:]:
+            self._tied(chosen, cands[0].key, other, other_cands)
+        recipe = self._recipe(chosen, cands)
+        if recipe is None:
+            self.out.fresh[canonical] = ("missing", None)
+            return
+        fitted = self._fit(recipe, self.targets[chosen])
+        if fitted is None:
+            self.out.fresh[canonical] = ("shape mismatch", recipe.source_shape(self.source))
+            for inp in recipe.inputs:
+                self.out.unused[inp.key] = f"shape mismatch with {chosen!r}"
+            return
+        self.out.recipes[canonical] = fitted._replace(target=canonical)
+
+    def _tied(self, chosen: str, chosen_key: str, other: str, cands: list[Candidate]) -> None:
+        keys = [c.key for c in cands if not self.source.same_tensor(c.key, chosen_key)]
+        if not keys:
+            return  # the source ties them too
+        self.out.warnings.append(
+            f"{chosen!r} and {other!r} are one tied tensor: loaded from {chosen_key!r}, "
+            f"ignored {', '.join(map(repr, keys))}"
+        )
+        for k in keys:
+            self.out.unused[k] = f"{other!r} is tied to {chosen!r}, which was loaded"
+
+    def _recipe(self, name: str, cands: list[Candidate]) -> Recipe | None:
+        """The recipe the candidates make, or ``None`` (a collision, or an incomplete fuse)."""
+        first = cands[0]
+        part = first.output.part
+        if part is not None and all(c.output.part is not None and c.rule is first.rule for c in cands):
+            return self._fused(name, cands, part[1])
+        if len(cands) > 1:
+            self.collisions.append(Collision(name, tuple(c.key for c in cands), tuple(_text(c) for c in cands)))
+            return None
+        return Recipe(name, (Input(first.key, first.output.ops),), None, (), first.rule, None)
+
+    def _fused(self, name: str, cands: list[Candidate], count: int) -> Recipe | None:
+        slots: dict[int, Candidate] = {}
+        for c in cands:
+            index = c.output.part[0]  # type: ignore[index]
+            if index in slots:
+                self.collisions.append(
+                    Collision(name, (slots[index].key, c.key), (_text(c), _text(c)), f"both part {index + 1}")
+                )
+            slots[index] = c
+        missing = [i + 1 for i in range(count) if i not in slots]
+        if missing:
+            keys = [c.key for c in slots.values()]
+            self.out.warnings.append(
+                f"fuse into {name!r} is incomplete: part(s) {missing} of {count} not in the "
+                f"source (have {', '.join(map(repr, keys))})"
+            )
+            for k in keys:
+                self.out.unused[k] = f"incomplete fuse into {name!r}"
+            return None
+        inputs = tuple(Input(slots[i].key, slots[i].output.ops) for i in range(count))
+        return Recipe(name, inputs, cands[0].output.dim, (), cands[0].rule, None)
+
+    def _fit(self, recipe: Recipe, target: Target) -> Recipe | None:
+        """The recipe with its shape inferred; the mismatch policy where it is not the target's."""
+        want = tuple(target.tensor.shape)
+        try:
+            shape = infer_shape(recipe, self.source, target.tensor)
+        except OpError as e:
+            if any(op.fn is not None for op in recipe.ops):
+                return recipe  # a callable that cannot run on meta: checked when applied
+            self._mismatch(Mismatch(recipe.target, _keys(recipe), None, want, str(e)))
+            return None
+        if shape == want:
+            return recipe._replace(shape=shape)
+        if self.on_mismatch == "adapt":
+            adapted = self._adapt(recipe, target, shape)
+            if adapted is not None:
+                return adapted
+        self._mismatch(Mismatch(recipe.target, _keys(recipe), shape, want))
+        return None
+
+    def _mismatch(self, mismatch: Mismatch) -> None:
+        if self.on_mismatch == "error":
+            self.mismatches.append(mismatch)
+        elif mismatch.detail is not None:
+            self.out.warnings.append(f"skipped {mismatch}")
+
+    def _adapt(self, recipe: Recipe, target: Target, shape: tuple[int, ...]) -> Recipe | None:
+        """The recipe with the first registered shape adapter that fits appended, or ``None``.
+
+        Each adapter's ``applies`` sees the target name, the shape the rule's ops produce, the
+        target tensor (maybe on meta) and its owner module; the adapter is then checked on meta
+        tensors to give exactly the target's shape.
+        """
+        owner = _owner(self.scope, target.name)
+        meta = TensorMeta(shape, self.source.meta(recipe.inputs[0].key).dtype)
+        want = tuple(target.tensor.shape)
+        for name in list_adapters():
+            params = _adapter_params(name, target, meta, owner)
+            if params is None:
+                continue
+            candidate = recipe._replace(post=recipe.post + (OpCall(name, params),))
+            try:
+                got = infer_shape(candidate, self.source, target.tensor)
+            except OpError:
+                continue
+            if got == want:
+                return candidate._replace(shape=got)
+        return None
+
+    def raise_errors(self) -> None:
+        if self.collisions:
+            raise CollisionError(self.collisions)
+        if self.mismatches:
+            raise ShapeMismatchError(self.mismatches)
+
+
+def _text(c: Candidate) -> str | None:
+    return c.rule.described() if c.rule is not None else None
+
+
+def _keys(recipe: Recipe) -> tuple[str, ...]:
+    return tuple(i.key for i in recipe.inputs)
+
+
+def _adapter_params(name: str, target: Target, meta: TensorMeta, owner: nn.Module | None) -> dict[str, Any] | None:
+    applies = get_op(name).applies
+    if applies is None:
+        return None
+    try:
+        return applies(name=target.name, source=meta, target=target.tensor, module=owner)
+    except OpError:
+        return None
+
+
+def _owner(scope: nn.Module, name: str) -> nn.Module | None:
+    path = name.rpartition(".")[0]
+    try:
+        return scope.get_submodule(path) if path else scope
+    except AttributeError:
+        return None
