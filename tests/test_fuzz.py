@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import weightport as wp
 from weightport.errors import WeightportError
 from weightport.mapping.files import load_mapping, parse_mapping
-from weightport.sources.unpickle import NeedsTorchLoad, RestrictedUnpickler
+from weightport.sources.safepickle import NeedsTorchLoad, RestrictedUnpickler
 
 EXAMPLES = int(os.environ.get("WEIGHTPORT_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(

@@ -21,7 +21,7 @@ from torch import nn
 import weightport as wp
 from weightport.cli import main
 from weightport.errors import CorruptFileError, UnsafeFileError, WeightportError
-from weightport.sources.unpickle import RestrictedUnpickler
+from weightport.sources.safepickle import RestrictedUnpickler
 
 ROOT = Path(__file__).resolve().parent.parent
 

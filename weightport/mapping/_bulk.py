@@ -27,18 +27,30 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from itertools import chain
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 from weightport.mapping.pattern import Pattern, Placeholder, Wildcard, captures
-from weightport.mapping.rules import Drop, Output, Rule
-
-if TYPE_CHECKING:
-    from weightport.mapping.core import Mapping, Resolution
+from weightport.mapping.rules import Drop, Output, Resolution, Rule
 
 _MARK = "\ue000"  # stands for an integer segment in a key's shape (private-use character)
 _INT = r"(?:0|[1-9][0-9]*)"
 _tuple = tuple.__new__
 _SMALL = 64  # below this many keys, resolving each key costs less than analysing the mapping
+
+
+class _Mapping(Protocol):
+    """What bulk resolution needs of a :class:`~weightport.mapping.core.Mapping` (which calls it)."""
+
+    source_prefix: str | None
+
+    @property
+    def shape_regex(self) -> tuple[re.Pattern[str], re.Pattern[str]] | None: ...
+
+    def strip_source_prefix(self, key: str) -> str: ...
+
+    def resolve_stripped(self, key: str) -> Resolution: ...
+
+    def match(self, key: str) -> tuple[int, Rule, re.Match[str]] | None: ...
 
 
 class Group(NamedTuple):
@@ -60,7 +72,7 @@ class Group(NamedTuple):
     resolutions: list[Resolution] | None
 
 
-def resolve_groups(mapping: Mapping, keys: Sequence[str]) -> list[Group]:
+def resolve_groups(mapping: _Mapping, keys: Sequence[str]) -> list[Group]:
     """The keys resolved group by group: one group per key shape where bulk resolution applies,
     else one group of per-key resolutions (module docstring)."""
     stripped = [mapping.strip_source_prefix(k) for k in keys] if mapping.source_prefix else list(keys)
@@ -77,10 +89,8 @@ def resolve_groups(mapping: Mapping, keys: Sequence[str]) -> list[Group]:
     return [_resolve_group(mapping, positions, [stripped[i] for i in positions]) for positions in by_shape.values()]
 
 
-def resolve_all(mapping: Mapping, keys: Sequence[str]) -> list[Resolution]:
+def resolve_all(mapping: _Mapping, keys: Sequence[str]) -> list[Resolution]:
     """``[mapping.resolve(k) for k in keys]``, in bulk where that is exact (module docstring)."""
-    from weightport.mapping.core import Resolution
-
     out: list[Resolution] = [None] * len(keys)  # type: ignore[list-item]
     for group in resolve_groups(mapping, keys):
         if group.resolutions is not None:
@@ -97,7 +107,7 @@ def resolve_all(mapping: Mapping, keys: Sequence[str]) -> list[Resolution]:
     return out
 
 
-def _shapes(mapping: Mapping, keys: list[str]) -> list[str] | None:
+def _shapes(mapping: _Mapping, keys: list[str]) -> list[str] | None:
     """Each key with its integer segments replaced by a mark; ``None`` when bulk resolution does not
     apply (a mapping that is not digit-blind, a key holding a newline or the mark)."""
     blind = mapping.shape_regex
@@ -144,10 +154,8 @@ def _blind(pattern: Pattern, digit_literals: set[str]) -> bool:
     return True
 
 
-def _resolve_group(mapping: Mapping, positions: list[int], keys: list[str]) -> Group:
+def _resolve_group(mapping: _Mapping, positions: list[int], keys: list[str]) -> Group:
     """The group of keys of one shape (source prefix removed)."""
-    from weightport.mapping.core import Resolution
-
     first = keys[0]
     hit = mapping.match(first)
     if hit is None:

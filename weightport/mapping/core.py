@@ -11,32 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 from weightport.errors import MappingError
+from weightport.mapping._bulk import Group, resolve_all, resolve_groups, shape_regex
 from weightport.mapping.pattern import captures
-from weightport.mapping.rules import Drop, Output, Rule
-
-if TYPE_CHECKING:
-    from weightport.mapping._bulk import Group
+from weightport.mapping.rules import Output, Resolution, Rule
 
 __all__ = ["Mapping", "Resolution"]
-
-
-class Resolution(NamedTuple):
-    """What the mapping does with one source key.
-
-    Attributes:
-        rule: The rule that matched, or ``None`` (the key keeps its name).
-        outputs: The targets fed; empty for a dropped key.
-    """
-
-    rule: Rule | None
-    outputs: tuple[Output, ...]
-
-    @property
-    def dropped(self) -> bool:
-        return isinstance(self.rule, Drop)
 
 
 class _Index:
@@ -171,22 +153,16 @@ class Mapping:
         decided by the same rule in the same way, so a 100k-key checkpoint costs a few
         resolutions plus one regex substitution per shape (see :mod:`weightport.mapping._bulk`).
         """
-        from weightport.mapping._bulk import resolve_all
-
         return resolve_all(self, keys)
 
     @cached_property
     def shape_regex(self) -> tuple[re.Pattern[str], re.Pattern[str]] | None:
         """Finds the integer segments that bulk resolution abstracts; ``None`` when it does not apply."""
-        from weightport.mapping._bulk import shape_regex
-
         return shape_regex(self.rules)
 
     def resolve_groups(self, keys: Sequence[str]) -> list[Group]:
         """:meth:`resolve_all`, grouped: keys resolved alike, with their target names in one list
         where each feeds one target the same way (what planning 100k keys works with)."""
-        from weightport.mapping._bulk import resolve_groups
-
         return resolve_groups(self, keys)
 
     def strip_source_prefix(self, key: str) -> str:

@@ -23,6 +23,7 @@ __all__ = [
     "Fuse",
     "Output",
     "Rename",
+    "Resolution",
     "Rule",
     "Split",
     "add_prefix",
@@ -49,6 +50,22 @@ class Output(NamedTuple):
     ops: tuple[OpCall, ...] = ()
     part: tuple[int, int] | None = None
     dim: int = 0
+
+
+class Resolution(NamedTuple):
+    """What a mapping does with one source key.
+
+    Attributes:
+        rule: The rule that matched, or ``None`` (the key keeps its name).
+        outputs: The targets fed; empty for a dropped key.
+    """
+
+    rule: Rule | None
+    outputs: tuple[Output, ...]
+
+    @property
+    def dropped(self) -> bool:
+        return isinstance(self.rule, Drop)
 
 
 @dataclass(frozen=True, eq=False)

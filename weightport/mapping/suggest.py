@@ -244,12 +244,7 @@ def _score(s: str, t: str, s_rank: float, t_rank: float, same_slot: bool) -> flo
 
 
 def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -421,8 +416,7 @@ def _grouped(pairs: Iterable[tuple[Sequence[str], str]]) -> list[tuple[tuple[str
 
 
 def _shape_of(template: str) -> str:
-    template = template.rstrip("\x00")
-    return re.sub(r"\{[a-z]\}", "{}", template)
+    return re.sub(r"\{[a-z]\}", "{}", template.rstrip("\x00"))
 
 
 def _compress(renamed: dict[str, str], reshaped: dict[str, str]) -> list[dict[str, Any]]:
@@ -444,10 +438,8 @@ def _compress_many(fused: dict[str, tuple[str, ...]], kind: str) -> list[dict[st
 
 def _compress_split(split: dict[str, tuple[str, ...]]) -> list[dict[str, Any]]:
     # Abstract from the parts' side (they carry the indices), then swap roles back.
-    rules = []
-    for parts, whole in _grouped((ts, s) for s, ts in split.items()):
-        rules.append({"split": whole, "to": list(parts), "dim": 0})
-    return rules
+    grouped = _grouped((ts, s) for s, ts in split.items())
+    return [{"split": whole, "to": list(parts), "dim": 0} for parts, whole in grouped]
 
 
 # -- checking the rules route what the pairing says -------------------------------------------------

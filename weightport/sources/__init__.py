@@ -1,20 +1,21 @@
 """Where tensors come from. :func:`open_source` turns any accepted spec into a :class:`Source`.
 
-Zoo schemes (``torchvision:``, ``timm:``, ``hf:``) are registered openers; see
-:func:`register_scheme` and :func:`list_schemes`.
+Zoo schemes (``torchvision:``, ``timm:``, ``hf:``) are openers in a registry, imported on first
+use; see :func:`register_scheme` and :func:`list_schemes`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from weightport._gc import gc_paused
 from weightport.errors import SourceError
+from weightport.sources._schemes import find_opener, list_schemes, register_scheme
 from weightport.sources.base import Source, SourceInfo, TensorMeta
 from weightport.sources.files import open_mapping, open_path, verify_sha256
 from weightport.sources.memory import TensorSource
@@ -22,18 +23,7 @@ from weightport.sources.unwrap import strip_wrapper_prefixes
 
 __all__ = ["Source", "SourceInfo", "TensorMeta", "list_schemes", "open_source", "register_scheme"]
 
-SchemeOpener = Callable[..., Source]
-_SCHEMES: dict[str, SchemeOpener] = {}
 _SPEC = re.compile(r"^(?P<scheme>[a-z][a-z0-9_+-]+):(?!//)(?P<rest>.+)$")
-
-
-def register_scheme(name: str, opener: SchemeOpener) -> None:
-    """Register ``opener(rest, *, checkpoint_key, check_hash, trust_pickle)`` for ``name:rest`` specs."""
-    _SCHEMES[name] = opener
-
-
-def list_schemes() -> list[str]:
-    return sorted(_SCHEMES)
 
 
 def open_source(
@@ -95,8 +85,9 @@ def _open(
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         match = _SPEC.match(text) if isinstance(text, str) else None
-        if match and match["scheme"] in _SCHEMES and not os.path.exists(text):
-            return _SCHEMES[match["scheme"]](
+        opener = find_opener(match["scheme"]) if match and not os.path.exists(text) else None
+        if match and opener is not None:
+            return opener(
                 match["rest"],
                 checkpoint_key=checkpoint_key,
                 check_hash=check_hash,
@@ -120,7 +111,3 @@ def _verify_sha256(source: Source, expected: str) -> Source:
         )
     provenance = {**source.info.provenance, "sha256": verify_sha256(files[0], expected)}
     return source.renamed({}, provenance=provenance)
-
-
-# Zoo schemes register themselves on import (hf:, torchvision:, timm:); kept last to avoid import cycles.
-from weightport.sources import zoo_hf, zoo_timm, zoo_torchvision  # noqa: E402, F401

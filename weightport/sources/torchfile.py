@@ -1,8 +1,9 @@
 """Reading torch files (``torch.save``): zip and legacy formats, and plain pickles.
 
-The pickle inside is run by :class:`~weightport.sources.unpickle.RestrictedUnpickler`,
+The pickle inside is run by :class:`~weightport.sources.safepickle.RestrictedUnpickler`,
 which imports and calls nothing from the file and records where each tensor's
-bytes are instead of reading them. Tensor data is then mapped from the file
+bytes are instead of reading them; a storage a plain pickle embeds as bytes is read
+here (:func:`read_embedded_storage`, handed to the machine). Tensor data is then mapped from the file
 lazily. Tensor kinds that cannot be mapped (quantized, sparse) fall back to
 ``torch.load(weights_only=True)``; only an explicit ``trust_pickle=True`` ever
 runs the full pickle machinery.
@@ -29,14 +30,15 @@ import torch
 
 from weightport.errors import CorruptFileError, UnsafeFileError, UnsupportedFormatError
 from weightport.sources._mapped import MappedFile, TensorRef, first_overlap
-from weightport.sources._standins import StorageType
-from weightport.sources.unpickle import (
+from weightport.sources.safepickle import (
+    Budget,
     Inert,
     NeedsTorchLoad,
     NumpyArray,
     PickledTensor,
     RestrictedUnpickler,
     StorageRef,
+    StorageType,
 )
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,7 @@ def _read_zip(path: str, zf: zipfile.ZipFile, raw: Any) -> Parsed:
             located[ref.key] = (file, offset, nbytes)
         return ref
 
-    machine = RestrictedUnpickler(data, storage)
+    machine = RestrictedUnpickler(data, storage, embedded_storage=read_embedded_storage)
     obj = _where(path, machine.load)
     _check_overlaps(path, spans)
     obj = _Resolver(lambda ref: located[ref.key], byteorder != "little", path).walk(obj)
@@ -261,7 +263,7 @@ def _where(path: str, load: Callable[[], Any]) -> Any:
 
 def _parse_pickle_file(path: str) -> Parsed:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        machine = RestrictedUnpickler(buf)
+        machine = RestrictedUnpickler(buf, embedded_storage=read_embedded_storage)
         first = _where(path, machine.load)
         if type(first) is int and first == MAGIC_NUMBER:
             legacy = _where(path, lambda: _legacy_sections(buf, machine.pos, path))
@@ -281,9 +283,13 @@ class _Legacy:
         self.unsafe_globals: list[str] = []
 
 
-def _legacy_sections(buf: Any, pos: int, where: str, budget: Any = None) -> _Legacy:
-    """The sections after the magic number: protocol, system info, the object, storage keys, data."""
+def _legacy_sections(buf: Any, pos: int, where: str, budget: Budget | None = None) -> _Legacy:
+    """The sections after the magic number: protocol, system info, the object, storage keys, data.
+
+    ``budget`` is given for an embedded storage (shared with the enclosing load), which may not embed another.
+    """
     out = _Legacy()
+    nested = read_embedded_storage if budget is None else None
     refs: dict[str, StorageRef] = {}
 
     def storage(pid: Any) -> Any:
@@ -295,7 +301,7 @@ def _legacy_sections(buf: Any, pos: int, where: str, budget: Any = None) -> _Leg
 
     sections: list[Any] = []
     for hook in (None, None, storage, None):
-        machine = RestrictedUnpickler(buf, hook, start=pos, budget=budget, embedded=budget is not None)
+        machine = RestrictedUnpickler(buf, hook, start=pos, budget=budget, embedded_storage=nested)
         sections.append(machine.load())
         out.unsafe_globals += [g for g in machine.unsafe_globals if g not in out.unsafe_globals]
         pos = machine.pos
@@ -324,9 +330,10 @@ def _legacy_sections(buf: Any, pos: int, where: str, budget: Any = None) -> _Leg
     return out
 
 
-def read_embedded_storage(data: bytes, budget: Any) -> StorageRef:
-    """A storage that a plain pickle embeds as a tiny legacy torch file (``_load_from_bytes``)."""
-    machine = RestrictedUnpickler(data, budget=budget, embedded=True)
+def read_embedded_storage(data: bytes, budget: Budget) -> StorageRef:
+    """A storage that a plain pickle embeds as a tiny legacy torch file (``_load_from_bytes``), read
+    under the enclosing load's budget; the machines that read it get no reader of their own."""
+    machine = RestrictedUnpickler(data, budget=budget)
     if machine.load() != MAGIC_NUMBER:
         raise CorruptFileError("an embedded storage is not a torch legacy record")
     legacy = _legacy_sections(data, machine.pos, "an embedded storage", budget)

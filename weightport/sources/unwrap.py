@@ -23,7 +23,7 @@ import torch
 
 from weightport.errors import CorruptFileError, SourceError
 from weightport.sources._mapped import TensorRef
-from weightport.sources.unpickle import Inert, inert_name
+from weightport.sources.safepickle import Inert, inert_name
 
 WRAPPER_KEYS = (
     "state_dict",

@@ -318,12 +318,3 @@ class HubShardedSource(ShardedSource):
     def fetched_shards(self) -> list[str]:
         """Shard paths fetched (downloaded or found in the cache) so far."""
         return self.opened_shards
-
-
-def _register() -> None:
-    from weightport.sources import register_scheme
-
-    register_scheme("hf", open_hf)
-
-
-_register()

@@ -111,12 +111,3 @@ def _from_url(cfg: Any, check_hash: bool, options: dict[str, Any]) -> Source:
 
 def _url_cached(url: str) -> bool:
     return os.path.isfile(os.path.join(torch_hub_checkpoints(), url.rstrip("/").rsplit("/", 1)[-1]))
-
-
-def _register() -> None:
-    from weightport.sources import register_scheme
-
-    register_scheme("timm", open_timm)
-
-
-_register()

@@ -188,12 +188,3 @@ def open_torchvision(
     return source.renamed(
         {}, kind="torchvision", location=f"torchvision:{rest}", provenance={**source.info.provenance, **provenance}
     )
-
-
-def _register() -> None:
-    from weightport.sources import register_scheme
-
-    register_scheme("torchvision", open_torchvision)
-
-
-_register()
