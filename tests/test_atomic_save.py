@@ -20,13 +20,13 @@ import weightport as wp
 from weightport._atomic import TMP_MARK, atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
-save_module = importlib.import_module("weightport.save")  # the module; ``weightport.save`` is the function
+save_module = importlib.import_module("weightport.saving")
 
 # Saves five tensors; after the second one it flushes, says so, and hangs until killed.
 KILLED_SAVER = """
 import importlib, sys, time, torch
 import weightport as wp
-s = importlib.import_module("weightport.save")
+s = importlib.import_module("weightport.saving")
 target, ready = sys.argv[1], sys.argv[2]
 original, written = s._write_tensor, []
 def write_then_hang(f, t):

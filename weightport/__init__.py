@@ -26,7 +26,7 @@ from weightport.mapping.suggest import Suggestion, suggest
 from weightport.meta import init_empty
 from weightport.planning.data import TransferPlan
 from weightport.report import Entry, TransferReport
-from weightport.save import save
+from weightport.saving import save
 from weightport.sources import Source, SourceInfo, open_source
 
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from weightport.errors import CheckpointError, CorruptFileError, SourceError, SourceNotFoundError
-from weightport.save import save as save_tensors
+from weightport.saving import save as save_tensors
 from weightport.sources import open_source
 from weightport.sources.base import Source, SourceInfo, TensorMeta
 from weightport.sources.safetensors import read_header
