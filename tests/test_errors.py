@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from conftest import TinyNet, trained
@@ -91,3 +93,43 @@ def test_no_tensors_in_a_checkpoint(tmp_path):
 def test_bad_mapping_argument():
     with pytest.raises(errors.PlanError, match="mapping must be"):
         wp.plan(trained().state_dict(), TinyNet(), mapping=42)  # type: ignore[arg-type]
+
+
+def test_a_strictness_error_carries_the_full_report():
+    source = trained().state_dict()
+    del source["fc.bias"]
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(errors.StrictnessError) as info:
+        wp.transfer(source, model, strict=True)
+    report = info.value.report
+    assert report is not None and not report.applied
+    assert [e.target for e in report.fresh] == ["fc.bias"] and "fc.bias" in str(report)
+    assert info.value.problems == ("strict=True: target tensors not loaded: fc.bias",)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == str(info.value) and again.problems == info.value.problems
+
+
+def test_a_collision_error_carries_every_collision():
+    state = trained().state_dict()
+    state["other.weight"] = state["fc.weight"].clone()
+    state["more.bias"] = state["fc.bias"].clone()
+    rules = [wp.rename("other.weight", "fc.weight"), wp.rename("more.bias", "fc.bias")]
+    with pytest.raises(errors.CollisionError) as info:
+        wp.plan(state, TinyNet(), rules=rules)
+    found = {c.target: c for c in info.value.collisions}
+    assert set(found) == {"fc.weight", "fc.bias"}
+    assert found["fc.weight"].sources == ("fc.weight", "other.weight")
+    assert found["fc.weight"].rules[0] is None and "other.weight" in found["fc.weight"].rules[1]
+    assert str(found["fc.weight"]) in str(info.value)
+    assert pickle.loads(pickle.dumps(info.value)).collisions == info.value.collisions
+
+
+def test_a_shape_mismatch_error_carries_every_mismatch():
+    with pytest.raises(errors.ShapeMismatchError) as info:
+        wp.plan(trained().state_dict(), TinyNet(num_classes=7), on_mismatch="error")
+    mismatches = {m.target: m for m in info.value.mismatches}
+    assert set(mismatches) == {"fc.weight", "fc.bias"}
+    assert mismatches["fc.bias"].source_shape == (10,) and mismatches["fc.bias"].target_shape == (7,)
+    assert mismatches["fc.bias"].sources == ("fc.bias",)

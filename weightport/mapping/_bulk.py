@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from itertools import chain
+from itertools import chain, repeat
 from typing import NamedTuple, Protocol
 
 from weightport.mapping.pattern import Pattern, Placeholder, Wildcard, captures
@@ -34,7 +34,6 @@ from weightport.mapping.rules import Drop, Output, Resolution, Rule
 
 _MARK = "\ue000"  # stands for an integer segment in a key's shape (private-use character)
 _INT = r"(?:0|[1-9][0-9]*)"
-_tuple = tuple.__new__
 _SMALL = 64  # below this many keys, resolving each key costs less than analysing the mapping
 
 
@@ -98,10 +97,8 @@ def resolve_all(mapping: _Mapping, keys: Sequence[str]) -> list[Resolution]:
         else:
             rule, o = group.rule, group.output
             assert group.names is not None and o is not None
-            # tuple.__new__ makes the same named tuples without a Python-level __new__ per key
-            resolutions = [
-                _tuple(Resolution, (rule, (_tuple(Output, (t, o.ops, o.part, o.dim)),))) for t in group.names
-            ]
+            outputs = map(Output._make, zip(group.names, repeat(o.ops), repeat(o.part), repeat(o.dim)))
+            resolutions = list(map(Resolution._make, zip(repeat(rule), zip(outputs))))
         for i, res in zip(group.positions, resolutions):
             out[i] = res
     return out

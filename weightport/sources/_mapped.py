@@ -24,7 +24,6 @@ from weightport.sources.base import TensorMeta
 _PAGE = mmap.PAGESIZE
 #: Most buffers one ``preadv`` call takes (the system's limit, 1024 on Linux).
 IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024))
-_tuple = tuple.__new__  # a named tuple from all its fields, without a Python-level __new__
 
 
 class MappedFile:
@@ -189,7 +188,7 @@ class TensorRef(NamedTuple):
 
     @property
     def meta(self) -> TensorMeta:
-        return _tuple(TensorMeta, (self.shape, self.dtype))
+        return TensorMeta._make((self.shape, self.dtype))
 
     @property
     def nbytes(self) -> int:
