@@ -55,7 +55,12 @@ def test_port_saves_and_applies_rules(ckpt, tmp_path, capsys):
 
 def test_strictness_failure_exits_1(ckpt, capsys):
     assert main(["port", str(ckpt), TARGET, "--strict"]) == 1
-    assert "strict=True" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "strict=True" in out.err
+    assert "planned (dry run)" in out.out and "fresh" in out.out  # the preview report, to see what to fix
+    assert main(["port", str(ckpt), TARGET, "--strict", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["applied"] is False and report["counts"]["fresh"] > 0
 
 
 @pytest.mark.parametrize(

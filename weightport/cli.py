@@ -23,6 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or EXIT_OK)
     except StrictnessError as e:
+        if e.report is not None:  # what would have loaded, so the user sees what to fix
+            print(e.report.to_json() if getattr(args, "json", False) else e.report)
         print(f"weightport: {e}", file=sys.stderr)
         return EXIT_STRICT
     except WeightportError as e:
