@@ -59,6 +59,7 @@ from weightport.mapping.rules import (
     Rule,
     add_prefix,
     drop,
+    dropped_captures,
     fuse,
     rename,
     split,
@@ -301,13 +302,11 @@ def _check_captures_used(rule: Rule, where: str) -> None:
     for pattern in rule.patterns:
         if pattern.text.startswith("re:"):
             continue
-        for t in templates:
-            unused = [n for n in pattern.names if n not in t.names]
-            if unused:
-                raise MappingError(
-                    f"{where}: field 'to': placeholder(s) {', '.join('{' + n + '}' for n in unused)} captured "
-                    f"by {pattern.text!r} are not used in {t.text!r}; use them, or '*' to match without capturing"
-                )
+        for t, unused in dropped_captures(pattern, templates):
+            raise MappingError(
+                f"{where}: field 'to': placeholder(s) {', '.join('{' + n + '}' for n in unused)} captured "
+                f"by {pattern.text!r} are not used in {t.text!r}; use them, or '*' to match without capturing"
+            )
 
 
 def _shape_of(template: Template) -> str:

@@ -111,13 +111,11 @@ class Rule:
                 f"{self._where()}: cannot invert {pattern.text!r}: anonymous wildcards and 're:' "
                 "patterns lose what they matched; name the parts, e.g. '{rest*}' instead of '**'"
             )
-        for t in templates:
-            unused = [n for n in pattern.names if n not in t.names]
-            if unused:
-                raise MappingError(
-                    f"{self._where()}: cannot invert: template {t.text!r} drops "
-                    f"{', '.join('{' + n + '}' for n in unused)} captured by {pattern.text!r}"
-                )
+        for t, unused in dropped_captures(pattern, templates):
+            raise MappingError(
+                f"{self._where()}: cannot invert: template {t.text!r} drops "
+                f"{', '.join('{' + n + '}' for n in unused)} captured by {pattern.text!r}"
+            )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.described()}>"
@@ -366,3 +364,10 @@ def transform(
     t = Template(template)
     call = OpCall.make(op, params, where)
     return Rename(_compile(pattern, [t], where), t, (call,), origin=origin)
+
+
+def dropped_captures(pattern: Pattern, templates: Sequence[Template]) -> list[tuple[Template, list[str]]]:
+    """Each template that leaves out placeholders ``pattern`` captures, with them: such a rule
+    sends many keys to one name, and its inverse could not restore them."""
+    found = [(t, [n for n in pattern.names if n not in t.names]) for t in templates]
+    return [(t, names) for t, names in found if names]

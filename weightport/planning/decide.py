@@ -88,24 +88,22 @@ def _as_is_shapes(source: Source, single: dict[str, Candidate], tied: Any) -> di
     return dict(zip(names, source.shapes([single[n].key for n in names])))
 
 
+@dataclass
 class _General:
     """The general decision for one canonical target (and the names tied to it)."""
 
-    def __init__(
-        self,
-        source: Source,
-        targets: dict[str, Target],
-        ties: dict[str, list[str]],
-        routes: Routes,
-        on_mismatch: str,
-        scope: nn.Module,
-        out: Decisions,
-    ) -> None:
-        self.source, self.targets, self.ties, self.routes = source, targets, ties, routes
-        self.on_mismatch, self.scope, self.out = on_mismatch, scope, out
-        self.dropped = set(routes.dropped)
-        self.collisions: list[Collision] = []
-        self.mismatches: list[Mismatch] = []
+    source: Source
+    targets: dict[str, Target]
+    ties: dict[str, list[str]]
+    routes: Routes
+    on_mismatch: str
+    scope: nn.Module
+    out: Decisions
+    collisions: list[Collision] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.dropped = set(self.routes.dropped)
 
     def decide(self, canonical: str) -> None:
         group = [canonical, *self.ties.get(canonical, ())]
