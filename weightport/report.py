@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from itertools import chain, compress, repeat
 from typing import Any, Literal, NamedTuple, overload
 
+from weightport._tuples import rows
 from weightport.sources.base import SourceInfo
 
 __all__ = ["Entry", "EntryTable", "LoadedColumns", "Row", "TransferReport", "group_names"]
@@ -124,7 +125,7 @@ class LoadedColumns(NamedTuple):
             "numel": map(math.prod, self.shapes),
             "is_parameter": self.params,
         }
-        return map(Row._make, zip(*(columns[f] for f in Row._fields)))
+        return rows(Row, *(columns[f] for f in Row._fields))
 
 
 class EntryTable(Sequence[Entry]):

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from itertools import chain, repeat
 from typing import NamedTuple, Protocol
 
+from weightport._tuples import rows
 from weightport.mapping.pattern import Pattern, Placeholder, Wildcard, captures
 from weightport.mapping.rules import Drop, Output, Resolution, Rule
 
@@ -97,8 +98,8 @@ def resolve_all(mapping: _Mapping, keys: Sequence[str]) -> list[Resolution]:
         else:
             rule, o = group.rule, group.output
             assert group.names is not None and o is not None
-            outputs = map(Output._make, zip(group.names, repeat(o.ops), repeat(o.part), repeat(o.dim)))
-            resolutions = list(map(Resolution._make, zip(repeat(rule), zip(outputs))))
+            outputs = rows(Output, group.names, repeat(o.ops), repeat(o.part), repeat(o.dim))
+            resolutions = list(rows(Resolution, repeat(rule), zip(outputs)))
         for i, res in zip(group.positions, resolutions):
             out[i] = res
     return out

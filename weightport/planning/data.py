@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from weightport._tuples import rows
 from weightport.mapping.ops import OpCall, fuse
 from weightport.mapping.rules import Rule
 from weightport.options import ApplyOptions, PlanOptions, split_options, takes_options
@@ -138,8 +139,8 @@ class LoadedLane(NamedTuple):
         return Recipe(self.names[i], (Input(self.keys[i]),), None, (), self.rules[i], self.shapes[i])
 
     def recipes(self) -> Iterator[Recipe]:
-        inputs = zip(map(Input._make, zip(self.keys, repeat(()))))
-        return map(Recipe._make, zip(self.names, inputs, repeat(None), repeat(()), self.rules, self.shapes))
+        inputs = zip(rows(Input, self.keys, repeat(())))
+        return rows(Recipe, self.names, inputs, repeat(None), repeat(()), self.rules, self.shapes)
 
 
 class Recipes(abc.Mapping):  # type: ignore[type-arg]  # Mapping[str, Recipe]

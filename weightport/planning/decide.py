@@ -19,6 +19,7 @@ from torch import nn
 
 from weightport.errors import Collision, CollisionError, Mismatch, OpError, ShapeMismatchError
 from weightport.mapping.ops import OpCall, get_op, list_adapters
+from weightport.mapping.rules import Rule
 from weightport.planning.data import Input, LoadedLane, Recipe, Target, infer_shape
 from weightport.planning.route import Candidate, Routes
 from weightport.sources.base import Source, TensorMeta
@@ -26,6 +27,7 @@ from weightport.sources.base import Source, TensorMeta
 __all__ = ["Decisions", "decide"]
 
 Fresh = tuple[str, "tuple[int, ...] | None"]  # (reason, source shape)
+Cheap = tuple[str, "Rule | None", tuple[int, ...]]  # (key, rule, source shape)
 
 
 @dataclass
@@ -63,29 +65,33 @@ def decide(
         ShapeMismatchError: ``on_mismatch='error'`` and shapes differ (all are listed).
     """
     out = Decisions(LoadedLane([], [], [], []))
-    lane_names, lane_keys, lane_rules, lane_shapes = out.lane
-    single = routes.single
-    tied = set(ties).union(*ties.values()) if ties else ()
-    shape_of = _as_is_shapes(source, single, tied)
+    cheap = _as_is(source, routes.single, set(ties).union(*ties.values()) if ties else set())
     general = _General(source, targets, ties, routes, on_mismatch, scope, out)
+    loaded: list[str] = []
+    taken: list[Cheap] = []
     for name, target in targets.items():
-        cand = single.get(name)
-        shape = shape_of.get(name) if cand is not None else None
-        if shape is not None and shape == target.tensor.shape:
-            lane_names.append(name)
-            lane_keys.append(cand.key)  # type: ignore[union-attr]
-            lane_rules.append(cand.rule)  # type: ignore[union-attr]
-            lane_shapes.append(shape)
+        c = cheap.get(name)
+        if c is not None and c[2] == target.tensor.shape:
+            loaded.append(name)
+            taken.append(c)
         elif target.canonical == name:  # a tied name is decided with its canonical name
             general.decide(name)
     general.raise_errors()
+    if taken:
+        keys, rules, shapes = map(list, zip(*taken))
+        out.lane = LoadedLane(loaded, keys, rules, shapes)
     return out
 
 
-def _as_is_shapes(source: Source, single: dict[str, Candidate], tied: Any) -> dict[str, tuple[int, ...]]:
-    """The source shape of every untied target's single candidate taken as it is (one bulk lookup)."""
+def _as_is(
+    source: Source, single: dict[str, Candidate], tied: set[str]
+) -> dict[str, tuple[str, Rule | None, tuple[int, ...]]]:
+    """``(key, rule, source shape)`` of every untied target's single candidate taken as it is; the
+    shapes come from one bulk lookup."""
     names = [n for n, c in single.items() if not c.output.ops and c.output.part is None and n not in tied]
-    return dict(zip(names, source.shapes([single[n].key for n in names])))
+    cands = list(map(single.__getitem__, names))
+    keys = [c.key for c in cands]
+    return dict(zip(names, zip(keys, [c.rule for c in cands], source.shapes(keys))))
 
 
 @dataclass

@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, repeat
 from operator import attrgetter
 from typing import Any, NamedTuple
 
 from torch import nn
 
 from weightport._hooks import replay
+from weightport._tuples import rows
 from weightport.mapping._bulk import Group
 from weightport.mapping.core import Mapping as WeightMapping
 from weightport.mapping.ops import OpCall
@@ -95,16 +96,16 @@ def route(
         _candidates(source, keys, g, targets, cands, dropped)
     if hooks:
         cands = _replayed(source, scope, sorted(cands, key=attrgetter("position")))
-    present = list(map(targets.__contains__, map(attrgetter("target"), map(attrgetter("output"), cands))))
+    names = [c.output.target for c in cands]
+    present = list(map(targets.__contains__, names))
     nowhere: dict[str, str] = {}
     if not all(present):
         for c, ok in zip(cands, present):
             if not ok:
                 nowhere.setdefault(c.key, c.output.target)
-        cands = [c for c, ok in zip(cands, present) if ok]
+        cands, names = list(compress(cands, present)), list(compress(names, present))
         for c in cands:
             nowhere.pop(c.key, None)
-    names = [c.output.target for c in cands]
     single = dict(zip(names, cands))
     multi: dict[str, list[Candidate]] = {}
     if len(single) != len(cands):
@@ -131,8 +132,8 @@ def _candidates(
     if g.names is not None:
         o = g.output
         assert o is not None
-        outs = map(Output._make, zip(g.names, repeat(o.ops), repeat(o.part), repeat(o.dim)))
-        out.extend(map(Candidate._make, zip(map(keys.__getitem__, g.positions), repeat(g.rule), outs, g.positions)))
+        outs = rows(Output, g.names, repeat(o.ops), repeat(o.part), repeat(o.dim))
+        out.extend(rows(Candidate, map(keys.__getitem__, g.positions), repeat(g.rule), outs, g.positions))
         return
     assert g.resolutions is not None
     for position, (rule, outputs) in zip(g.positions, g.resolutions):

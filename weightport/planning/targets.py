@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightport._tuples import rows
 from weightport.errors import PlanError, TargetError
 from weightport.planning.data import Target
 
@@ -79,7 +80,7 @@ def collect_targets(scope: nn.Module) -> dict[str, Target]:
         first: dict[int, str] = {}
         canonical = [first.setdefault(i, n) for i, n in zip(ids, names)]
     parameters = map(isinstance, tensors, repeat(nn.Parameter))  # fast for exact Parameters
-    return dict(zip(names, map(Target._make, zip(names, tensors, parameters, canonical))))
+    return dict(zip(names, rows(Target, names, tensors, parameters, canonical)))
 
 
 def check_meta_buffers(scope: nn.Module, modules: list[nn.Module], targets: dict[str, Target]) -> None:

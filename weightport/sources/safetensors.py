@@ -17,6 +17,7 @@ from operator import add, attrgetter, gt, itemgetter, lt, mul, sub
 
 import torch
 
+from weightport._tuples import rows
 from weightport.errors import CorruptFileError
 from weightport.sources._mapped import MappedFile, TensorRef, first_overlap
 from weightport.sources.base import SourceInfo
@@ -156,8 +157,9 @@ def _refs_in_bulk(file: MappedFile, start: int, header: dict[str, object]) -> di
         return None  # a tensor begins before the one before it ends: they overlap
     offsets_in_file = map(add, repeat(start), begins)
     defaults = repeat(None), repeat(0), repeat(False)  # stride, storage_offset, byteswap
-    fields = zip(repeat(file), offsets_in_file, numels, dtypes, map(tuple, shapes), *defaults)
-    return dict(zip(header, map(TensorRef._make, fields)))
+    return dict(
+        zip(header, rows(TensorRef, repeat(file), offsets_in_file, numels, dtypes, map(tuple, shapes), *defaults))
+    )
 
 
 def _entry_ref(
