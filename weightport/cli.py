@@ -154,8 +154,10 @@ def _inspect(args: argparse.Namespace) -> int:
             payload["checkpoint"] = ckpt.to_dict()
         print(json.dumps(payload, indent=2))
         return EXIT_OK
+    from weightport.report import source_facts
+
     print(f"{src.info.location} ({src.info.kind})")
-    for line in _info_lines(src.info) + (ckpt.lines() if ckpt is not None else []):
+    for line in source_facts(src.info, detail=True) + (ckpt.lines() if ckpt is not None else []):
         print(f"  {line}")
     print()
     shown = (_model_rows(rows) or rows) if ckpt is not None else rows
@@ -173,22 +175,6 @@ def _inspect(args: argparse.Namespace) -> int:
 def _model_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The model's tensors of a training checkpoint, under the model's own names."""
     return [{**r, "name": r["name"][len("model/") :]} for r in rows if r["name"].startswith("model/")]
-
-
-def _info_lines(info: Any) -> list[str]:
-    lines = []
-    if info.wrapper:
-        lines.append(f"weights found under {info.wrapper!r}")
-    if info.prefixes:
-        lines.append("stripped prefixes: " + ", ".join(repr(p) for p in info.prefixes))
-    if info.ignored:
-        lines.append(f"ignored non-tensor entries: {', '.join(info.ignored[:10])}")
-    if info.placeholders:
-        lines.append(f"pickled globals kept inert (nothing imported or run): {', '.join(info.placeholders[:8])}")
-    for k, v in info.provenance.items():
-        lines.append(f"{k}: {v}")
-    lines.extend(info.notes)
-    return lines
 
 
 def _size(n: float) -> str:

@@ -420,14 +420,26 @@ class TransferReport:
 
 
 def _source_line(info: SourceInfo) -> str:
-    parts = [f"{info.location} ({info.kind})"]
+    return "; ".join([f"{info.location} ({info.kind})", *source_facts(info)])
+
+
+def source_facts(info: SourceInfo, *, detail: bool = False) -> list[str]:
+    """What opening the source did, one phrase each (wrapper, prefixes, inert globals); with
+    ``detail``, also the ignored entries, the globals by name, the provenance and the notes."""
+    facts = []
     if info.wrapper:
-        parts.append(f"weights under {info.wrapper!r}")
+        facts.append(f"weights found under {info.wrapper!r}")
     if info.prefixes:
-        parts.append("stripped " + ", ".join(repr(p) for p in info.prefixes))
+        facts.append("stripped prefixes: " + ", ".join(repr(p) for p in info.prefixes))
+    if detail and info.ignored:
+        facts.append(f"ignored non-tensor entries: {', '.join(info.ignored[:10])}")
     if info.placeholders:
-        parts.append(f"{len(info.placeholders)} pickled globals kept inert")
-    return "; ".join(parts)
+        names = f": {', '.join(info.placeholders[:8])}" if detail else ""
+        facts.append(f"{len(info.placeholders)} pickled globals kept inert (nothing imported or run){names}")
+    if detail:
+        facts.extend(f"{k}: {v}" for k, v in info.provenance.items())
+        facts.extend(info.notes)
+    return facts
 
 
 def _shape(shape: Sequence[int] | None) -> str:
