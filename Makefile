@@ -1,5 +1,5 @@
 # `make check` runs exactly what CI runs (after installing with pip install -e ".[test]").
-.PHONY: check lint typecheck test format bench
+.PHONY: check lint typecheck test test-fast format bench
 SRC := weightport tests $(wildcard benchmarks)
 
 check: lint typecheck test
@@ -13,6 +13,9 @@ typecheck:
 
 test:
 	pytest
+
+test-fast:  # the edit-test loop: every test but those marked slow (make check runs them all)
+	pytest -m "not slow"
 
 format:
 	ruff format $(SRC)

@@ -8,7 +8,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
+
+import weightport as wp
 
 
 class TinyNet(nn.Module):
@@ -58,6 +61,20 @@ def trained(num_classes: int = 10, seed: int = 1) -> TinyNet:
             if t.is_floating_point():
                 t.uniform_(-1, 1)
     return m
+
+
+def meta_tiny(num_classes: int = 10) -> TinyNet:
+    """A TinyNet built on the meta device: every tensor is new when weights are loaded into it."""
+    with wp.init_empty():
+        return TinyNet(num_classes=num_classes)
+
+
+@pytest.fixture
+def trained_file(tmp_path):
+    """A safetensors file of ``trained(num_classes=1000)``: its head does not fit a 10-class TinyNet."""
+    path = tmp_path / "w.safetensors"
+    save_file(trained(num_classes=1000).state_dict(), path)
+    return path
 
 
 def digest(model: nn.Module) -> dict[str, str]:

@@ -241,6 +241,7 @@ def test_torchvision_resnet50_to_1_and_4_channels_equals_timm(channels):
     assert torch.equal(dst.layer4[2].conv3.weight, src.layer4[2].conv3.weight)
 
 
+@pytest.mark.slow
 def test_vit_b_16_at_224_to_384_equals_timm():
     torch.manual_seed(0)
     src = torchvision.models.vit_b_16()
@@ -253,6 +254,7 @@ def test_vit_b_16_at_224_to_384_equals_timm():
     assert torch.equal(dst.encoder.layers[11].mlp[3].weight, src.encoder.layers[11].mlp[3].weight)
 
 
+@pytest.mark.slow
 def test_torchvision_vit_b_16_into_timm_at_384_with_the_shipped_mapping():
     import timm
 

@@ -49,6 +49,7 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if TMP_MARK in p.name)
 
 
+@pytest.mark.slow
 def test_process_killed_mid_save_leaves_the_previous_file(tmp_path):
     target = tmp_path / "model.safetensors"
     old = {"t0": torch.arange(10.0)}

@@ -151,6 +151,7 @@ _KILLED_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_save_killed_midway_is_never_picked_and_is_cleaned_up(tmp_path):
     folder, flag = tmp_path / "run", tmp_path / "writing"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -110,6 +111,7 @@ def _load(out: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
     return torch.load(out / f"{name}.pt", weights_only=True), json.loads((out / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_resume_in_a_fresh_process_is_bitwise_exact(tmp_path):
     for mode in ("before", "after"):
         _run(mode, tmp_path)

@@ -83,6 +83,7 @@ def test_bad_input_exits_2_with_one_clear_line(ckpt, capsys, argv, needle):
     assert err.startswith("weightport: error:")
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_a_process(ckpt, tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "weightport", "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True

@@ -137,6 +137,7 @@ def test_fuzz_plain_pickle(data):
     _check_file(".pkl", data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     header=st.recursive(

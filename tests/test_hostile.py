@@ -50,6 +50,7 @@ def holder(state: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="the control's payloads call POSIX `touch`")
 def test_corpus_is_big_varied_and_really_hostile(tmp_path):
     entries = build_corpus(tmp_path / "files", tmp_path / "sentinels")
@@ -111,6 +112,7 @@ def test_cli_runs_nothing(corpus, capsys):
     assert _fired(sentinels) == []
 
 
+@pytest.mark.slow
 def test_cli_subprocess_runs_nothing(corpus):
     entries, sentinels = corpus
     pick = [e for e in entries if e.name in ("op_eval", "pkl_statedict_os_system", "zip_payload_in_modules")]

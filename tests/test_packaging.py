@@ -38,6 +38,7 @@ def test_wheel_contents(wheel):
     assert not any(n.startswith("tests/") for n in names)
 
 
+@pytest.mark.slow
 def test_installed_wheel_finds_its_mappings(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path)
     code = "import weightport, json; print(json.dumps(weightport.list_mappings()))"

@@ -1,10 +1,13 @@
-"""Name patterns, rule builders, the mapping engine and inverses."""
+"""Name patterns, rule builders, the mapping engine (its rule index too) and inverses."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
+from torch import nn
 
 import weightport as wp
 from weightport.errors import MappingError, PatternError, WeightportError
@@ -192,3 +195,59 @@ def test_random_rules_raise_only_weightport_errors(pattern, template, key):
         m.inverse().resolve(key)
     except WeightportError:
         pass
+
+
+# -- the rule index, and planning many keys with many rules -------------------------------------
+
+
+def test_rule_index_keeps_first_match_order_across_index_kinds():
+    rules = [
+        wp.strip_prefix("model."),  # variable length, indexed by its first segment
+        wp.rename("model.layers.{i}.w", "fixed.{i}"),  # fixed skeleton, later: must lose
+        wp.drop("**.inv_freq"),  # truly variable: tried for every key
+        wp.rename("other.{rest*}", "o.{rest}"),
+    ]
+    m = wp.Mapping(rules)
+    assert m.resolve("model.layers.3.w").outputs[0].target == "layers.3.w"
+    assert m.resolve("other.a.b").outputs[0].target == "o.a.b"
+    assert m.resolve("x.rotary.inv_freq").dropped
+    assert m.resolve("model.rotary.inv_freq").outputs[0].target == "rotary.inv_freq"  # first rule wins
+    assert m.resolve("modelx.a").rule is None  # a head is a whole segment, not a prefix
+    reordered = wp.Mapping([rules[1], rules[0]])
+    assert reordered.resolve("model.layers.3.w").outputs[0].target == "fixed.3"
+
+
+def test_planning_many_keys_with_many_rules_is_exact(tmp_path):
+    layers, experts, projs = 10, 25, 4  # 1000 keys: the same shape as the 100k benchmark case
+    state = {
+        f"model.layers.{i}.mlp.experts.{e}.proj_{p}.weight": torch.zeros(2)
+        for i in range(layers)
+        for e in range(experts)
+        for p in range(projs)
+    }
+    state["lm_head.weight"] = torch.zeros(3)
+    save_file(state, tmp_path / "many.safetensors")
+    rules = [wp.rename(f"model.layers.{{i}}.attn.head_{k}.{{p}}", f"blocks.{{i}}.h{k}.{{p}}") for k in range(190)]
+    rules += [
+        wp.rename(f"model.layers.{{i}}.mlp.experts.{{e}}.proj_{p}.weight", f"b.{{i}}.{{e}}.w{p}") for p in range(4)
+    ]
+    rules += [wp.drop("lm_head.*"), wp.strip_prefix("model.")]
+
+    class Expert(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for p in range(projs):
+                self.register_parameter(f"w{p}", nn.Parameter(torch.ones(2)))
+
+    model = nn.Module()
+    model.b = nn.ModuleList(nn.ModuleList(Expert() for _ in range(experts)) for _ in range(layers))
+    plan = wp.plan(tmp_path / "many.safetensors", model, rules=rules, strict=True)
+    assert len(plan.recipes) == layers * experts * projs and plan.report.dropped == ("lm_head.weight",)
+    assert plan.recipes["b.3.7.w2"].inputs[0].key == "model.layers.3.mlp.experts.7.proj_2.weight"
+    assert "b.3.7.w2" in plan.recipes and "b.3.7.w9" not in plan.recipes
+    # the plain lane's recipes and report rows are made on demand: planning and the summary make neither
+    assert plan.report.entries._all is None
+    assert "1000 loaded" in plan.summary() and plan.report.entries._all is None
+    assert plan.report["b.3.7.w2"].sources == ("model.layers.3.mlp.experts.7.proj_2.weight",)
+    plan.apply()
+    assert all(float(p.detach().sum()) == 0.0 for p in model.parameters())

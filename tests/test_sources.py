@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+import torchvision
 from conftest import TinyNet, save_legacy, trained
 from safetensors.torch import save_file
 from torch import nn
@@ -228,3 +229,28 @@ def test_whole_pickled_module_is_extracted_safely(tmp_path):
     for k, v in m.state_dict().items():
         assert torch.equal(src[k], v)
     assert "conftest.TinyNet" in src.info.placeholders
+
+
+def test_resnet18_checkpoint_from_data_parallel_into_a_10_class_model(tmp_path):
+    torch.manual_seed(0)
+    pretrained = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save({"net": nn.DataParallel(pretrained).state_dict(), "optimizer": {"state": {}}, "epoch": 90}, path)
+    model = torchvision.models.resnet18(num_classes=10)
+    report = wp.transfer(path, model)
+    fresh = {e.target: e for e in report.fresh}
+    assert set(fresh) == {"fc.weight", "fc.bias"}
+    assert fresh["fc.weight"].reason == "shape mismatch"
+    assert (fresh["fc.weight"].source_shape, fresh["fc.weight"].target_shape) == ((1000, 512), (10, 512))
+    assert (fresh["fc.bias"].source_shape, fresh["fc.bias"].target_shape) == ((1000,), (10,))
+    assert len(report.loaded) == len(report.entries) - 2
+    assert report.coverage > 0.999
+    assert report.source.wrapper == "net" and report.source.prefixes == ("module.",)
+    text = str(report)
+    assert "(1000, 512) -> (10, 512)" in text
+    model.eval()
+    pretrained.eval()
+    x = torch.randn(1, 3, 64, 64)
+    feats = nn.Sequential(*list(model.children())[:-1])
+    ref = nn.Sequential(*list(pretrained.children())[:-1])
+    torch.testing.assert_close(feats(x), ref(x), rtol=0, atol=0)
