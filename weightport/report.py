@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from itertools import chain, compress, repeat
 from typing import Any, Literal, NamedTuple, overload
 
+from weightport._grouping import group_names
 from weightport._tuples import rows
 from weightport.sources.base import SourceInfo
 
@@ -454,49 +455,3 @@ def _grouped(names: Iterable[str], limit: int = 12) -> str:
     groups = group_names(names)
     shown = ", ".join(groups[:limit])
     return shown + (f", … ({len(groups) - limit} more groups)" if len(groups) > limit else "")
-
-
-class _Range(tuple):  # type: ignore[type-arg]
-    """Sorted integer values standing in one segment position."""
-
-
-def group_names(names: Iterable[str]) -> list[str]:
-    """Compress names that differ only in integer segments, exactly (no name is implied
-    that was not given).
-
-    Example:
-        >>> group_names([f"blocks.{i}.attn.qkv.weight" for i in range(12)])
-        ['blocks.{0..11}.attn.qkv.weight']
-    """
-    items: list[tuple[Any, ...]] = [tuple(_segment(s) for s in n.split(".")) for n in names]
-    width = max((len(it) for it in items), default=0)
-    for p in range(width - 1, -1, -1):
-        groups: dict[tuple[Any, ...], list[int] | None] = {}
-        for it in items:
-            if p < len(it) and type(it[p]) is int:
-                key = it[:p] + (None,) + it[p + 1 :]
-                values = groups.setdefault(key, [])
-                assert values is not None
-                values.append(it[p])
-            else:
-                groups.setdefault(it, None)
-        items = [
-            key if values is None else key[:p] + (_Range(sorted(set(values))),) + key[p + 1 :]
-            for key, values in groups.items()
-        ]
-    return [".".join(_render(s) for s in it) for it in items]
-
-
-def _segment(seg: str) -> Any:
-    return int(seg) if seg.isdigit() and (seg == "0" or not seg.startswith("0")) else seg
-
-
-def _render(seg: Any) -> str:
-    if not isinstance(seg, _Range):
-        return str(seg)
-    values = list(seg)
-    if len(values) == 1:
-        return str(values[0])
-    if values == list(range(values[0], values[-1] + 1)):
-        return f"{{{values[0]}..{values[-1]}}}"
-    return "{" + ",".join(str(v) for v in values) + "}"
