@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "weightport"
 MAX_LINES = 500
@@ -184,6 +186,7 @@ def test_modules_stay_small():
 # -- the scheme registry ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_weightport_imports_no_zoo():
     zoo = ("weightport.sources.zoo_", "timm", "huggingface_hub", "torchvision")
     code = f"import sys, weightport; print(sorted(m for m in sys.modules if m.startswith({zoo!r})))"
