@@ -14,7 +14,6 @@ opened; a bad value raises :class:`~weightport.errors.OptionError` naming the op
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 import textwrap
@@ -200,11 +199,6 @@ def _options_doc(phases: Iterable[type]) -> str:
             text = textwrap.fill(f"{f.name}: {f.metadata.get('doc', '')}", 96, subsequent_indent="    ")
             lines.append(textwrap.indent(text, " " * 8))
     return "\n".join(lines)
-
-
-def with_changes(options: _O, **changes: Any) -> _O:
-    """``options`` with some fields replaced (checked again)."""
-    return dataclasses.replace(options, **changes)  # type: ignore[type-var]
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -8,6 +8,7 @@ them. The same evaluator infers a recipe's shape on meta tensors while planning
 
 from __future__ import annotations
 
+import dataclasses
 from collections import abc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -222,11 +223,8 @@ class TransferPlan:
             PlanError: the plan was applied already, or the model changed since planning.
             WeightportError: reading, an op, or a check failed; the model is unchanged.
         """
-        chosen = self.apply_options
-        if options:
-            (given,) = split_options(options, (ApplyOptions,), where="TransferPlan.apply")
-            chosen = ApplyOptions(**{**vars(chosen), **{k: getattr(given, k) for k in options}})
-        return self.applier(self, chosen)
+        split_options(options, (ApplyOptions,), where="TransferPlan.apply")  # names and values checked
+        return self.applier(self, dataclasses.replace(self.apply_options, **options))
 
     def summary(self) -> str:
         return self.report.summary()

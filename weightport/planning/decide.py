@@ -83,9 +83,7 @@ def decide(
     return out
 
 
-def _as_is(
-    source: Source, single: dict[str, Candidate], tied: set[str]
-) -> dict[str, tuple[str, Rule | None, tuple[int, ...]]]:
+def _as_is(source: Source, single: dict[str, Candidate], tied: set[str]) -> dict[str, Cheap]:
     """``(key, rule, source shape)`` of every untied target's single candidate taken as it is; the
     shapes come from one bulk lookup."""
     names = [n for n, c in single.items() if not c.output.ops and c.output.part is None and n not in tied]

@@ -45,11 +45,6 @@ class Candidate(NamedTuple):
     output: Output
     position: int
 
-    @property
-    def as_is(self) -> bool:
-        """The target takes the source tensor itself (no op, not a part of a fuse)."""
-        return not self.output.ops and self.output.part is None
-
 
 @dataclass
 class Routes:
