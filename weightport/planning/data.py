@@ -190,6 +190,9 @@ class TransferPlan:
         report: The preview :class:`TransferReport` (``applied=False``).
         options: The planning options it was made with.
         apply_options: The options :meth:`apply` uses unless told otherwise.
+        applier: What performs it (:func:`weightport.apply.apply_plan`, handed over by the builder
+            so that the plan's data never imports the code that applies it).
+        applied: Set once it has been applied: a plan applies once.
     """
 
     source: Source
