@@ -231,3 +231,45 @@ def test_a_swap_replaces_the_object_where_torch_cannot_swap(monkeypatch):
     apply_module._replace(write)
     assert module.weight is not old and torch.equal(module.weight, torch.ones(2, 2)) and ref() is old
     assert old.is_meta  # the old object is left as it was
+
+
+def _odd_targets() -> nn.Module:
+    """Targets whose storage cannot take an in-place copy: an inference tensor, an expanded buffer."""
+    with torch.inference_mode():
+        frozen = nn.Linear(3, 2)
+    model = nn.Sequential(nn.Linear(3, 3), frozen)
+    model.register_buffer("table", torch.zeros(1, 3).expand(4, 3))
+    model.register_buffer("transposed", torch.zeros(3, 4).t())  # strided, but each element its own
+    return model
+
+
+def test_targets_that_cannot_be_written_in_place_get_new_tensors_and_the_commit_completes():
+    source = {k: torch.randn(v.shape) for k, v in _odd_targets().state_dict().items()}
+    model = _odd_targets()
+    report = wp.transfer(source, model, strict=True)
+    assert report.applied and len(report.loaded) == len(source)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, source[k]), k
+    assert not model[1].weight.is_inference()  # a normal tensor now, trainable
+
+
+def test_writable_in_place_tells_overlapping_and_inference_tensors_apart():
+    from weightport.apply import writable_in_place
+
+    assert writable_in_place(torch.zeros(3, 4)) and writable_in_place(torch.zeros(3, 4).t())
+    assert writable_in_place(torch.zeros(4, 6)[:, ::2]) and writable_in_place(torch.zeros(1, 5).expand(1, 5))
+    assert not writable_in_place(torch.zeros(1, 3).expand(4, 3))
+    assert not writable_in_place(torch.zeros(10).as_strided((4, 3), (1, 1)))  # rows overlap
+    with torch.inference_mode():
+        inference = torch.zeros(2)
+    assert not writable_in_place(inference)
+
+
+def test_a_source_sharing_memory_with_its_target_is_loaded_without_a_partial_overlap():
+    buffer = torch.arange(20.0)
+    model = nn.Linear(4, 4, bias=False)
+    model.weight = nn.Parameter(buffer[:16].view(4, 4))
+    source = {"weight": buffer[2:18].view(4, 4)}  # half of it is the target's own memory
+    expected = source["weight"].clone()
+    wp.transfer(source, model)
+    assert torch.equal(model.weight.detach(), expected)

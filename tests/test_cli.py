@@ -91,3 +91,22 @@ def test_console_script_runs_as_a_process(ckpt, tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr and "missing.pt" in res.stderr
     res = subprocess.run([sys.executable, "-m", "weightport"], capture_output=True, text=True)
     assert res.returncode == 2 and "inspect" in res.stdout
+
+
+def test_names_from_files_reach_the_terminal_escaped_and_port_out_completes(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in trained().state_dict().items()}
+    state["x.\x1b]0;pwned\x07"] = torch.zeros(1)  # would set the terminal's title
+    state["x.²"] = torch.zeros(1)  # a Unicode digit
+    state["b.0.w"], state["b.1000000000.w"] = torch.zeros(1), torch.zeros(1)
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;pwned\\x07" in out
+    saved = tmp_path / "out.safetensors"
+    assert main(["port", str(path), TARGET, "--out", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "x.²" in out and "saved to" in out
+    assert set(load_file(str(saved))) == set(trained().state_dict())

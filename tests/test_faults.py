@@ -203,3 +203,44 @@ def test_failed_transfer_keeps_optimizer_identity(sources, monkeypatch):
     with fail_on_call(monkeypatch, Source, "view", 3, KeyboardInterrupt()), pytest.raises(KeyboardInterrupt):
         wp.transfer(sources["zip"], model)
     assert [id(p) for p in model.parameters()] == before
+
+
+def _commit_interrupted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the commit receive a real SIGINT half way through; returns the list it marks."""
+    original, sent = apply_module._commit, []
+
+    def commit(writes: list[Any], plan: Any, *rest: Any) -> None:
+        half = len(writes) // 2
+        original(writes[:half], plan, *rest)
+        os.kill(os.getpid(), signal.SIGINT)
+        sent.append(1)
+        original(writes[half:], plan, *rest)
+
+    monkeypatch.setattr(apply_module, "_commit", commit)
+    return sent
+
+
+def test_an_interrupt_during_the_commit_goes_to_the_process_own_handler(monkeypatch, sources):
+    expected = built()
+    wp.transfer(sources["zip"], expected)
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        sent = _commit_interrupted(monkeypatch)
+        model = built()
+        report = wp.transfer(sources["zip"], model)  # no KeyboardInterrupt: the handler decides
+        assert report.applied and sent and digest(model) == digest(expected)
+        assert received == [signal.SIGINT]  # called once, after the commit
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_an_ignored_interrupt_stays_ignored_during_the_commit(monkeypatch, sources):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        sent = _commit_interrupted(monkeypatch)
+        report = wp.transfer(sources["zip"], built())
+        assert report.applied and sent
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -213,3 +213,18 @@ def test_check_finite_covers_complex_tensors():
     bad = {"z": torch.tensor([1 + 1j, complex(float("nan"), 0)], dtype=torch.complex64)}
     with pytest.raises(NonFiniteError, match="'z'"):
         wp.transfer(bad, model, check_finite=True)
+
+
+@pytest.mark.parametrize("how", ["model dtype", "dtype option"])
+def test_check_finite_checks_values_as_they_will_be_stored(how):
+    state = {"weight": torch.full((2, 2), 1e6), "bias": torch.zeros(2)}  # finite in float32, inf in float16
+    if how == "model dtype":
+        model, options = torch.nn.Linear(2, 2).half(), {}
+    else:
+        model, options = torch.nn.Linear(2, 2), {"dtype": torch.float16}
+    before = model.weight.detach().clone()
+    with pytest.raises(NonFiniteError, match="once cast to float16"):
+        wp.transfer(state, model, check_finite=True, **options)
+    assert torch.equal(model.weight.detach(), before)
+    report = wp.transfer(state, model, check_finite="report", **options)
+    assert any("once cast to float16" in w for w in report.warnings)

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 from conftest import TinyNet, trained
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
 import weightport as wp
@@ -159,3 +161,32 @@ def test_a_table_from_parts_refuses_names_that_do_not_add_up():
         EntryTable.from_parts(
             ["a", "b", "c"], [], LoadedColumns(["a", "b"], ["a", "b"], [None, None], [(), ()], [True] * 2)
         )
+
+
+def test_names_with_unicode_digits_or_huge_integers_group_without_failing():
+    assert group_names(["x.²", "x.³"]) == ["x.²", "x.³"]  # digits to str.isdigit, not to int
+    assert group_names(["b.0.w", "b.1000000000.w"]) == ["b.{0,1000000000}.w"]  # no billion-long range
+    assert group_names(["b.1.w", "b.2.w", "b.3.w"]) == ["b.{1..3}.w"]
+    digits = "9" * 5000  # int() refuses strings this long
+    assert group_names([f"a.{digits}", "a.1"]) == [f"a.{digits}", "a.1"]
+
+
+def test_the_report_escapes_terminal_control_characters_in_names():
+    hostile = "fc.weight\x1b]52;c;ZWNobyBoaQ==\x07\x1b[2K\r"
+    state = {hostile: torch.zeros(2), "bias": torch.zeros(2)}
+    report = wp.plan(state, torch.nn.Linear(2, 2)).report
+    for text in (report.summary(), str(report), report.to_markdown(), report._repr_html_()):
+        assert "\x1b" not in text and "\x07" not in text and "\r" not in text
+        assert "\\x1b]52" in text
+    assert report.unused == (hostile,)  # the data keeps the name as it is
+    assert json.loads(report.to_json())["unused"] == [hostile]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=8, unique=True))
+def test_rendering_a_report_never_fails_whatever_the_names(names):
+    state = {n: torch.zeros(1) for n in names}
+    report = wp.plan(state, torch.nn.Linear(1, 1)).report
+    for text in (report.summary(), str(report), report.to_markdown()):
+        assert not any(ord(c) < 0x20 and c != "\n" for c in text)
+    assert len(group_names(names)) <= len(names)

@@ -8,6 +8,9 @@ from typing import Any
 __all__ = ["group_names"]
 
 
+_MAX_DIGITS = 18  # longer digit runs stay text: int() of thousands of digits is slow, and refused
+
+
 class _Range(tuple):  # type: ignore[type-arg]
     """Sorted integer values standing in one segment position."""
 
@@ -40,7 +43,11 @@ def group_names(names: Iterable[str]) -> list[str]:
 
 
 def _segment(seg: str) -> Any:
-    return int(seg) if seg.isdigit() and (seg == "0" or not seg.startswith("0")) else seg
+    """An integer segment as its value (ASCII digits only: ``"²"`` is a digit to ``str.isdigit``
+    but not to ``int``); anything else, ``007`` included, as text."""
+    if seg.isascii() and seg.isdigit() and (seg == "0" or not seg.startswith("0")) and len(seg) <= _MAX_DIGITS:
+        return int(seg)
+    return seg
 
 
 def _render(seg: Any) -> str:
@@ -49,6 +56,6 @@ def _render(seg: Any) -> str:
     values = list(seg)
     if len(values) == 1:
         return str(values[0])
-    if values == list(range(values[0], values[-1] + 1)):
+    if values[-1] - values[0] + 1 == len(values):  # sorted and distinct: a run with no gap
         return f"{{{values[0]}..{values[-1]}}}"
     return "{" + ",".join(str(v) for v in values) + "}"

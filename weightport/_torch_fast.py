@@ -40,10 +40,11 @@ def swap(old: torch.Tensor, new: torch.Tensor) -> None:
     :func:`swappable`: every holder of ``old`` then sees the new values."""
     if FAST and not copyreg._slotnames(type(old)):  # type: ignore[attr-defined]
         # torch.utils.swap_tensors' own steps for two tensors of one class without slots, whose
-        # checks (same class, no weak references, one user) the caller made
+        # checks (same class, no weak references, one user) the caller made; the primitive first,
+        # so that if it refuses, nothing has changed
+        _swap_impl(old, new)  # type: ignore[misc]
         if old.__dict__ or new.__dict__:
             old.__dict__, new.__dict__ = new.__dict__, old.__dict__
-        _swap_impl(old, new)  # type: ignore[misc]
     else:
         torch.utils.swap_tensors(old, new)
 

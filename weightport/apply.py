@@ -88,19 +88,19 @@ def _apply(plan: TransferPlan, options: ApplyOptions) -> TransferReport:
         if prepared.stager is not None:
             prepared.stager.finish()
         ready = time.perf_counter()
+        stats = {
+            "prepare_s": ready - start,
+            "bytes_loaded": float(total),
+            "zero_copy_tensors": float(prepared.zero_copy),
+        }
+        # the report exists before the first write: nothing after the commit can fail
+        report = replace(plan.report, applied=True, stats=stats, warnings=plan.report.warnings + tuple(prepared.notes))
         with _interrupts_deferred(), torch.no_grad():
             _commit(prepared.writes, plan, bar)
             plan.applied = True
     done = time.perf_counter()
-    stats = {
-        "prepare_s": ready - start,
-        "commit_s": done - ready,
-        "seconds": done - start,
-        "bytes_loaded": float(total),
-        "zero_copy_tensors": float(prepared.zero_copy),
-    }
-    warnings = plan.report.warnings + tuple(prepared.notes)
-    return replace(plan.report, applied=True, stats=stats, warnings=warnings)
+    stats.update(commit_s=done - ready, seconds=done - start)  # plain float values: cannot fail
+    return report
 
 
 def _check_unchanged(plan: TransferPlan, owners: Owners) -> None:
@@ -208,7 +208,7 @@ def _prepare_recipe(
         return _swap(target, _read_later(prepared, recipe, target, target.dtype, _CPU, nbytes), owners)
     source = plan.source
     dtype, device = final_place(target, options)
-    in_place = not meta and dtype == target.dtype and device == target.device
+    in_place = not meta and dtype == target.dtype and device == target.device and writable_in_place(target)
     if plain and options.zero_copy and meta and device.type == "cpu" and not check_finite:
         view = source.mapped_view(recipe.inputs[0].key)
         if view is not None and view.dtype == dtype and tuple(view.shape) == tuple(target.shape):
@@ -224,8 +224,9 @@ def _prepare_recipe(
             f"{recipe.target!r}: the ops produced shape {tuple(value.shape)} but the target is "
             f"{tuple(target.shape)}; fix the rule's op"
         )
-    if check_finite and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
-        message = f"{', '.join(keys)} -> {recipe.target!r}: holds NaN or Inf values"
+    if check_finite and not _finite_as_stored(value, dtype):
+        cast = f" once cast to {_dtype_name(dtype)}" if value.dtype != dtype else ""
+        message = f"{', '.join(keys)} -> {recipe.target!r}: holds NaN or Inf values{cast}"
         if check_finite == "report":
             prepared.notes.append(message)
         else:
@@ -233,7 +234,7 @@ def _prepare_recipe(
                 f"{message}; the checkpoint is damaged (pass check_finite=False to load it anyway, or "
                 "check_finite='report' to load it and list them in the report)"
             )
-    if in_place:
+    if in_place and _disjoint(target, value):
         return _Copy(target, value, keys, nbytes)
     new = torch.empty(target.shape, dtype=dtype, device=device)
     if device.type == "cuda":
@@ -245,6 +246,50 @@ def _prepare_recipe(
         source.release(k)
     bar.update(nbytes)
     return _swap(target, new, owners)
+
+
+def writable_in_place(t: torch.Tensor) -> bool:
+    """Whether ``t.copy_(...)`` can succeed in the commit: not an inference tensor (outside
+    inference mode), and no two elements share memory (an ``expand``-ed buffer). A tensor that
+    fails this gets a new tensor swapped in instead."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        return False
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    span = 1
+    for stride, size in dims:  # each dimension must step over everything the smaller ones cover
+        if stride < span:
+            return False
+        span = stride * size
+    return True
+
+
+def _disjoint(dest: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether ``value``'s memory lies apart from ``dest``'s (or is ``dest`` itself): ``copy_``
+    refuses a partial overlap."""
+    if dest.device != value.device or dest.numel() == 0 or value.numel() == 0:
+        return True
+    a, b = _byte_span(dest), _byte_span(value)
+    same = dest.data_ptr() == value.data_ptr() and dest.stride() == value.stride() and dest.shape == value.shape
+    return same or a[1] <= b[0] or b[1] <= a[0]
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    size = t.element_size()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    return t.data_ptr(), t.data_ptr() + (last + 1) * size
+
+
+def _finite_as_stored(value: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``value`` holds no NaN or Inf once cast to the dtype it is stored as (1e6 is finite
+    in float32 and ``inf`` in float16)."""
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return True
+    stored = value if value.dtype == dtype else value.to(dtype)
+    return bool(torch.isfinite(stored).all())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _read_later(
@@ -310,44 +355,65 @@ def _convert_other_buffers(plan: TransferPlan, options: ApplyOptions, owners: Ow
 
 
 def _commit(writes: list[Any], plan: TransferPlan, bar: _progress.Progress) -> None:
-    source = plan.source
+    """Every write, each proven possible while preparing: in-place copies into writable, disjoint
+    tensors of the same shape, dtype and device, and swaps of new tensors."""
     for w in writes:
         if isinstance(w, _Copy):
             w.dest.copy_(w.value)
-            for k in w.release:
-                source.release(k)
+            _release(plan, w.release)
             bar.update(w.nbytes)
         else:
             _replace(w)
 
 
+def _release(plan: TransferPlan, keys: tuple[str, ...]) -> None:
+    """Let the source drop the pages of ``keys``: a hint, which must not fail the commit."""
+    for k in keys:
+        try:
+            plan.source.release(k)
+        except Exception:
+            log.debug("releasing %s failed", k, exc_info=True)
+
+
 def _replace(w: _Swap) -> None:
     """Swap the new values into the old tensor object where torch allows it (holders keep seeing
-    it), else put the new object in each owner's place."""
+    it), else put the new object in each owner's place (which cannot fail)."""
     old, new = w.old, w.new
     if type(old) is type(new) and _torch_fast.swappable(old) and _torch_fast.swappable(new):
-        _torch_fast.swap(old, new)
-        return
+        try:
+            _torch_fast.swap(old, new)
+            return
+        except RuntimeError:  # refused before anything changed: fall back to replacing the object
+            log.debug("swapping %s refused; replacing the object", type(old).__name__, exc_info=True)
     for module, kind, attr in w.owners:
         getattr(module, kind)[attr] = new
 
 
 @contextlib.contextmanager
 def _interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends, then raise it: the commit is never half done."""
-    if threading.current_thread() is not threading.main_thread():
+    """Hold Ctrl-C until the block ends, then hand it to whatever the process had: the commit is
+    never half done, and the process's own SIGINT handling is kept. Python's default handler
+    raises ``KeyboardInterrupt`` then; a handler of the process's own is called; an ignored
+    SIGINT stays ignored (nothing is held); the system default (``SIG_DFL``) is delivered again."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
         yield
         return
-    received: list[int] = []
+    received: list[Any] = []
 
     def hold(signum: int, frame: Any) -> None:
-        received.append(signum)
+        received.append(frame)
         log.warning("interrupt received during the commit; finishing the commit first")
 
-    previous = signal.signal(signal.SIGINT, hold)
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
         if received:
-            raise KeyboardInterrupt
+            if previous is signal.default_int_handler:
+                raise KeyboardInterrupt
+            if previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
+            elif callable(previous):
+                previous(signal.SIGINT, received[0])

@@ -9,9 +9,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from weightport._text import printable
 from weightport.errors import StrictnessError, WeightportError
 
 EXIT_OK, EXIT_STRICT, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _say(*parts: object, file: Any = None, end: str = "\n") -> None:
+    """``print``, with control characters from files shown as escapes, line by line (a tensor
+    name must not move the cursor, set the title or write the clipboard)."""
+    text = " ".join(map(str, parts))
+    print("\n".join(map(printable, text.split("\n"))), file=file or sys.stdout, end=end)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,14 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or EXIT_OK)
     except StrictnessError as e:
         if e.report is not None:  # what would have loaded, so the user sees what to fix
-            print(e.report.to_json() if getattr(args, "json", False) else e.report)
-        print(f"weightport: {e}", file=sys.stderr)
+            _say(e.report.to_json() if getattr(args, "json", False) else e.report)
+        _say(f"weightport: {e}", file=sys.stderr)
         return EXIT_STRICT
     except WeightportError as e:
-        print(f"weightport: error: {e}", file=sys.stderr)
+        _say(f"weightport: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("weightport: interrupted", file=sys.stderr)
+        _say("weightport: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `weightport inspect big.pth | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
@@ -152,23 +160,23 @@ def _inspect(args: argparse.Namespace) -> int:
         payload = {"source": src.info.to_dict(), "tensors": rows, "total": total}
         if ckpt is not None:
             payload["checkpoint"] = ckpt.to_dict()
-        print(json.dumps(payload, indent=2))
+        _say(json.dumps(payload, indent=2))
         return EXIT_OK
     from weightport.report import source_facts
 
-    print(f"{src.info.location} ({src.info.kind})")
+    _say(f"{src.info.location} ({src.info.kind})")
     for line in source_facts(src.info, detail=True) + (ckpt.lines() if ckpt is not None else []):
-        print(f"  {line}")
-    print()
+        _say(f"  {line}")
+    _say()
     shown = (_model_rows(rows) or rows) if ckpt is not None else rows
     width = min(70, max((len(r["name"]) for r in shown), default=4))
-    print(f"{'name'.ljust(width)}  {'shape':<22} {'dtype':<9} {'params':>12}")
+    _say(f"{'name'.ljust(width)}  {'shape':<22} {'dtype':<9} {'params':>12}")
     for r in shown:
         shape = str(tuple(r["shape"]))
-        print(f"{r['name'].ljust(width)}  {shape:<22} {r['dtype']:<9} {r['numel']:>12,}")
-    print(f"\n{total['tensors']} tensors, {total['numel']:,} elements, {_size(total['nbytes'])}")
+        _say(f"{r['name'].ljust(width)}  {shape:<22} {r['dtype']:<9} {r['numel']:>12,}")
+    _say(f"\n{total['tensors']} tensors, {total['numel']:,} elements, {_size(total['nbytes'])}")
     if len(shown) < len(rows):
-        print(f"({len(rows) - len(shown)} optimizer, RNG and other tensors not listed; --json lists every tensor)")
+        _say(f"({len(rows) - len(shown)} optimizer, RNG and other tensors not listed; --json lists every tensor)")
     return EXIT_OK
 
 
@@ -209,11 +217,11 @@ def _port(args: argparse.Namespace) -> int:
     if args.out and not args.dry_run:
         wp.save(model, args.out, metadata={"weightport.source": str(args.source), "weightport.target": args.target})
     if args.json:
-        print(report.to_json())
+        _say(report.to_json())
     else:
-        print(report)
+        _say(report)
         if args.out and not args.dry_run:
-            print(f"saved to {args.out}")
+            _say(f"saved to {args.out}")
     return EXIT_OK
 
 
@@ -246,9 +254,9 @@ def _suggest(args: argparse.Namespace) -> int:
         with atomic_write(args.out) as f:
             f.write(text.encode())
     else:
-        print(text, end="")
+        _say(text, end="")
     where = f"written to {args.out}" if args.out else "printed above"
-    print(f"{len(found.rules)} rules {where}; planned with them: {preview.report.summary()}", file=sys.stderr)
+    _say(f"{len(found.rules)} rules {where}; planned with them: {preview.report.summary()}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -270,13 +278,13 @@ def _verify(args: argparse.Namespace) -> int:
         results = verify_all(args.mapping, **options)
     failed = [r for r in results if not r.ok(args.atol)]
     if args.json:
-        print(json.dumps([asdict(r) | {"ok": r.ok(args.atol)} for r in results], indent=2))
+        _say(json.dumps([asdict(r) | {"ok": r.ok(args.atol)} for r in results], indent=2))
     else:
         for r in results:
             diff = "names and shapes only" if r.max_abs_diff is None else f"max abs diff {r.max_abs_diff:.3g}"
             trip = {True: "round trip exact", False: "round trip DIFFERS", None: "no round trip"}[r.round_trip]
             verdict = "ok" if r.ok(args.atol) else "FAILED"
-            print(f"{verdict:<6} {r.source} -> {r.target}: {r.loaded} tensors, {diff}, {trip} ({r.seconds:.1f} s)")
+            _say(f"{verdict:<6} {r.source} -> {r.target}: {r.loaded} tensors, {diff}, {trip} ({r.seconds:.1f} s)")
     return EXIT_STRICT if failed else EXIT_OK
 
 
@@ -301,14 +309,14 @@ def _mappings(args: argparse.Namespace) -> int:
         verified = list(m.verified) or ([f"{m.source} -> {m.target}"] if m.source and m.target else [])
         rows.append({"name": name, "description": m.description, "verified": verified, "rules": len(m.rules)})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        _say(json.dumps(rows, indent=2))
         return EXIT_OK
     if not rows:
-        print("no shipped mappings")
+        _say("no shipped mappings")
     for r in rows:
-        print(f"{r['name']} ({r['rules']} rules)\n    {r['description'] or ''}")
+        _say(f"{r['name']} ({r['rules']} rules)\n    {r['description'] or ''}")
         for pair in r["verified"]:
-            print(f"    verified: {pair}")
+            _say(f"    verified: {pair}")
     return EXIT_OK
 
 

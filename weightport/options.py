@@ -129,9 +129,10 @@ class ApplyOptions:
         default=False,
         metadata=_doc(
             "For tensors of a meta-built target that a memory-mapped file holds with the same dtype and "
-            "layout on CPU, assign read-only views of the file instead of owning copies: near-instant and no "
-            "extra memory, but the file must not change while the model lives, and writing to those "
-            "tensors raises. See docs/performance.md."
+            "layout on CPU, assign views of the file's pages instead of owning copies: near-instant and no "
+            "extra memory, but the file must not change while the model lives. Writing to those tensors "
+            "(training) gives the process private copy-on-write pages; the file is never written. See "
+            "docs/performance.md."
         ),
     )
     progress: bool | None = field(

@@ -12,6 +12,7 @@ from itertools import chain, compress, repeat
 from typing import Any, Literal, NamedTuple, overload
 
 from weightport._grouping import group_names
+from weightport._text import printable
 from weightport._tuples import rows
 from weightport.sources.base import SourceInfo
 
@@ -331,7 +332,7 @@ class TransferReport:
         if self.dropped:
             lines.append(f"dropped by rules ({len(self.dropped)}): {_grouped(self.dropped)}")
         lines.extend(f"warning: {w}" for w in self.warnings)
-        return "\n".join(lines)
+        return "\n".join(map(printable, lines))  # names come from files: never terminal commands
 
     def rows(self) -> list[tuple[str, str, str, str, str]]:
         """``(target, status, source, shapes, detail)`` per entry, for tables."""
@@ -351,7 +352,7 @@ class TransferReport:
                 )
                 if x
             )
-            out.append((e.target, e.status, src, shapes, detail))
+            out.append((printable(e.target), e.status, printable(src), shapes, printable(detail)))
         return out
 
     def __str__(self) -> str:
