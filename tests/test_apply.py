@@ -8,6 +8,8 @@ import signal
 import pytest
 import torch
 from conftest import TinyNet, digest, trained
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
@@ -273,3 +275,30 @@ def test_a_source_sharing_memory_with_its_target_is_loaded_without_a_partial_ove
     expected = source["weight"].clone()
     wp.transfer(source, model)
     assert torch.equal(model.weight.detach(), expected)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=3).flatmap(
+        lambda shape: st.tuples(st.just(shape), st.lists(st.integers(0, 5), min_size=len(shape), max_size=len(shape)))
+    ),
+    st.booleans(),
+)
+def test_any_strided_target_is_loaded_and_the_commit_never_fails(layout, inference):
+    """Whatever memory layout a target tensor has (overlapping, strided, inference), the values land."""
+    shape, strides = layout
+    need = 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+
+    def model() -> nn.Module:
+        m = nn.Module()
+        if inference:
+            with torch.inference_mode():
+                m.register_buffer("t", torch.zeros(need).as_strided(shape, strides))
+        else:
+            m.register_buffer("t", torch.zeros(need).as_strided(shape, strides))
+        return m
+
+    source = {"t": torch.randn(shape)}
+    target = model()
+    wp.transfer(source, target, strict=True)
+    assert torch.equal(target.t, source["t"])
