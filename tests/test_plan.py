@@ -285,3 +285,16 @@ def test_state_tensors_is_the_state_dict_keeping_vars(name):
     assert list(got) == list(expected)
     for k, v in expected.items():  # the same objects; extra state is made anew by each call
         assert got[k] is v or (k.endswith("_extra_state") and torch.equal(got[k], v)), k
+
+
+def test_a_shape_torch_cannot_build_does_not_break_a_loading_hook_replay():
+    from weightport._hooks import replay
+    from weightport.mapping.rules import Output
+
+    class Hooked(torch.nn.Linear):
+        def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return super()._load_from_state_dict(*args, **kwargs)
+
+    routed = [("weight", None, Output("weight"))]
+    out = replay(Hooked(2, 2), routed, {"weight": (0, 2**63)}, {"weight": torch.float32}, None)
+    assert out == routed  # left as it was: no TypeError from building the meta stand-in

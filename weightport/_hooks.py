@@ -78,7 +78,11 @@ def replay(
         }
         if not plain:
             continue
-        markers = {i: torch.empty(tuple(shapes[r[0]]), dtype=dtypes[r[0]], device="meta") for i, r in plain.items()}
+        try:
+            markers = {i: torch.empty(tuple(shapes[r[0]]), dtype=dtypes[r[0]], device="meta") for i, r in plain.items()}
+        except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # a shape torch cannot represent
+            log.debug("not replaying %s's loading hook: %s", type(module).__name__, e)
+            continue
         state: dict[str, torch.Tensor] = {routed[i][2].target: markers[i] for i in plain}
         local = dict((metadata or {}).get(path, {}))
         try:
