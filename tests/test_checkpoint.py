@@ -709,3 +709,48 @@ def test_registered_wrappers_are_unwrapped(tmp_path):
 def test_missing_file_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing\.safetensors"):
         wp.checkpoint.resume(tmp_path / "nothing.safetensors", model=Net())
+
+
+def _sequential(opt: torch.optim.Optimizer, phases: int) -> torch.optim.lr_scheduler.SequentialLR:
+    schedules = [torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=2) for _ in range(phases)]
+    return torch.optim.lr_scheduler.SequentialLR(opt, schedules, milestones=[2 * (i + 1) for i in range(phases - 1)])
+
+
+def test_a_scheduler_that_cannot_take_the_saved_state_changes_nothing(tmp_path):
+    model, opt, _ = _setup()
+    sched = _sequential(opt, 3)
+    _train(model, opt, sched, steps=3)
+    path = wp.checkpoint.save(tmp_path / "c.safetensors", model=model, optimizer=opt, scheduler=sched)
+    model2, opt2, _ = _setup(seed=9)
+    sched2 = _sequential(opt2, 2)  # the schedule lost a phase since the checkpoint was written
+    snap, sched_before = _snapshot(model2, opt2), sched2.state_dict()
+    random.seed(5)
+    py_before = random.getstate()
+    with pytest.raises(CheckpointError, match="scheduler") as failure:
+        wp.checkpoint.resume(path, model=model2, optimizer=opt2, scheduler=sched2)
+    assert "SequentialLR" in str(failure.value) and "nothing was restored" in str(failure.value)
+    assert _unchanged(model2, opt2, snap) and random.getstate() == py_before
+    assert sched2.state_dict()["last_epoch"] == sched_before["last_epoch"]
+
+
+def test_a_scaler_that_cannot_take_the_saved_state_changes_nothing(tmp_path):
+    model, opt, _ = _setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    path = wp.checkpoint.save(tmp_path / "c.safetensors", model=model, optimizer=opt, scaler=scaler)
+    body_key = "weightport.checkpoint"
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    body = json.loads(meta[body_key])
+    body["scaler"]["state_dict"] = {"scale": "not a number"}
+    meta[body_key] = json.dumps(body)
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
+    model2, opt2, _ = _setup(seed=9)
+    scaler2 = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler2.scale(torch.ones(()))  # creates the scale tensor, so load_state_dict fills it
+    snap = _snapshot(model2, opt2)
+    with pytest.raises(CheckpointError, match="scaler"):
+        wp.checkpoint.resume(tmp_path / "bad.safetensors", model=model2, optimizer=opt2, scaler=scaler2)
+    assert _unchanged(model2, opt2, snap) and scaler2.get_scale() == 4.0
