@@ -209,7 +209,7 @@ def test_files_pruned_between_listing_and_reading_are_skipped(tmp_path, monkeypa
     assert "ignoring" not in caplog.text  # a pruned file is not a damaged one
 
 
-def test_a_file_vanishing_while_its_header_is_read_is_skipped(tmp_path, monkeypatch):
+def test_a_file_vanishing_while_its_header_is_read_is_skipped(tmp_path, monkeypatch, caplog):
     from weightport.checkpoint import _manager
 
     mgr = wp.checkpoint.Manager(tmp_path, keep_last=None)
@@ -219,12 +219,12 @@ def test_a_file_vanishing_while_its_header_is_read_is_skipped(tmp_path, monkeypa
 
     def pruned_midway(path):
         if path == str(paths[1]):
-            paths[1].unlink()
-            return real(path)
+            paths[1].unlink()  # listed and stat()ed, then pruned before its header is read
         return real(path)
 
     monkeypatch.setattr(_manager, "read_complete_body", pruned_midway)
     assert reader.latest() == paths[0] and reader.list() == [paths[0]]
+    assert "ignoring" not in caplog.text
 
 
 def test_resume_follows_the_latest_when_the_writer_pruned_it_meanwhile(tmp_path, monkeypatch):
