@@ -198,12 +198,38 @@ def test_values_that_need_pickle_are_refused_with_their_path(tmp_path):
         ({"step": True}, "step must be an int"),
         ({"metrics": {"val_loss": "low"}}, r"metrics\['val_loss'\] must be a number"),
         ({"extra": [1, 2]}, "extra must be a dict"),
+        ({"metrics": "low"}, "metrics must be a dict"),
+        ({"optimizer": "adam"}, "not a torch optimizer"),
+        ({"extra": {"a": [[[[[]]]]] * 2}}, None),
+        ({"extra": {"deep": json.loads("[" * 150 + "]" * 150)}}, r"extra\['deep'\]\[0\]\[0\]… is nested deeper"),
     ],
 )
 def test_bad_arguments_raise_checkpoint_error(tmp_path, kwargs, match):
     model, _, _ = _setup()
+    if match is None:  # the control: a shallow tree saves
+        wp.checkpoint.save(tmp_path / "c.safetensors", model=model, **kwargs)
+        return
     with pytest.raises(CheckpointError, match=match):
         wp.checkpoint.save(tmp_path / "c.safetensors", model=model, **kwargs)
+
+
+def test_a_list_that_contains_itself_is_refused(tmp_path):
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(CheckpointError, match="contains itself"):
+        wp.checkpoint.save(tmp_path / "c.safetensors", model=nn.Linear(2, 2), extra={"loop": loop})
+
+
+@pytest.mark.parametrize("path", [None, 3, "folder"])
+def test_paths_that_are_no_checkpoint_file_raise_checkpoint_error(tmp_path, path):
+    path = tmp_path if path == "folder" else path
+    model = nn.Linear(2, 2)
+    with pytest.raises(CheckpointError, match="must be a path|is a folder"):
+        wp.checkpoint.save(path, model=model)
+    if path is not tmp_path:
+        for call in (lambda: wp.checkpoint.resume(path, model=model), lambda: wp.checkpoint.info(path)):
+            with pytest.raises(CheckpointError, match="must be a path"):
+                call()
 
 
 def test_meta_model_cannot_be_saved(tmp_path):

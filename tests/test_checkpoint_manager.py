@@ -123,11 +123,14 @@ def test_damaged_files_are_never_listed(tmp_path, caplog):
         ({"mode": "lowest"}, "mode"),
         ({"metric": None}, "keep_best needs metric"),
         ({"prefix": ".hidden"}, "prefix"),
+        ({"prefix": 5}, "prefix"),
+        ({"metric": 5}, "metric must be"),
+        ({"folder": 5}, "folder must be a path"),
     ],
 )
 def test_bad_options(tmp_path, kwargs, match):
     with pytest.raises(CheckpointError, match=match):
-        wp.checkpoint.Manager(tmp_path, **kwargs)
+        wp.checkpoint.Manager(**{"folder": tmp_path, **kwargs})
 
 
 _KILLED_SAVE = textwrap.dedent("""

@@ -186,7 +186,10 @@ class CheckpointFile:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+        try:
+            self.path = os.fspath(path)
+        except TypeError:
+            raise CheckpointError(f"path must be a path (str or os.PathLike), not {type(path).__name__}") from None
         try:
             self.source = open_source(self.path)
         except SourceNotFoundError:

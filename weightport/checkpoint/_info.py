@@ -141,7 +141,11 @@ def info(checkpoint: str | os.PathLike[str] | Source) -> CheckpointInfo:
         CheckpointError: not a weightport training checkpoint.
     """
     if not isinstance(checkpoint, Source):
-        with open_source(os.fspath(checkpoint)) as opened:
+        try:
+            location = os.fspath(checkpoint)
+        except TypeError:
+            raise CheckpointError(f"checkpoint must be a path or a Source, not {type(checkpoint).__name__}") from None
+        with open_source(location) as opened:
             return info(opened)
     whole = checkpoint.whole if isinstance(checkpoint, PartSource) else checkpoint
     body = parse_body(whole.info.metadata, whole.info.location)

@@ -18,7 +18,7 @@ from torch import nn
 
 from weightport.checkpoint._format import read_complete_body
 from weightport.checkpoint._resume import ResumeState, resume
-from weightport.checkpoint._save import save
+from weightport.checkpoint._save import as_path, save
 from weightport.checkpoint._tree import decode
 from weightport.errors import CheckpointError, SourceNotFoundError
 
@@ -79,13 +79,15 @@ class Manager:
             raise CheckpointError(f"keep_last must be an int >= 1 or None (keep all), not {keep_last!r}")
         if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
             raise CheckpointError(f"keep_best must be an int >= 0, not {keep_best!r}")
+        if metric is not None and not isinstance(metric, str):
+            raise CheckpointError(f"metric must be the name of a metric (a str) or None, not {metric!r}")
         if mode not in _MODES:
             raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
         if keep_best and not metric:
             raise CheckpointError("keep_best needs metric= (the key of metrics= that ranks checkpoints)")
-        if not prefix or os.sep in prefix or prefix.startswith("."):
+        if not isinstance(prefix, str) or not prefix or os.sep in prefix or prefix.startswith("."):
             raise CheckpointError(f"prefix {prefix!r} must be a plain file name part")
-        self.folder = Path(folder)
+        self.folder = Path(as_path(folder, "folder"))
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.metric = metric

@@ -29,6 +29,9 @@ __all__ = ["decode", "encode", "render_path"]
 
 _Path = tuple[Any, ...]
 
+# Deeper than any state dict torch or a user builds; no tree, saved or crafted, can exhaust the stack.
+MAX_DEPTH = 100
+
 
 def render_path(root: str, path: _Path) -> str:
     """``optimizer['state'][0]['exp_avg']``: where a value sits, for messages."""
@@ -50,6 +53,11 @@ class _Encoder:
     def encode(self, x: Any, path: _Path) -> Any:
         if x is None or isinstance(x, (bool, int, str)):
             return x
+        if len(path) > MAX_DEPTH:
+            raise CheckpointError(
+                f"{render_path(self.root, path[:3])}… is nested deeper than {MAX_DEPTH} levels "
+                "(a list or dict that contains itself?); a checkpoint stores trees of bounded depth"
+            )
         for kind, handler in _HANDLERS:
             if isinstance(x, kind):
                 return handler(self, x, path)
@@ -160,10 +168,6 @@ def encode(tree: Any, root: str) -> tuple[Any, dict[str, torch.Tensor]]:
 # -- decoding --------------------------------------------------------------------------------------
 
 Leaf = Callable[[str], Any]
-
-
-# Deeper than any state dict torch or a user builds; a crafted document cannot exhaust the stack.
-MAX_DEPTH = 100
 
 
 def decode(doc: Any, leaf: Leaf, where: str = "checkpoint") -> Any:
