@@ -150,9 +150,11 @@ def resume(
         A :class:`ResumeState` with epoch, step, extra, metrics and the reports.
 
     Raises:
-        CheckpointError: the file is not a complete checkpoint, or a part cannot be restored.
+        CheckpointError: the file is not a complete checkpoint, its metadata is damaged, or a part
+            cannot be restored (the message names the part). Every part is checked, the scheduler
+            and scaler by loading a copy, before anything changes.
         WeightportError: the model transfer cannot be done as asked (as :func:`weightport.transfer`).
-            Nothing has changed when any error is raised.
+            Nothing has changed when any error is raised, and no other exception comes from the file.
 
     Example:
         >>> state = wp.checkpoint.resume("last.safetensors", model=model, optimizer=opt, scheduler=sched)
@@ -309,7 +311,7 @@ def _part_errors(path: str, part: str) -> Iterator[None]:
     except Exception as e:  # a crafted part must not escape as a bare TypeError
         raise CheckpointError(
             f"{path}: the saved {part} state cannot be restored ({type(e).__name__}: {e}); nothing was restored. "
-            f"The file is damaged, or pass strict=False and no {part} to resume without it"
+            f"The file is damaged; resume without {part}= to skip it"
         ) from e
 
 
@@ -345,10 +347,11 @@ def _load_and_put_back(path: str, part: str, obj: Any, state: Any) -> None:
 
 
 def _part_refused(path: str, part: str, obj: Any, e: Exception) -> CheckpointError:
+    example = " (e.g. the same phases of a SequentialLR)" if part == "scheduler" else ""
     return CheckpointError(
         f"{path}: the saved {part} state does not fit the {type_name(obj)} passed ({type(e).__name__}: {e}); "
-        f"nothing was restored. Build the {part} as in the run that saved it (e.g. the same phases of a "
-        f"SequentialLR), or resume without it (strict=False and no {part}=) and set it up fresh"
+        f"nothing was restored. Build the {part} as in the run that saved it{example}, "
+        f"or resume without {part}= and set it up fresh"
     )
 
 
