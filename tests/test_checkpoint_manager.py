@@ -272,3 +272,54 @@ def test_a_checkpoint_with_a_damaged_body_is_skipped_with_a_warning(tmp_path, ca
         )
     assert mgr.list() == [good] and mgr.latest() == good and mgr.best() == good
     assert caplog.text.count("ignoring") == len(bad_bodies)
+
+
+_ROTATING_WRITER = textwrap.dedent(
+    """
+    import sys, pathlib, torch, weightport as wp
+    folder, started, stop = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+    mgr = wp.checkpoint.Manager(folder, keep_last=1, keep_best=0)
+    model = torch.nn.Linear(64, 64)
+    for step in range(100000):
+        mgr.save(model=model, step=step, metrics={"val_loss": 1.0 / (step + 1)}, rng=False)
+        started.touch()
+        if stop.exists():
+            break
+    """
+)
+
+
+@pytest.mark.slow
+def test_readers_beside_a_rotating_writer_never_fail(tmp_path):
+    folder, started, stop = tmp_path / "run", tmp_path / "started", tmp_path / "stop"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ROTATING_WRITER, str(folder), str(started), str(stop)], env=env, stderr=subprocess.PIPE
+    )
+    reads = resumes = 0
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the writer never saved"
+            time.sleep(0.02)
+        reader = wp.checkpoint.Manager(folder, keep_last=1, keep_best=1, metric="val_loss")
+        until = time.monotonic() + 3.0
+        while time.monotonic() < until:
+            assert reader.latest() is not None and reader.best() is not None
+            reader.list()
+            reads += 1
+            if reads % 4 == 0:
+                assert reader.resume(model=nn.Linear(64, 64), rng=False) is not None
+                resumes += 1
+        assert proc.poll() is None, proc.stderr.read().decode()  # still rotating all along
+    finally:
+        stop.touch()
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+    assert reads > 20 and resumes > 5

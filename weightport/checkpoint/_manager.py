@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
 _MODES = ("min", "max")
-_RETRIES = 5  # resumes of a latest checkpoint that another process pruned meanwhile
+_RETRIES = 5  # listings, and resumes, of a folder that another process rotated meanwhile
+_GONE = object()  # a file removed while it was read
 
 
 @dataclass(frozen=True)
@@ -237,14 +238,25 @@ class Manager:
 
     def _records(self) -> builtins.list[_Record]:
         """Complete checkpoints, oldest first. Another process may prune files at any moment: a file
-        that vanishes between the listing and its reading is left out, silently (it is not damaged)."""
+        that vanishes between the listing and its reading is left out, silently (it is not damaged),
+        and the folder is listed again, so that the file its writer saved meanwhile is seen."""
+        found: builtins.list[_Record] = []
+        for _ in range(_RETRIES):
+            found, vanished = self._scan()
+            if not vanished:
+                break
+        found.sort(key=lambda r: (r.stamp, r.path.name))
+        return found
+
+    def _scan(self) -> tuple[builtins.list[_Record], bool]:
         try:
             entries = builtins.list(os.scandir(self.folder))
         except (FileNotFoundError, NotADirectoryError):
-            return []
+            return [], False
         except OSError as e:
             raise CheckpointError(f"{self.folder}: cannot list the checkpoint folder ({e})") from e
         found = []
+        vanished = False
         for entry in entries:
             match = self._name.match(entry.name)
             if match is None:
@@ -255,17 +267,19 @@ class Manager:
                 stat = entry.stat()
             except FileNotFoundError:
                 self._cache.pop(entry.path, None)
+                vanished = True
                 continue
             except OSError as e:
                 log.warning("Manager: ignoring %s: %s", entry.path, e)
                 continue
             record = self._record(Path(entry.path), match, stat)
-            if record is not None:
+            if record is _GONE:
+                vanished = True
+            elif isinstance(record, _Record):
                 found.append(record)
-        found.sort(key=lambda r: (r.stamp, r.path.name))
-        return found
+        return found, vanished
 
-    def _record(self, path: Path, match: re.Match[str], stat: os.stat_result) -> _Record | None:
+    def _record(self, path: Path, match: re.Match[str], stat: os.stat_result) -> _Record | object | None:
         signature = (stat.st_mtime_ns, stat.st_size)
         cached = self._cache.get(str(path))
         if cached is not None and cached[0] == signature:
@@ -277,7 +291,7 @@ class Manager:
         except CheckpointError as e:
             if not path.exists():  # pruned by the writer while it was read: gone, not damaged
                 self._cache.pop(str(path), None)
-                return None
+                return _GONE
             log.warning("Manager: ignoring %s: %s", path, e)
             record = None
         else:

@@ -160,6 +160,32 @@ def resume(
         >>> state = wp.checkpoint.resume("last.safetensors", model=model, optimizer=opt, scheduler=sched)
         >>> start_epoch = state.epoch + 1
     """
+    try:
+        return _resume(
+            path, model, optimizer, scheduler, scaler, map_location, strict, mapping, rules, on_mismatch, rng
+        )
+    except WeightportError:
+        raise
+    except OSError as e:  # the file's reads open it by path: it was removed or replaced meanwhile
+        raise CheckpointError(
+            f"{os.fspath(path)}: the checkpoint could not be read while resuming ({e}); was it removed or "
+            "replaced by another process? Nothing was restored"
+        ) from e
+
+
+def _resume(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    scaler: Any,
+    map_location: str | torch.device | None,
+    strict: bool,
+    mapping: str | Mapping | None,
+    rules: Iterable[Rule],
+    on_mismatch: str,
+    rng: bool,
+) -> ResumeState:
     device = as_device(map_location, "map_location", CheckpointError)
     target, _ = unwrap(model)
     with CheckpointFile(path) as ckpt:
