@@ -780,3 +780,23 @@ def test_a_scaler_that_cannot_take_the_saved_state_changes_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="scaler"):
         wp.checkpoint.resume(tmp_path / "bad.safetensors", model=model2, optimizer=opt2, scaler=scaler2)
     assert _unchanged(model2, opt2, snap) and scaler2.get_scale() == 4.0
+
+
+def test_a_checkpoint_removed_while_resuming_fails_cleanly_or_resumes(trained, monkeypatch):
+    from weightport.checkpoint import _resume
+
+    _, _, _, path = trained
+    real_plan = _resume.plan_transfer
+
+    def plan_then_removed(*args, **kwargs):  # another process prunes the file once it is open
+        planned = real_plan(*args, **kwargs)
+        path.unlink()
+        return planned
+
+    monkeypatch.setattr(_resume, "plan_transfer", plan_then_removed)
+    model, opt, _ = _setup(seed=9)
+    snap = _snapshot(model, opt)
+    try:
+        wp.checkpoint.resume(path, model=model, optimizer=opt)
+    except CheckpointError as e:  # the file's reads open it by path: a clean refusal, nothing changed
+        assert "removed" in str(e) and _unchanged(model, opt, snap)

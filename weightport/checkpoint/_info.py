@@ -153,6 +153,8 @@ def info(checkpoint: str | os.PathLike[str] | Source) -> CheckpointInfo:
         return _describe(whole, body)
     except WeightportError:
         raise
+    except OSError as e:
+        raise CheckpointError(f"{whole.info.location}: the checkpoint could not be read ({e})") from e
     except Exception as e:  # a crafted body: whatever shape it has, say the file is damaged
         raise CheckpointError(
             f"{whole.info.location}: the checkpoint metadata is malformed ({type(e).__name__}: {e}); "

@@ -332,7 +332,7 @@ def _part_errors(path: str, part: str) -> Iterator[None]:
     """Whatever a damaged part makes torch, numpy or the decoder raise is a CheckpointError naming it."""
     try:
         yield
-    except WeightportError:
+    except (WeightportError, OSError):  # OSError: the file went away while read (resume says so)
         raise
     except Exception as e:  # a crafted part must not escape as a bare TypeError
         raise CheckpointError(

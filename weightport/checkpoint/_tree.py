@@ -173,8 +173,8 @@ Leaf = Callable[[str], Any]
 def decode(doc: Any, leaf: Leaf, where: str = "checkpoint") -> Any:
     """Rebuild the tree; every ``{"$tensor": key}`` becomes ``leaf(key)``.
 
-    Total over any JSON document: whatever the document holds, the only exception is a
-    :class:`~weightport.errors.WeightportError` (from ``leaf`` or this function).
+    Total over any JSON document: whatever the document holds, the only exceptions are a
+    :class:`~weightport.errors.WeightportError` and an ``OSError`` from ``leaf`` reading the file.
 
     Raises:
         CheckpointError: the document holds a marker this version does not know, a malformed
@@ -182,7 +182,7 @@ def decode(doc: Any, leaf: Leaf, where: str = "checkpoint") -> Any:
     """
     try:
         return _decode(doc, leaf, where, 0)
-    except WeightportError:
+    except (WeightportError, OSError):  # OSError: ``leaf`` could not read the file
         raise
     except Exception as e:  # any malformed marker is a damaged file, whatever numpy/torch raise
         raise CheckpointError(
