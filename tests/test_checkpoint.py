@@ -6,6 +6,7 @@ import json
 import math
 import random
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -800,3 +801,34 @@ def test_a_checkpoint_removed_while_resuming_fails_cleanly_or_resumes(trained, m
         wp.checkpoint.resume(path, model=model, optimizer=opt)
     except CheckpointError as e:  # the file's reads open it by path: a clean refusal, nothing changed
         assert "removed" in str(e) and _unchanged(model, opt, snap)
+
+
+class _Phases:
+    """A scheduler-like object that cannot be deep-copied (it holds a lock) and fails halfway."""
+
+    def __init__(self, phases: int) -> None:
+        self.lock = threading.Lock()
+        self.n, self.phases = 0, [0] * phases
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "phases": list(self.phases)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = state["n"]
+        for i, v in enumerate(state["phases"]):
+            self.phases[i] = v
+
+
+def test_a_scheduler_that_cannot_be_copied_is_checked_on_itself_and_put_back(tmp_path):
+    model, opt, _ = _setup()
+    saved = _Phases(3)
+    saved.n, saved.phases = 7, [1, 2, 3]
+    path = wp.checkpoint.save(tmp_path / "c.safetensors", model=model, optimizer=opt, scheduler=saved)
+    model2, opt2, _ = _setup(seed=9)
+    sched = _Phases(2)
+    snap = _snapshot(model2, opt2)
+    with pytest.raises(CheckpointError, match="scheduler"):
+        wp.checkpoint.resume(path, model=model2, optimizer=opt2, scheduler=sched)
+    assert (sched.n, sched.phases) == (0, [0, 0]) and _unchanged(model2, opt2, snap)
+    state = wp.checkpoint.resume(path, model=model2, optimizer=opt2, scheduler=_Phases(3))
+    assert "scheduler" in state.restored

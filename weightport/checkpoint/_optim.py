@@ -126,7 +126,10 @@ def check_loadable(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any])
     """Run ``optimizer.load_state_dict`` on a shell of the optimizer (its parameter groups, empty state,
     no hooks) with every state tensor replaced by a one-element stand-in: it raises where the real
     load would (a group that does not match, a step count ``__setstate__`` cannot read), at no
-    memory cost, without touching the optimizer."""
+    memory cost, without touching the optimizer. An optimizer class with its own ``load_state_dict``
+    (a sharded one may talk to other ranks) is not run twice: torch's rules are not known for it."""
+    if getattr(type(optimizer), "load_state_dict", None) is not torch.optim.Optimizer.load_state_dict:
+        return
     shell = object.__new__(type(optimizer))
     shell.__dict__.update(optimizer.__dict__)
     shell.__dict__.update(

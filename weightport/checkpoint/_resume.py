@@ -200,7 +200,7 @@ def _resume(
         with _part_errors(ckpt.path, "optimizer"):
             opt_report = _prepare_optimizer(ckpt, optimizer, target, planned, device, strict, pending)
         with _part_errors(ckpt.path, "scheduler"):
-            _prepare_component(ckpt, "scheduler", scheduler, strict, pending, optimizer)
+            _prepare_component(ckpt, "scheduler", scheduler, strict, pending, optimizer, target)
         with _part_errors(ckpt.path, "scaler"):
             _prepare_scaler(ckpt, scaler, strict, pending)
         if rng:
@@ -281,7 +281,7 @@ def _prepare_optimizer(
 
 
 def _prepare_component(
-    ckpt: CheckpointFile, part: str, obj: Any, strict: bool, pending: _Pending, optimizer: Any = None
+    ckpt: CheckpointFile, part: str, obj: Any, strict: bool, pending: _Pending, optimizer: Any, model: nn.Module
 ) -> None:
     if obj is None:
         return
@@ -291,7 +291,7 @@ def _prepare_component(
     if not _type_matches(ckpt, part, obj, strict, pending):
         return
     state = decode(ckpt.body[part].get("state_dict"), lambda k: ckpt.tensor(k), ckpt.path)
-    _dry_run(ckpt.path, part, obj, state, optimizer)
+    _dry_run(ckpt.path, part, obj, state, optimizer, model)
     pending.add(part, lambda: obj.load_state_dict(state))
 
 
@@ -306,7 +306,7 @@ def _prepare_scaler(ckpt: CheckpointFile, scaler: Any, strict: bool, pending: _P
     if not state and enabled:
         pending.notes.append("the saved scaler was disabled; the scaler keeps its current scale")
         return
-    _dry_run(ckpt.path, "scaler", scaler, state, None)
+    _dry_run(ckpt.path, "scaler", scaler, state, None, None)
     pending.add("scaler", lambda: scaler.load_state_dict(state))
 
 
@@ -341,13 +341,13 @@ def _part_errors(path: str, part: str) -> Iterator[None]:
         ) from e
 
 
-def _dry_run(path: str, part: str, obj: Any, state: Any, optimizer: Any) -> None:
+def _dry_run(path: str, part: str, obj: Any, state: Any, optimizer: Any, model: nn.Module | None) -> None:
     """Load ``state`` into a copy of ``obj`` first: a scheduler or scaler can only be checked by loading,
     and its ``load_state_dict`` may fail halfway (a ``SequentialLR`` whose phases changed), so the real
-    object is loaded only after the copy took the state. The copy shares the optimizer (never changed
-    by these loads) rather than duplicating it and the model's parameters."""
+    object is loaded only after the copy took the state. The copy shares the optimizer and the model
+    (which these loads never change) rather than duplicating them."""
     memo: dict[int, Any] = {}
-    for shared in (optimizer, getattr(obj, "optimizer", None)):
+    for shared in (optimizer, getattr(obj, "optimizer", None), model):
         if shared is not None:
             memo[id(shared)] = shared
     try:
