@@ -188,6 +188,7 @@ DAMAGED = {
     "rng that is a list": lambda b: b.update(rng=[1]),
     "python rng of the wrong shape": lambda b: b["rng"].update(python={"$tuple": [3]}),
     "epoch that is a string": lambda b: b.update(epoch="3"),
+    "extra that is a tuple": lambda b: b.update(extra={"$tuple": [1]}),
     "param names that are numbers": lambda b: b["optimizer"].update(param_names=[1]),
 }
 

@@ -209,6 +209,8 @@ def _resume(
         with _part_errors(ckpt.path, "extra"):
             extra = decode(body.get("extra", {}), lambda k: ckpt.tensor(k, device=device), ckpt.path)
             metrics = decode(body.get("metrics", {}), lambda k: ckpt.tensor(k), ckpt.path)
+            if not isinstance(extra, dict) or not isinstance(metrics, dict):
+                raise CheckpointError(f"{ckpt.path}: the saved extra or metrics are not a dict; the file is damaged")
         _note_unused_parts(body, optimizer, scheduler, scaler, pending)
         report = planned.apply()  # the last step that can refuse; what follows only assigns checked states
         restored = ["model", *(r for r in _run(pending, ckpt.path) if r != "rebind")]
