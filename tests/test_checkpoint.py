@@ -6,6 +6,7 @@ import json
 import math
 import random
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -198,12 +199,38 @@ def test_values_that_need_pickle_are_refused_with_their_path(tmp_path):
         ({"step": True}, "step must be an int"),
         ({"metrics": {"val_loss": "low"}}, r"metrics\['val_loss'\] must be a number"),
         ({"extra": [1, 2]}, "extra must be a dict"),
+        ({"metrics": "low"}, "metrics must be a dict"),
+        ({"optimizer": "adam"}, "not a torch optimizer"),
+        ({"extra": {"a": [[[[[]]]]] * 2}}, None),
+        ({"extra": {"deep": json.loads("[" * 150 + "]" * 150)}}, r"extra\['deep'\]\[0\]\[0\]… is nested deeper"),
     ],
 )
 def test_bad_arguments_raise_checkpoint_error(tmp_path, kwargs, match):
     model, _, _ = _setup()
+    if match is None:  # the control: a shallow tree saves
+        wp.checkpoint.save(tmp_path / "c.safetensors", model=model, **kwargs)
+        return
     with pytest.raises(CheckpointError, match=match):
         wp.checkpoint.save(tmp_path / "c.safetensors", model=model, **kwargs)
+
+
+def test_a_list_that_contains_itself_is_refused(tmp_path):
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(CheckpointError, match="contains itself"):
+        wp.checkpoint.save(tmp_path / "c.safetensors", model=nn.Linear(2, 2), extra={"loop": loop})
+
+
+@pytest.mark.parametrize("path", [None, 3, "folder"])
+def test_paths_that_are_no_checkpoint_file_raise_checkpoint_error(tmp_path, path):
+    path = tmp_path if path == "folder" else path
+    model = nn.Linear(2, 2)
+    with pytest.raises(CheckpointError, match="must be a path|is a folder"):
+        wp.checkpoint.save(path, model=model)
+    if path is not tmp_path:
+        for call in (lambda: wp.checkpoint.resume(path, model=model), lambda: wp.checkpoint.info(path)):
+            with pytest.raises(CheckpointError, match="must be a path"):
+                call()
 
 
 def test_meta_model_cannot_be_saved(tmp_path):
@@ -709,3 +736,99 @@ def test_registered_wrappers_are_unwrapped(tmp_path):
 def test_missing_file_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing\.safetensors"):
         wp.checkpoint.resume(tmp_path / "nothing.safetensors", model=Net())
+
+
+def _sequential(opt: torch.optim.Optimizer, phases: int) -> torch.optim.lr_scheduler.SequentialLR:
+    schedules = [torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=2) for _ in range(phases)]
+    return torch.optim.lr_scheduler.SequentialLR(opt, schedules, milestones=[2 * (i + 1) for i in range(phases - 1)])
+
+
+def test_a_scheduler_that_cannot_take_the_saved_state_changes_nothing(tmp_path):
+    model, opt, _ = _setup()
+    sched = _sequential(opt, 3)
+    _train(model, opt, sched, steps=3)
+    path = wp.checkpoint.save(tmp_path / "c.safetensors", model=model, optimizer=opt, scheduler=sched)
+    model2, opt2, _ = _setup(seed=9)
+    sched2 = _sequential(opt2, 2)  # the schedule lost a phase since the checkpoint was written
+    snap, sched_before = _snapshot(model2, opt2), sched2.state_dict()
+    random.seed(5)
+    py_before = random.getstate()
+    with pytest.raises(CheckpointError, match="scheduler") as failure:
+        wp.checkpoint.resume(path, model=model2, optimizer=opt2, scheduler=sched2)
+    assert "SequentialLR" in str(failure.value) and "nothing was restored" in str(failure.value)
+    assert _unchanged(model2, opt2, snap) and random.getstate() == py_before
+    assert sched2.state_dict()["last_epoch"] == sched_before["last_epoch"]
+
+
+def test_a_scaler_that_cannot_take_the_saved_state_changes_nothing(tmp_path):
+    model, opt, _ = _setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    path = wp.checkpoint.save(tmp_path / "c.safetensors", model=model, optimizer=opt, scaler=scaler)
+    body_key = "weightport.checkpoint"
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    body = json.loads(meta[body_key])
+    body["scaler"]["state_dict"] = {"scale": "not a number"}
+    meta[body_key] = json.dumps(body)
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
+    model2, opt2, _ = _setup(seed=9)
+    scaler2 = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler2.scale(torch.ones(()))  # creates the scale tensor, so load_state_dict fills it
+    snap = _snapshot(model2, opt2)
+    with pytest.raises(CheckpointError, match="scaler"):
+        wp.checkpoint.resume(tmp_path / "bad.safetensors", model=model2, optimizer=opt2, scaler=scaler2)
+    assert _unchanged(model2, opt2, snap) and scaler2.get_scale() == 4.0
+
+
+def test_a_checkpoint_removed_while_resuming_fails_cleanly_or_resumes(trained, monkeypatch):
+    from weightport.checkpoint import _resume
+
+    _, _, _, path = trained
+    real_plan = _resume.plan_transfer
+
+    def plan_then_removed(*args, **kwargs):  # another process prunes the file once it is open
+        planned = real_plan(*args, **kwargs)
+        path.unlink()
+        return planned
+
+    monkeypatch.setattr(_resume, "plan_transfer", plan_then_removed)
+    model, opt, _ = _setup(seed=9)
+    snap = _snapshot(model, opt)
+    try:
+        wp.checkpoint.resume(path, model=model, optimizer=opt)
+    except CheckpointError as e:  # the file's reads open it by path: a clean refusal, nothing changed
+        assert "removed" in str(e) and _unchanged(model, opt, snap)
+
+
+class _Phases:
+    """A scheduler-like object that cannot be deep-copied (it holds a lock) and fails halfway."""
+
+    def __init__(self, phases: int) -> None:
+        self.lock = threading.Lock()
+        self.n, self.phases = 0, [0] * phases
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "phases": list(self.phases)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = state["n"]
+        for i, v in enumerate(state["phases"]):
+            self.phases[i] = v
+
+
+def test_a_scheduler_that_cannot_be_copied_is_checked_on_itself_and_put_back(tmp_path):
+    model, opt, _ = _setup()
+    saved = _Phases(3)
+    saved.n, saved.phases = 7, [1, 2, 3]
+    path = wp.checkpoint.save(tmp_path / "c.safetensors", model=model, optimizer=opt, scheduler=saved)
+    model2, opt2, _ = _setup(seed=9)
+    sched = _Phases(2)
+    snap = _snapshot(model2, opt2)
+    with pytest.raises(CheckpointError, match="scheduler"):
+        wp.checkpoint.resume(path, model=model2, optimizer=opt2, scheduler=sched)
+    assert (sched.n, sched.phases) == (0, [0, 0]) and _unchanged(model2, opt2, snap)
+    state = wp.checkpoint.resume(path, model=model2, optimizer=opt2, scheduler=_Phases(3))
+    assert "scheduler" in state.restored

@@ -123,11 +123,14 @@ def test_damaged_files_are_never_listed(tmp_path, caplog):
         ({"mode": "lowest"}, "mode"),
         ({"metric": None}, "keep_best needs metric"),
         ({"prefix": ".hidden"}, "prefix"),
+        ({"prefix": 5}, "prefix"),
+        ({"metric": 5}, "metric must be"),
+        ({"folder": 5}, "folder must be a path"),
     ],
 )
 def test_bad_options(tmp_path, kwargs, match):
     with pytest.raises(CheckpointError, match=match):
-        wp.checkpoint.Manager(tmp_path, **kwargs)
+        wp.checkpoint.Manager(**{"folder": tmp_path, **kwargs})
 
 
 _KILLED_SAVE = textwrap.dedent("""
@@ -179,3 +182,144 @@ def test_a_save_killed_midway_is_never_picked_and_is_cleaned_up(tmp_path):
     assert wp.checkpoint.resume(first, model=nn.Linear(64, 64)).step == 1
     second = mgr.save(model=nn.Linear(64, 64), epoch=1, step=2)  # the next save clears the leftover
     assert sorted(folder.iterdir()) == sorted([first, second]) and mgr.latest() == second
+
+
+@pytest.mark.parametrize(("epoch", "step"), [(-1, 5), (2, -7), (-3, -40)])
+def test_negative_epoch_or_step_checkpoints_are_listed_resumed_and_rotated(tmp_path, epoch, step):
+    mgr = wp.checkpoint.Manager(tmp_path, keep_last=2, keep_best=0)
+    first = mgr.save(model=_model(), epoch=epoch, step=step)
+    assert mgr.list() == [first] and mgr.latest() == first
+    state = mgr.resume(model=_model(1))
+    assert (state.epoch, state.step) == (epoch, step)
+    later = [mgr.save(model=_model(), epoch=epoch, step=step) for _ in range(2)]
+    assert mgr.list() == later and not first.exists()  # rotated like any other
+
+
+def test_files_pruned_between_listing_and_reading_are_skipped(tmp_path, monkeypatch, caplog):
+    mgr = wp.checkpoint.Manager(tmp_path, keep_last=None)
+    paths = _save_losses(mgr, _model(), [0.3, 0.2, 0.1])
+    reader = wp.checkpoint.Manager(tmp_path, keep_last=None)
+    real_scandir = os.scandir
+
+    def scandir_then_prune(folder):  # the writer prunes right after the reader listed the folder
+        entries = list(real_scandir(folder))
+        for p in paths[1:]:
+            p.unlink(missing_ok=True)
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir_then_prune)
+    assert reader.latest() == paths[0] and reader.best() == paths[0] and reader.list() == [paths[0]]
+    assert "ignoring" not in caplog.text  # a pruned file is not a damaged one
+
+
+def test_a_file_vanishing_while_its_header_is_read_is_skipped(tmp_path, monkeypatch, caplog):
+    from weightport.checkpoint import _manager
+
+    mgr = wp.checkpoint.Manager(tmp_path, keep_last=None)
+    paths = _save_losses(mgr, _model(), [0.3, 0.2])
+    reader = wp.checkpoint.Manager(tmp_path, keep_last=None)
+    real = _manager.read_complete_body
+
+    def pruned_midway(path):
+        if path == str(paths[1]):
+            paths[1].unlink()  # listed and stat()ed, then pruned before its header is read
+        return real(path)
+
+    monkeypatch.setattr(_manager, "read_complete_body", pruned_midway)
+    assert reader.latest() == paths[0] and reader.list() == [paths[0]]
+    assert "ignoring" not in caplog.text
+
+
+def test_resume_follows_the_latest_when_the_writer_pruned_it_meanwhile(tmp_path, monkeypatch):
+    mgr = wp.checkpoint.Manager(tmp_path, keep_last=None)
+    paths = _save_losses(mgr, _model(), [0.3, 0.2])
+    reader = wp.checkpoint.Manager(tmp_path, keep_last=None)
+    real_latest = reader.latest
+    calls = []
+
+    def latest_then_pruned():
+        found = real_latest()
+        if not calls:
+            calls.append(found)
+            found.unlink()  # pruned after latest() chose it, before resume opened it
+        return found
+
+    monkeypatch.setattr(reader, "latest", latest_then_pruned)
+    state = reader.resume(model=_model(1))
+    assert state is not None and state.path == str(paths[0])
+
+
+def test_a_checkpoint_with_a_damaged_body_is_skipped_with_a_warning(tmp_path, caplog):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mgr = wp.checkpoint.Manager(tmp_path, keep_last=None)
+    good = mgr.save(model=_model(), step=1, metrics={"val_loss": 0.5})
+    with safe_open(good, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad_bodies = [
+        '{"version": 1, "metrics": {"$dict": 7}}',
+        '{"version": 1, "metrics": {"$float": []}}',
+        '{"version": 1, "metrics": [1, 2]}',
+        '{"version": 1, "metrics": {"$ndarray": "x", "dtype": "O", "shape": [1]}}',
+        '{"version": 1, "metrics": ' + "[" * 50000 + "]" * 50000 + "}",
+    ]
+    for i, body in enumerate(bad_bodies):
+        save_file(
+            tensors,
+            tmp_path / f"ckpt-s0000000{i + 2}-20991231T23595{i}.000000Z.safetensors",
+            metadata={**meta, "weightport.checkpoint": body},
+        )
+    assert mgr.list() == [good] and mgr.latest() == good and mgr.best() == good
+    assert caplog.text.count("ignoring") == len(bad_bodies)
+
+
+_ROTATING_WRITER = textwrap.dedent(
+    """
+    import sys, pathlib, torch, weightport as wp
+    folder, started, stop = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+    mgr = wp.checkpoint.Manager(folder, keep_last=1, keep_best=0)
+    model = torch.nn.Linear(64, 64)
+    for step in range(100000):
+        mgr.save(model=model, step=step, metrics={"val_loss": 1.0 / (step + 1)}, rng=False)
+        started.touch()
+        if stop.exists():
+            break
+    """
+)
+
+
+@pytest.mark.slow
+def test_readers_beside_a_rotating_writer_never_fail(tmp_path):
+    folder, started, stop = tmp_path / "run", tmp_path / "started", tmp_path / "stop"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ROTATING_WRITER, str(folder), str(started), str(stop)], env=env, stderr=subprocess.PIPE
+    )
+    reads = resumes = 0
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the writer never saved"
+            time.sleep(0.02)
+        reader = wp.checkpoint.Manager(folder, keep_last=1, keep_best=1, metric="val_loss")
+        until = time.monotonic() + 3.0
+        while time.monotonic() < until:
+            assert reader.latest() is not None and reader.best() is not None
+            reader.list()
+            reads += 1
+            if reads % 4 == 0:
+                assert reader.resume(model=nn.Linear(64, 64), rng=False) is not None
+                resumes += 1
+        assert proc.poll() is None, proc.stderr.read().decode()  # still rotating all along
+    finally:
+        stop.touch()
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+    assert reads > 20 and resumes > 5

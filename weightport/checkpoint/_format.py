@@ -56,18 +56,61 @@ def parse_body(metadata: Mapping[str, str], where: str) -> dict[str, Any]:
             f"{where}: not a weightport training checkpoint (no {FORMAT_KEY!r} metadata). To load plain "
             "weights use weightport.transfer(path, model); checkpoints are written by weightport.checkpoint.save"
         )
+    text = metadata[BODY_KEY]
     try:
-        body = json.loads(metadata[BODY_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{where}: the checkpoint metadata is not valid JSON ({e}); the file is damaged") from e
-    if not isinstance(body, dict) or not isinstance(body.get("version"), int):
+        body = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError) as e:  # bad JSON, a 5000-digit number, nesting past the stack
+        raise CheckpointError(
+            f"{where}: the checkpoint metadata is not valid JSON ({type(e).__name__}: {str(e)[:200]}); "
+            "the file is damaged"
+        ) from e
+    if not isinstance(body, dict) or not _is_int(body.get("version")):
         raise CheckpointError(f"{where}: the checkpoint metadata has no version; the file is damaged")
     if body["version"] > VERSION:
         raise CheckpointError(
             f"{where}: checkpoint format version {body['version']} is newer than this "
             f"weightport reads ({VERSION}); upgrade weightport"
         )
+    _check_shape(body, where)
     return body
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_shape(body: dict[str, Any], where: str) -> None:
+    """The body's fixed fields have the types the readers rely on (what lies inside the parts'
+    state dicts is checked where it is decoded)."""
+    problems = []
+    for name in ("epoch", "step"):
+        if body.get(name) is not None and not _is_int(body[name]):
+            problems.append(f"{name} is not an integer")
+    for name in ("created", "torch"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            problems.append(f"{name} is not a string")
+    for name in ("model", "optimizer", "scheduler", "scaler", "rng", "metrics", "extra"):
+        if name in body and not isinstance(body[name], dict):
+            problems.append(f"{name} is not an object")
+    for name in ("model", "optimizer", "scheduler", "scaler"):
+        part = body.get(name)
+        if isinstance(part, dict) and part.get("type") is not None and not isinstance(part["type"], str):
+            problems.append(f"{name}.type is not a string")
+    model = body.get("model")
+    if isinstance(model, dict) and not _strings(model.get("unwrapped", [])):
+        problems.append("model.unwrapped is not a list of strings")
+    optimizer = body.get("optimizer")
+    names = optimizer.get("param_names", []) if isinstance(optimizer, dict) else []
+    if not isinstance(names, list) or not all(_strings(n) for n in names):
+        problems.append("optimizer.param_names is not a list of lists of names")
+    if problems:
+        raise CheckpointError(
+            f"{where}: the checkpoint metadata is malformed ({'; '.join(problems)}); the file is damaged"
+        )
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def read_complete_body(path: str) -> dict[str, Any]:
@@ -89,8 +132,11 @@ def read_complete_body(path: str) -> dict[str, Any]:
         for e in header.values()
         if isinstance(e, dict) and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
     ]
-    expected = start + max(ends, default=0)
-    size = os.path.getsize(path)
+    try:
+        expected = start + max((e for e in ends if isinstance(e, int)), default=0)
+        size = os.path.getsize(path)
+    except (OSError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from e
     if size != expected:
         raise CheckpointError(f"{path}: incomplete checkpoint: {size} bytes, the header describes {expected}")
     if not isinstance(metadata, dict):
@@ -140,7 +186,10 @@ class CheckpointFile:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+        try:
+            self.path = os.fspath(path)
+        except TypeError:
+            raise CheckpointError(f"path must be a path (str or os.PathLike), not {type(path).__name__}") from None
         try:
             self.source = open_source(self.path)
         except SourceNotFoundError:

@@ -9,7 +9,7 @@ from typing import Any
 
 from weightport.checkpoint._format import PARTS, PartSource, is_checkpoint, parse_body
 from weightport.checkpoint._tree import decode
-from weightport.errors import CheckpointError
+from weightport.errors import CheckpointError, WeightportError
 from weightport.sources import open_source
 from weightport.sources.base import Source
 
@@ -141,19 +141,44 @@ def info(checkpoint: str | os.PathLike[str] | Source) -> CheckpointInfo:
         CheckpointError: not a weightport training checkpoint.
     """
     if not isinstance(checkpoint, Source):
-        with open_source(os.fspath(checkpoint)) as opened:
+        try:
+            location = os.fspath(checkpoint)
+        except TypeError:
+            raise CheckpointError(f"checkpoint must be a path or a Source, not {type(checkpoint).__name__}") from None
+        with open_source(location) as opened:
             return info(opened)
     whole = checkpoint.whole if isinstance(checkpoint, PartSource) else checkpoint
     body = parse_body(whole.info.metadata, whole.info.location)
+    try:
+        return _describe(whole, body)
+    except WeightportError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{whole.info.location}: the checkpoint could not be read ({e})") from e
+    except Exception as e:  # a crafted body: whatever shape it has, say the file is damaged
+        raise CheckpointError(
+            f"{whole.info.location}: the checkpoint metadata is malformed ({type(e).__name__}: {e}); "
+            "the file is damaged"
+        ) from e
+
+
+def _describe(whole: Source, body: dict[str, Any]) -> CheckpointInfo:
     opt = body.get("optimizer") or {}
     opt_state = decode(opt.get("state_dict") or {}, _placeholder, whole.info.location)
-    if not isinstance(opt_state, dict):
+    if (
+        not isinstance(opt_state, dict)
+        or not isinstance(opt_state.get("param_groups", []), list)
+        or not all(isinstance(g, dict) for g in opt_state.get("param_groups", []))
+        or not isinstance(opt_state.get("state", {}), dict)
+    ):
         raise CheckpointError(f"{whole.info.location}: the saved optimizer state is damaged")
     sched = body.get("scheduler") or {}
     sched_state = decode(sched.get("state_dict") or {}, _placeholder, whole.info.location)
     scaler = (
         decode(body["scaler"].get("state_dict") or {}, _placeholder, whole.info.location) if "scaler" in body else None
     )
+    if scaler is not None and not isinstance(scaler, dict):
+        raise CheckpointError(f"{whole.info.location}: the saved scaler state is damaged")
     model = body.get("model") or {}
     return CheckpointInfo(
         path=whole.info.location,

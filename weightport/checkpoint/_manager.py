@@ -18,14 +18,16 @@ from torch import nn
 
 from weightport.checkpoint._format import read_complete_body
 from weightport.checkpoint._resume import ResumeState, resume
-from weightport.checkpoint._save import save
+from weightport.checkpoint._save import as_path, save
 from weightport.checkpoint._tree import decode
-from weightport.errors import CheckpointError
+from weightport.errors import CheckpointError, SourceNotFoundError
 
 log = logging.getLogger(__name__)
 
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
 _MODES = ("min", "max")
+_RETRIES = 5  # listings, and resumes, of a folder that another process rotated meanwhile
+_GONE = object()  # a file removed while it was read
 
 
 @dataclass(frozen=True)
@@ -78,20 +80,22 @@ class Manager:
             raise CheckpointError(f"keep_last must be an int >= 1 or None (keep all), not {keep_last!r}")
         if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
             raise CheckpointError(f"keep_best must be an int >= 0, not {keep_best!r}")
+        if metric is not None and not isinstance(metric, str):
+            raise CheckpointError(f"metric must be the name of a metric (a str) or None, not {metric!r}")
         if mode not in _MODES:
             raise CheckpointError(f"mode must be 'min' or 'max', not {mode!r}")
         if keep_best and not metric:
             raise CheckpointError("keep_best needs metric= (the key of metrics= that ranks checkpoints)")
-        if not prefix or os.sep in prefix or prefix.startswith("."):
+        if not isinstance(prefix, str) or not prefix or os.sep in prefix or prefix.startswith("."):
             raise CheckpointError(f"prefix {prefix!r} must be a plain file name part")
-        self.folder = Path(folder)
+        self.folder = Path(as_path(folder, "folder"))
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.metric = metric
         self.mode = mode
         self.prefix = prefix
         self._name = re.compile(
-            rf"^{re.escape(prefix)}(?:-e(\d+))?(?:-s(\d+))?-(\d{{8}}T\d{{6}}\.\d{{6}}Z)"
+            rf"^{re.escape(prefix)}(?:-e(-?\d+))?(?:-s(-?\d+))?-(\d{{8}}T\d{{6}}\.\d{{6}}Z)"
             r"\.safetensors$"
         )
         self._leftover = re.compile(rf"^\.{re.escape(prefix)}-.*\.safetensors\.tmp-")
@@ -201,9 +205,25 @@ class Manager:
         return ranked[0].path if ranked else None
 
     def resume(self, *, model: nn.Module, **options: Any) -> ResumeState | None:
-        """Resume from :meth:`latest` (see :func:`weightport.checkpoint.resume`); ``None`` when there is none."""
-        path = self.latest()
-        return None if path is None else resume(path, model=model, **options)
+        """Resume from :meth:`latest` (see :func:`weightport.checkpoint.resume`); ``None`` when there is none.
+
+        When another process's :meth:`save` prunes the chosen file before it is opened, the
+        then latest checkpoint is resumed instead (a failed resume changes nothing).
+        """
+        for _ in range(_RETRIES):
+            path = self.latest()
+            if path is None:
+                return None
+            try:
+                return resume(path, model=model, **options)
+            except (SourceNotFoundError, CheckpointError):
+                if path.exists():
+                    raise
+                log.info("Manager: %s was removed before it could be resumed; taking the latest again", path)
+        raise CheckpointError(
+            f"{self.folder}: the latest checkpoint was removed {_RETRIES} times while resuming; "
+            "is another process rotating this folder?"
+        )
 
     def _ranked(self, records: builtins.list[_Record]) -> builtins.list[_Record]:
         if not self.metric:
@@ -217,37 +237,77 @@ class Manager:
         return [r for _, _, r in scored]
 
     def _records(self) -> builtins.list[_Record]:
-        if not self.folder.is_dir():
-            return []
-        found = []
-        for entry in os.scandir(self.folder):
-            match = self._name.match(entry.name)
-            if match is None or not entry.is_file():
-                continue
-            record = self._record(Path(entry.path), match, entry.stat())
-            if record is not None:
-                found.append(record)
+        """Complete checkpoints, oldest first. Another process may prune files at any moment: a file
+        that vanishes between the listing and its reading is left out, silently (it is not damaged),
+        and the folder is listed again, so that the file its writer saved meanwhile is seen."""
+        found: builtins.list[_Record] = []
+        for _ in range(_RETRIES):
+            found, vanished = self._scan()
+            if not vanished:
+                break
         found.sort(key=lambda r: (r.stamp, r.path.name))
         return found
 
-    def _record(self, path: Path, match: re.Match[str], stat: os.stat_result) -> _Record | None:
+    def _scan(self) -> tuple[builtins.list[_Record], bool]:
+        try:
+            entries = builtins.list(os.scandir(self.folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return [], False
+        except OSError as e:
+            raise CheckpointError(f"{self.folder}: cannot list the checkpoint folder ({e})") from e
+        found = []
+        vanished = False
+        for entry in entries:
+            match = self._name.match(entry.name)
+            if match is None:
+                continue
+            try:
+                if not entry.is_file():
+                    continue
+                stat = entry.stat()
+            except FileNotFoundError:
+                self._cache.pop(entry.path, None)
+                vanished = True
+                continue
+            except OSError as e:
+                log.warning("Manager: ignoring %s: %s", entry.path, e)
+                continue
+            record = self._record(Path(entry.path), match, stat)
+            if record is _GONE:
+                vanished = True
+            elif isinstance(record, _Record):
+                found.append(record)
+        return found, vanished
+
+    def _record(self, path: Path, match: re.Match[str], stat: os.stat_result) -> _Record | object | None:
         signature = (stat.st_mtime_ns, stat.st_size)
         cached = self._cache.get(str(path))
         if cached is not None and cached[0] == signature:
             return cached[1]
         try:
+            stamp = _stamp(match.group(3), path)
             body = read_complete_body(str(path))
             metrics = decode(body.get("metrics", {}), lambda k: None, str(path))
         except CheckpointError as e:
+            if not path.exists():  # pruned by the writer while it was read: gone, not damaged
+                self._cache.pop(str(path), None)
+                return _GONE
             log.warning("Manager: ignoring %s: %s", path, e)
             record = None
         else:
             record = _Record(
                 path,
-                datetime.datetime.strptime(match.group(3), _STAMP),
+                stamp,
                 body.get("epoch"),
                 body.get("step"),
                 metrics if isinstance(metrics, dict) else {},
             )
         self._cache[str(path)] = (signature, record)
         return record
+
+
+def _stamp(text: str, path: Path) -> datetime.datetime:
+    try:
+        return datetime.datetime.strptime(text, _STAMP)
+    except ValueError as e:  # twelve digits that are no date, e.g. a 13th month
+        raise CheckpointError(f"{path}: the time in the file name is not a date ({e})") from e

@@ -122,6 +122,36 @@ def prepare(
     return {**others, "state": state, "param_groups": groups}, report
 
 
+def check_loadable(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """Run ``optimizer.load_state_dict`` on a shell of the optimizer (its parameter groups, empty state,
+    no hooks) with every state tensor replaced by a one-element stand-in: it raises where the real
+    load would (a group that does not match, a step count ``__setstate__`` cannot read), at no
+    memory cost, without touching the optimizer. An optimizer class with its own ``load_state_dict``
+    (a sharded one may talk to other ranks) is not run twice: torch's rules are not known for it."""
+    if getattr(type(optimizer), "load_state_dict", None) is not torch.optim.Optimizer.load_state_dict:
+        return
+    shell = object.__new__(type(optimizer))
+    shell.__dict__.update(optimizer.__dict__)
+    shell.__dict__.update(
+        param_groups=[dict(g) for g in optimizer.param_groups],
+        state=collections.defaultdict(dict),
+        defaults=dict(optimizer.defaults),
+        _optimizer_load_state_dict_pre_hooks=collections.OrderedDict(),
+        _optimizer_load_state_dict_post_hooks=collections.OrderedDict(),
+    )
+    shell.load_state_dict({**state_dict, "state": _stand_ins(state_dict.get("state", {}))})
+
+
+def _stand_ins(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.zeros((), dtype=value.dtype, device=value.device)
+    if isinstance(value, dict):
+        return {k: _stand_ins(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_stand_ins(v) for v in value)
+    return value
+
+
 def _carry_all(
     ctx: _Context, optimizer: torch.optim.Optimizer, model: nn.Module
 ) -> tuple[dict[int, dict[str, Any]], dict[str, str], dict[str, str], dict[int, list[int]]]:

@@ -10,9 +10,11 @@ set; those last steps only assign values that were validated.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,7 @@ from weightport.checkpoint._format import CheckpointFile
 from weightport.checkpoint._optim import OptimizerReport
 from weightport.checkpoint._save import type_name, unwrap
 from weightport.checkpoint._tree import decode
-from weightport.errors import CheckpointError
+from weightport.errors import CheckpointError, WeightportError
 from weightport.mapping.core import Mapping
 from weightport.mapping.rules import Rule
 from weightport.options import as_device
@@ -148,14 +150,42 @@ def resume(
         A :class:`ResumeState` with epoch, step, extra, metrics and the reports.
 
     Raises:
-        CheckpointError: the file is not a complete checkpoint, or a part cannot be restored.
+        CheckpointError: the file is not a complete checkpoint, its metadata is damaged, or a part
+            cannot be restored (the message names the part). Every part is checked, the scheduler
+            and scaler by loading a copy, before anything changes.
         WeightportError: the model transfer cannot be done as asked (as :func:`weightport.transfer`).
-            Nothing has changed when any error is raised.
+            Nothing has changed when any error is raised, and no other exception comes from the file.
 
     Example:
         >>> state = wp.checkpoint.resume("last.safetensors", model=model, optimizer=opt, scheduler=sched)
         >>> start_epoch = state.epoch + 1
     """
+    try:
+        return _resume(
+            path, model, optimizer, scheduler, scaler, map_location, strict, mapping, rules, on_mismatch, rng
+        )
+    except WeightportError:
+        raise
+    except OSError as e:  # the file's reads open it by path: it was removed or replaced meanwhile
+        raise CheckpointError(
+            f"{os.fspath(path)}: the checkpoint could not be read while resuming ({e}); was it removed or "
+            "replaced by another process? Nothing was restored"
+        ) from e
+
+
+def _resume(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    scaler: Any,
+    map_location: str | torch.device | None,
+    strict: bool,
+    mapping: str | Mapping | None,
+    rules: Iterable[Rule],
+    on_mismatch: str,
+    rng: bool,
+) -> ResumeState:
     device = as_device(map_location, "map_location", CheckpointError)
     target, _ = unwrap(model)
     with CheckpointFile(path) as ckpt:
@@ -167,15 +197,22 @@ def resume(
         pending = _Pending()
         if optimizer is not None:
             pending.add("rebind", _optim.rebinder(optimizer, target))
-        opt_report = _prepare_optimizer(ckpt, optimizer, target, planned, device, strict, pending)
-        _prepare_component(ckpt, "scheduler", scheduler, strict, pending)
-        _prepare_scaler(ckpt, scaler, strict, pending)
+        with _part_errors(ckpt.path, "optimizer"):
+            opt_report = _prepare_optimizer(ckpt, optimizer, target, planned, device, strict, pending)
+        with _part_errors(ckpt.path, "scheduler"):
+            _prepare_component(ckpt, "scheduler", scheduler, strict, pending, optimizer, target)
+        with _part_errors(ckpt.path, "scaler"):
+            _prepare_scaler(ckpt, scaler, strict, pending)
         if rng:
-            _prepare_rng(ckpt, pending)
-        extra = decode(body.get("extra", {}), lambda k: ckpt.tensor(k, device=device), ckpt.path)
-        metrics = decode(body.get("metrics", {}), lambda k: ckpt.tensor(k), ckpt.path)
+            with _part_errors(ckpt.path, "RNG"):
+                _prepare_rng(ckpt, pending)
+        with _part_errors(ckpt.path, "extra"):
+            extra = decode(body.get("extra", {}), lambda k: ckpt.tensor(k, device=device), ckpt.path)
+            metrics = decode(body.get("metrics", {}), lambda k: ckpt.tensor(k), ckpt.path)
+            if not isinstance(extra, dict) or not isinstance(metrics, dict):
+                raise CheckpointError(f"{ckpt.path}: the saved extra or metrics are not a dict; the file is damaged")
         _note_unused_parts(body, optimizer, scheduler, scaler, pending)
-        report = planned.apply()
+        report = planned.apply()  # the last step that can refuse; what follows only assigns checked states
         restored = ["model", *(r for r in _run(pending, ckpt.path) if r != "rebind")]
     state = ResumeState(
         path=ckpt.path,
@@ -240,11 +277,14 @@ def _prepare_optimizer(
     if not _type_matches(ckpt, "optimizer", optimizer, strict, pending):
         return None
     state_dict, report = _optim.prepare(ckpt, optimizer, model, planned, device)
+    _optim.check_loadable(optimizer, state_dict)
     pending.add("optimizer", lambda: optimizer.load_state_dict(state_dict))
     return report
 
 
-def _prepare_component(ckpt: CheckpointFile, part: str, obj: Any, strict: bool, pending: _Pending) -> None:
+def _prepare_component(
+    ckpt: CheckpointFile, part: str, obj: Any, strict: bool, pending: _Pending, optimizer: Any, model: nn.Module
+) -> None:
     if obj is None:
         return
     if part not in ckpt.body:
@@ -253,6 +293,7 @@ def _prepare_component(ckpt: CheckpointFile, part: str, obj: Any, strict: bool, 
     if not _type_matches(ckpt, part, obj, strict, pending):
         return
     state = decode(ckpt.body[part].get("state_dict"), lambda k: ckpt.tensor(k), ckpt.path)
+    _dry_run(ckpt.path, part, obj, state, optimizer, model)
     pending.add(part, lambda: obj.load_state_dict(state))
 
 
@@ -267,6 +308,7 @@ def _prepare_scaler(ckpt: CheckpointFile, scaler: Any, strict: bool, pending: _P
     if not state and enabled:
         pending.notes.append("the saved scaler was disabled; the scaler keeps its current scale")
         return
+    _dry_run(ckpt.path, "scaler", scaler, state, None, None)
     pending.add("scaler", lambda: scaler.load_state_dict(state))
 
 
@@ -287,12 +329,66 @@ def _note_unused_parts(body: dict[str, Any], optimizer: Any, scheduler: Any, sca
             pending.notes.append(f"the checkpoint holds {part} state; no {part} was passed, so it was not restored")
 
 
+@contextlib.contextmanager
+def _part_errors(path: str, part: str) -> Iterator[None]:
+    """Whatever a damaged part makes torch, numpy or the decoder raise is a CheckpointError naming it."""
+    try:
+        yield
+    except (WeightportError, OSError):  # OSError: the file went away while read (resume says so)
+        raise
+    except Exception as e:  # a crafted part must not escape as a bare TypeError
+        raise CheckpointError(
+            f"{path}: the saved {part} state cannot be restored ({type(e).__name__}: {e}); nothing was restored. "
+            f"The file is damaged; resume without {part}= to skip it"
+        ) from e
+
+
+def _dry_run(path: str, part: str, obj: Any, state: Any, optimizer: Any, model: nn.Module | None) -> None:
+    """Load ``state`` into a copy of ``obj`` first: a scheduler or scaler can only be checked by loading,
+    and its ``load_state_dict`` may fail halfway (a ``SequentialLR`` whose phases changed), so the real
+    object is loaded only after the copy took the state. The copy shares the optimizer and the model
+    (which these loads never change) rather than duplicating them."""
+    memo: dict[int, Any] = {}
+    for shared in (optimizer, getattr(obj, "optimizer", None), model):
+        if shared is not None:
+            memo[id(shared)] = shared
+    try:
+        trial = copy.deepcopy(obj, memo)
+        trial_state = copy.deepcopy(state)
+    except Exception:  # noqa: BLE001 - an object that cannot be copied: check on the object, then put it back
+        _load_and_put_back(path, part, obj, state)
+        return
+    try:
+        trial.load_state_dict(trial_state)
+    except Exception as e:  # any failure here means the real load would fail too
+        raise _part_refused(path, part, obj, e) from e
+
+
+def _load_and_put_back(path: str, part: str, obj: Any, state: Any) -> None:
+    before = obj.state_dict()
+    try:
+        obj.load_state_dict(state)
+    except Exception as e:
+        obj.load_state_dict(before)
+        raise _part_refused(path, part, obj, e) from e
+    obj.load_state_dict(before)
+
+
+def _part_refused(path: str, part: str, obj: Any, e: Exception) -> CheckpointError:
+    example = " (e.g. the same phases of a SequentialLR)" if part == "scheduler" else ""
+    return CheckpointError(
+        f"{path}: the saved {part} state does not fit the {type_name(obj)} passed ({type(e).__name__}: {e}); "
+        f"nothing was restored. Build the {part} as in the run that saved it{example}, "
+        f"or resume without {part}= and set it up fresh"
+    )
+
+
 def _run(pending: _Pending, path: str) -> list[str]:
     done: list[str] = []
     for name, action in pending.actions:
         try:
             note = action()
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # checked beforehand; should it still happen, say what is done
             raise CheckpointError(
                 f"{path}: restoring {name} failed after the model was loaded ({e}); "
                 f"the parts before it are restored: {', '.join(done) or 'model only'}"

@@ -77,7 +77,7 @@ def prepare(states: Any, where: str) -> tuple[list[tuple[str, Callable[[], str |
             continue
         try:
             stream.check(state)
-        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        except Exception as e:  # whatever a damaged state makes torch or numpy raise
             raise CheckpointError(f"{where}: saved RNG state {name!r} is invalid ({e})") from e
         actions.append((name, lambda s=stream, v=state: s.restore(v)))  # type: ignore[misc]
     return actions, notes
@@ -103,6 +103,8 @@ def _cuda_capture_ok() -> bool:
 def _cuda_check(states: Any) -> None:
     if not isinstance(states, list) or not all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in states):
         raise TypeError("expected a list of uint8 tensors")
+    for i, state in enumerate(states[: torch.cuda.device_count()]):
+        torch.Generator(device=f"cuda:{i}").set_state(state)
 
 
 def _cuda_restore(states: list[torch.Tensor]) -> str | None:

@@ -57,6 +57,14 @@ def _wrapper_attribute(model: nn.Module) -> str | None:
     return None
 
 
+def as_path(path: Any, what: str) -> str:
+    """``os.fspath(path)``, refusing anything that is no path with a CheckpointError."""
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise CheckpointError(f"{what} must be a path (str or os.PathLike), not {type(path).__name__}") from None
+
+
 def type_name(obj: Any) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -123,6 +131,9 @@ def save(
         ...                    epoch=epoch, step=step)
     """
     start = time.perf_counter()
+    path = as_path(path, "path")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint's file name (e.g. {path}/last.safetensors)")
     inner, wrappers = unwrap(model)
     tensors = _model_tensors(inner)
     body: dict[str, Any] = {
@@ -132,6 +143,10 @@ def save(
         "model": {"type": type_name(inner), "unwrapped": list(wrappers)},
     }
     if optimizer is not None:
+        if not isinstance(getattr(optimizer, "param_groups", None), list):
+            raise CheckpointError(
+                f"optimizer={type(optimizer).__name__} is not a torch optimizer (it has no param_groups)"
+            )
         body["optimizer"] = _part(optimizer, "optimizer", tensors, param_names=param_names(inner, optimizer))
     if scheduler is not None:
         body["scheduler"] = _part(scheduler, "scheduler", tensors)
@@ -146,7 +161,7 @@ def save(
             raise CheckpointError(f"extra must be a dict, not {type(extra).__name__}")
         body["extra"] = _encoded(dict(extra), "extra", tensors)
     _format.write(path, tensors, body)
-    log.info("saved checkpoint %s (%d tensors) in %.2fs", os.fspath(path), len(tensors), time.perf_counter() - start)
+    log.info("saved checkpoint %s (%d tensors) in %.2fs", path, len(tensors), time.perf_counter() - start)
     return Path(path)
 
 
@@ -176,6 +191,8 @@ def _counters(epoch: Any, step: Any) -> dict[str, int | None]:
 
 
 def _metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(metrics, Mapping):
+        raise CheckpointError(f"metrics must be a dict of numbers, not {type(metrics).__name__}")
     out: dict[str, Any] = {}
     for name, value in metrics.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:

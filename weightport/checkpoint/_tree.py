@@ -22,12 +22,15 @@ from typing import Any
 
 import torch
 
-from weightport.errors import CheckpointError
+from weightport.errors import CheckpointError, WeightportError
 from weightport.sources.safetensors import DTYPE_NAMES
 
 __all__ = ["decode", "encode", "render_path"]
 
 _Path = tuple[Any, ...]
+
+# Deeper than any state dict torch or a user builds; no tree, saved or crafted, can exhaust the stack.
+MAX_DEPTH = 100
 
 
 def render_path(root: str, path: _Path) -> str:
@@ -50,6 +53,11 @@ class _Encoder:
     def encode(self, x: Any, path: _Path) -> Any:
         if x is None or isinstance(x, (bool, int, str)):
             return x
+        if len(path) > MAX_DEPTH:
+            raise CheckpointError(
+                f"{render_path(self.root, path[:3])}… is nested deeper than {MAX_DEPTH} levels "
+                "(a list or dict that contains itself?); a checkpoint stores trees of bounded depth"
+            )
         for kind, handler in _HANDLERS:
             if isinstance(x, kind):
                 return handler(self, x, path)
@@ -165,48 +173,116 @@ Leaf = Callable[[str], Any]
 def decode(doc: Any, leaf: Leaf, where: str = "checkpoint") -> Any:
     """Rebuild the tree; every ``{"$tensor": key}`` becomes ``leaf(key)``.
 
+    Total over any JSON document: whatever the document holds, the only exceptions are a
+    :class:`~weightport.errors.WeightportError` and an ``OSError`` from ``leaf`` reading the file.
+
     Raises:
-        CheckpointError: the document holds a marker this version does not know.
+        CheckpointError: the document holds a marker this version does not know, a malformed
+            marker, or is nested deeper than ``MAX_DEPTH``.
     """
+    try:
+        return _decode(doc, leaf, where, 0)
+    except (WeightportError, OSError):  # OSError: ``leaf`` could not read the file
+        raise
+    except Exception as e:  # any malformed marker is a damaged file, whatever numpy/torch raise
+        raise CheckpointError(
+            f"{where}: a malformed value in the checkpoint metadata ({type(e).__name__}: {e}); the file is damaged"
+        ) from e
+
+
+def _decode(doc: Any, leaf: Leaf, where: str, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise CheckpointError(
+            f"{where}: the checkpoint metadata is nested deeper than {MAX_DEPTH}; the file is damaged"
+        )
     if isinstance(doc, list):
-        return [decode(v, leaf, where) for v in doc]
+        return [_decode(v, leaf, where, depth + 1) for v in doc]
     if not isinstance(doc, dict):
         return doc
     marker = next((k for k in doc if isinstance(k, str) and k.startswith("$")), None)
     if marker is None:
-        return {k: decode(v, leaf, where) for k, v in doc.items()}
+        return {k: _decode(v, leaf, where, depth + 1) for k, v in doc.items()}
     decoder = _DECODERS.get(marker)
     if decoder is None:
         raise CheckpointError(
             f"{where}: unknown marker {marker!r}; the checkpoint was written by a newer weightport, or is damaged"
         )
-    return decoder(doc, leaf, where)
+    return decoder(doc, lambda v: _decode(v, leaf, where, depth + 1), leaf, where)
 
 
-def _decode_ndarray(doc: dict, leaf: Leaf, where: str) -> Any:
+def _key(value: Any, marker: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise CheckpointError(f"{where}: {marker} names {value!r}, not a tensor key; the file is damaged")
+    return value
+
+
+Inner = Callable[[Any], Any]
+
+
+def _decode_ndarray(doc: dict, inner: Inner, leaf: Leaf, where: str) -> Any:
     np = _numpy()
+    key = _key(doc["$ndarray"], "$ndarray", where)
     if np is None:
-        raise CheckpointError(f"{where}: {doc['$ndarray']!r} is a numpy array; install numpy to read it")
-    raw = leaf(doc["$ndarray"])
-    data = raw.numpy().tobytes() if isinstance(raw, torch.Tensor) else bytes(raw)
-    return np.frombuffer(data, dtype=np.dtype(doc["dtype"])).reshape(doc["shape"]).copy()
+        raise CheckpointError(f"{where}: {key!r} is a numpy array; install numpy to read it")
+    dtype, shape = doc.get("dtype"), doc.get("shape")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_size(n) for n in shape):
+        raise CheckpointError(f"{where}: numpy array {key!r} has a malformed dtype or shape; the file is damaged")
+    if np.dtype(dtype).hasobject:
+        raise CheckpointError(f"{where}: numpy array {key!r} claims Python objects; the file is damaged")
+    raw = leaf(key)
+    data = raw.numpy().tobytes() if isinstance(raw, torch.Tensor) else bytes(str(raw), "utf-8")
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
 
 
-def _decode_dtype(doc: dict, leaf: Leaf, where: str) -> Any:
+def _is_size(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**62
+
+
+def _decode_dtype(doc: dict, inner: Inner, leaf: Leaf, where: str) -> Any:
     value = getattr(torch, str(doc["$dtype"]), None)
     if not isinstance(value, torch.dtype):
         raise CheckpointError(f"{where}: unknown dtype {doc['$dtype']!r}")
     return value
 
 
-_DECODERS: dict[str, Callable[[dict, Leaf, str], Any]] = {
-    "$tensor": lambda d, leaf, w: leaf(d["$tensor"]),
-    "$tuple": lambda d, leaf, w: tuple(decode(v, leaf, w) for v in d["$tuple"]),
-    "$dict": lambda d, leaf, w: {_hashable(decode(k, leaf, w)): decode(v, leaf, w) for k, v in d["$dict"]},
-    "$float": lambda d, leaf, w: float(d["$float"]),
+def _decode_float(doc: dict, inner: Inner, leaf: Leaf, where: str) -> float:
+    value = doc["$float"]
+    if not isinstance(value, str):
+        raise CheckpointError(f"{where}: $float holds {value!r}, not a number's text; the file is damaged")
+    return float(value)
+
+
+def _decode_device(doc: dict, inner: Inner, leaf: Leaf, where: str) -> torch.device:
+    value = doc["$device"]
+    if not isinstance(value, str):
+        raise CheckpointError(f"{where}: $device holds {value!r}, not a device name; the file is damaged")
+    return torch.device(value)
+
+
+def _decode_list(doc: dict, marker: str, where: str) -> list:
+    value = doc[marker]
+    if not isinstance(value, list):
+        raise CheckpointError(f"{where}: {marker} holds a {type(value).__name__}, not a list; the file is damaged")
+    return value
+
+
+def _decode_dict(doc: dict, inner: Inner, leaf: Leaf, where: str) -> dict:
+    out = {}
+    for pair in _decode_list(doc, "$dict", where):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise CheckpointError(f"{where}: a $dict entry is not a [key, value] pair; the file is damaged")
+        out[_hashable(inner(pair[0]))] = inner(pair[1])
+    return out
+
+
+_DECODERS: dict[str, Callable[[dict, Inner, Leaf, str], Any]] = {
+    "$tensor": lambda d, inner, leaf, w: leaf(_key(d["$tensor"], "$tensor", w)),
+    "$tuple": lambda d, inner, leaf, w: tuple(inner(v) for v in _decode_list(d, "$tuple", w)),
+    "$dict": _decode_dict,
+    "$float": _decode_float,
     "$ndarray": _decode_ndarray,
     "$dtype": _decode_dtype,
-    "$device": lambda d, leaf, w: torch.device(d["$device"]),
+    "$device": _decode_device,
 }
 
 
