@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from weightport.errors import CorruptFileError
+from weightport.sources._dtypes import check_viewable
 from weightport.sources.base import TensorMeta
 
 _PAGE = mmap.PAGESIZE
@@ -56,6 +57,7 @@ class MappedFile:
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat zero-copy tensor over ``nbytes`` bytes at ``offset``."""
+        check_viewable(dtype, self.path, f"the tensor at byte {offset}")
         itemsize = _itemsize(dtype)
         count = nbytes // itemsize
         if count == 0:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from weightport.errors import CorruptFileError, UnsafeFileError, UnsupportedFormatError
+from weightport.sources._dtypes import check_viewable
 from weightport.sources._mapped import MappedFile, TensorRef, first_overlap
 from weightport.sources.safepickle import (
     Budget,
@@ -319,7 +320,7 @@ def _legacy_sections(buf: Any, pos: int, where: str, budget: Budget | None = Non
         if pos + fmt.size > len(buf):
             raise CorruptFileError(f"storage {key!r} starts past the end of the data")
         (numel,) = fmt.unpack_from(buf, pos)
-        nbytes = numel * torch.empty((), dtype=ref.dtype).element_size()
+        nbytes = numel * ref.dtype.itemsize
         if numel != ref.numel or pos + fmt.size + nbytes > len(buf):
             raise CorruptFileError(
                 f"storage {key!r} holds {numel} elements where {ref.numel} were pickled, in {len(buf) - pos} "
@@ -341,6 +342,7 @@ def read_embedded_storage(data: bytes, budget: Budget) -> StorageRef:
         raise CorruptFileError("an embedded storage record is malformed")
     ref = legacy.obj
     offset, nbytes = legacy.storages[ref.key]
+    check_viewable(ref.dtype, "an embedded storage", f"storage {ref.key!r}")
     raw = bytearray(data[offset : offset + nbytes])
     flat = torch.frombuffer(raw, dtype=ref.dtype) if raw else torch.empty(0, dtype=ref.dtype)
     ref.data = flat if legacy.little_endian else _byteswapped(flat)
@@ -373,19 +375,20 @@ class _Resolver:
         self.locate, self.byteswap, self.path = locate, byteswap, path
         self.memo: dict[int, Any] = {}
 
-    def walk(self, x: Any, depth: int = 0) -> Any:
+    def walk(self, x: Any, depth: int = 0, key: Any = None) -> Any:
+        """``x`` resolved; ``key`` is the dict key ``x`` was found under, to name a refused tensor."""
         if depth > MAX_NESTING:
             raise CorruptFileError(f"{self.path}: the checkpoint nests more than {MAX_NESTING} levels deep")
         if id(x) in self.memo:
             return self.memo[id(x)]
         out: Any
         if isinstance(x, PickledTensor):
-            out = self.memo[id(x)] = self._tensor(x)
+            out = self.memo[id(x)] = self._tensor(x, key)
         elif isinstance(x, NumpyArray):
             out = x.tensor if x.tensor is not None else x
         elif type(x) in (dict, collections.OrderedDict):
             out = self.memo[id(x)] = type(x)()
-            out.update((k, self.walk(v, depth + 1)) for k, v in x.items())
+            out.update((k, self.walk(v, depth + 1, k)) for k, v in x.items())
             if type(x) is collections.OrderedDict:
                 out.__dict__.update(x.__dict__)
         elif type(x) is list:
@@ -404,9 +407,12 @@ class _Resolver:
             out = x
         return out
 
-    def _tensor(self, t: PickledTensor) -> Any:
-        ref, what = t.storage, f"a tensor of shape {t.shape}"
-        itemsize = torch.empty((), dtype=t.dtype).element_size()
+    def _tensor(self, t: PickledTensor, key: Any) -> Any:
+        ref = t.storage
+        what = f"tensor {key!r} (shape {t.shape})" if isinstance(key, str) else f"a tensor of shape {t.shape}"
+        check_viewable(t.dtype, self.path, what)
+        check_viewable(ref.dtype, self.path, f"the storage of {what}")
+        itemsize = t.dtype.itemsize
         numel = 1
         for d in t.shape:
             numel *= d
