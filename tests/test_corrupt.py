@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import tracemalloc
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from conftest import save_legacy
 
 import weightport as wp
 from weightport.errors import CorruptFileError, SourceNotFoundError, UnsupportedFormatError, WeightportError
+from weightport.sources.safepickle import RestrictedUnpickler
+from weightport.sources.safepickle._stream import MEMORY_PER_BYTE
 
 STATE = {"a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5, dtype=torch.int64)}
 
@@ -480,3 +483,19 @@ def test_cli_reports_corrupt_input_in_one_line(tmp_path, capsys):
         assert main(["port", str(path), "torch.nn:Identity", "--dry-run"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 2 and all(line.startswith("weightport: error: ") and str(path) in line for line in err)
+
+
+@pytest.mark.parametrize("opcode", [b"\x8f", b"]", b"}", b"("], ids=["EMPTY_SET", "EMPTY_LIST", "EMPTY_DICT", "MARK"])
+def test_objects_a_pickle_builds_are_bounded_by_its_size(monkeypatch, opcode):
+    """One-byte opcodes that each create an object: memory stays within the documented bytes per stream byte."""
+    monkeypatch.setattr("weightport.sources.safepickle._stream.BASE_MEMORY", 0)  # only the per-byte allowance
+    stream = b"\x80\x04" + opcode * 150_000 + b"N."
+    tracemalloc.start()
+    try:
+        RestrictedUnpickler(stream).load()
+    except CorruptFileError as e:
+        assert "per byte of stream" in str(e)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 1.5 * MEMORY_PER_BYTE * len(stream), peak / len(stream)

@@ -50,6 +50,7 @@ MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint
 MAX_TENSOR_BYTES = 1 << 42  # a tensor claiming more is a damaged or hostile file
 MAX_NESTING = 200
 MAX_RATIO = 100  # a compressed data.pkl (re-zipped file) may inflate this much, beyond its first MiB
+BUDGET_RATIO = 16  # ... but its work and memory budgets count at most this many bytes per compressed byte
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_MAGIC = 0x04034B50
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -172,11 +173,21 @@ def _read_zip(path: str, zf: zipfile.ZipFile, raw: Any) -> Parsed:
             located[ref.key] = (file, offset, nbytes)
         return ref
 
-    machine = RestrictedUnpickler(data, storage, embedded_storage=read_embedded_storage)
+    budget = Budget(_justified_size(infos[pkl[0]]))
+    machine = RestrictedUnpickler(data, storage, budget=budget, embedded_storage=read_embedded_storage)
     obj = _where(path, machine.load)
     _check_overlaps(path, spans)
     obj = _Resolver(lambda ref: located[ref.key], byteorder != "little", path).walk(obj)
     return Parsed(obj, "torch-zip", [file], machine.unsafe_globals)
+
+
+def _justified_size(info: zipfile.ZipInfo) -> int:
+    """The stream size a ``data.pkl`` record's budgets are based on: a compressed record (torch never
+    compresses; a re-zipped file) is credited at most :data:`BUDGET_RATIO` times its compressed bytes, so
+    deflate cannot multiply the work and memory a few bytes on disk may ask for."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        return info.file_size
+    return min(info.file_size, max(1 << 20, BUDGET_RATIO * info.compress_size))
 
 
 def _no_data_pkl(infos: dict[str, zipfile.ZipInfo]) -> str:
