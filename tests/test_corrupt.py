@@ -408,7 +408,7 @@ def test_hostile_structure_is_a_clear_error(tmp_path, name, stream):
 
 def test_shared_subtrees_are_bounded(tmp_path, monkeypatch):
     """30 levels of dicts, each holding ten references to the level below: 10**30 names if expanded."""
-    monkeypatch.setattr("weightport.sources.unwrap.MAX_VISITS", 20_000)
+    monkeypatch.setattr("weightport.sources.unwrap.MAX_WALK_WORK", 20_000)
     t = torch.ones(1)
     level: dict = {"t": t}
     for _ in range(30):
@@ -499,3 +499,42 @@ def test_objects_a_pickle_builds_are_bounded_by_its_size(monkeypatch, opcode):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 1.5 * MEMORY_PER_BYTE * len(stream), peak / len(stream)
+
+
+class _FakeModule:
+    """Pickled as a placeholder with a module's attributes: safe extraction walks it like an nn.Module."""
+
+
+def _shared_module_graph(depth: int, entries: int) -> _FakeModule:
+    """``depth`` levels of modules, each holding the next one twice and one shared ``entries``-long
+    ``_parameters`` dict of non-tensors: 2**depth paths, each iterating every entry."""
+    shared = {f"p{i}": None for i in range(entries)}
+    node = None
+    for _ in range(depth):
+        parent = _FakeModule()
+        parent.__dict__.update(_parameters=shared, _buffers={}, _modules={} if node is None else {"a": node, "b": node})
+        node = parent
+    return node
+
+
+@pytest.mark.slow
+def test_safe_extraction_counts_every_entry_it_iterates(tmp_path):
+    path = tmp_path / "graph.pkl"
+    path.write_bytes(pickle.dumps({"w": torch.ones(1), "model": _shared_module_graph(14, 10_000)}, protocol=2))
+    assert path.stat().st_size < 200_000
+    with pytest.raises(CorruptFileError, match="implausibly large") as err:
+        wp.open_source(str(path), checkpoint_key="model")
+    assert str(path) in str(err.value)
+
+
+def test_safe_extraction_budget_is_shared_across_keys(tmp_path, monkeypatch):
+    """Each key alone is within the budget; together they are not."""
+    monkeypatch.setattr("weightport.sources.unwrap.MAX_WALK_WORK", 50_000)
+    graph = _shared_module_graph(4, 2_000)  # 15 modules walked, 2 000 entries each: about 30 000 per key
+    path = tmp_path / "graph.pkl"
+    path.write_bytes(pickle.dumps({"w": torch.ones(1), **{f"k{i}": graph for i in range(10)}}, protocol=2))
+    with pytest.raises(CorruptFileError, match="implausibly large"):
+        wp.open_source(str(path))
+    single = tmp_path / "one.pkl"
+    single.write_bytes(pickle.dumps({"w": torch.ones(1), "k": graph}, protocol=2))
+    assert list(wp.open_source(str(single))) == ["w"]
