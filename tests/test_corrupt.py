@@ -538,3 +538,67 @@ def test_safe_extraction_budget_is_shared_across_keys(tmp_path, monkeypatch):
     single = tmp_path / "one.pkl"
     single.write_bytes(pickle.dumps({"w": torch.ones(1), "k": graph}, protocol=2))
     assert list(wp.open_source(str(single))) == ["w"]
+
+
+def _zip_state(path: Path, entries: bytes, storage_numel: int = 4) -> Path:
+    """A torch zip whose data.pkl is ``{entries}`` (hand-assembled), over one 16-byte float storage ``"0"``."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}(" + entries + b"u.")
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/data/0", bytes(4 * storage_numel))
+    return path
+
+
+def _long(n: int) -> bytes:
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8b" + struct.pack("<i", len(raw)) + raw  # LONG4
+
+
+def _tensor_pickle(size: list[bytes], stride: list[bytes]) -> bytes:
+    pid = (
+        b"("
+        + b"X\x07\x00\x00\x00storage"
+        + b"ctorch\nFloatStorage\n"
+        + b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+    )
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        + pid
+        + b"K\x00("
+        + b"".join(size)
+        + b"t("
+        + b"".join(stride)
+        + b"t\x89ccollections\nOrderedDict\n)RtR"
+    )
+
+
+@pytest.mark.parametrize("dim", [1 << 63, 1 << 64, 10**5000], ids=["2**63", "2**64", "5000 digits"])
+def test_dimension_no_tensor_can_have_is_refused_when_opened(tmp_path, dim):
+    """A zero-element tensor with a huge dimension is refused at open, before any hook or plan sees it."""
+    path = _zip_state(
+        tmp_path / "t.pth", b"X\x01\x00\x00\x00w" + _tensor_pickle([b"K\x00", _long(dim)], [_long(dim), b"K\x01"])
+    )
+    with pytest.raises(CorruptFileError, match="2\\*\\*63") as err:
+        wp.open_source(str(path))
+    assert str(path) in str(err.value)
+    digits = "1" + "0" * 5000 if dim > 1 << 64 else str(dim)  # str() refuses a 5000-digit int
+    header = ('{"w": {"dtype": "F32", "shape": [0, ' + digits + '], "data_offsets": [0, 0]}}').encode()
+    st = tmp_path / "t.safetensors"
+    st.write_bytes(struct.pack("<Q", len(header)) + header)
+    expect(st, CorruptFileError, "not valid JSON" if dim > 1 << 64 else "'w'")
+
+
+def test_huge_integer_key_is_named_not_a_value_error(tmp_path):
+    key = 10**5000
+    path = _zip_state(tmp_path / "k.pth", _long(key) + _tensor_pickle([b"K\x04"], [b"K\x01"]))
+    src = wp.open_source(str(path))
+    (name,) = list(src)
+    assert "integer of" in name and src[name].shape == (4,)
+
+
+def test_huge_integer_in_a_shard_index_is_a_clear_error(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"w": "a.safetensors"}, "n": ' + "9" * 5000 + "}"
+    )
+    with pytest.raises(CorruptFileError, match="not valid JSON"):
+        wp.open_source(str(tmp_path))

@@ -41,6 +41,7 @@ from weightport.sources.safepickle import (
     StorageRef,
     StorageType,
 )
+from weightport.sources.safepickle.records import MAX_DIM
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +248,14 @@ def _storage_ref(pid: Any, path: str, *, zip_format: bool) -> StorageRef:
     if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] not in ("storage", b"storage"):
         raise CorruptFileError(f"{path}: the pickle references an unknown kind of external object")
     storage_type, key, _location, numel = pid[1:5]
-    if not isinstance(storage_type, StorageType) or type(numel) is not int or numel < 0:
+    if not isinstance(storage_type, StorageType) or type(numel) is not int or not 0 <= numel <= MAX_DIM:
         raise CorruptFileError(f"{path}: a storage record has an unknown type or size")
     if type(key) not in (str, int) or len(str(key)) > 64:
         raise CorruptFileError(f"{path}: a storage record has a malformed key")
     view_offset = 0
     if not zip_format and len(pid) > 5 and pid[5] is not None:
         view = pid[5]
-        if not isinstance(view, tuple) or len(view) != 3 or type(view[1]) is not int or view[1] < 0:
+        if not isinstance(view, tuple) or len(view) != 3 or type(view[1]) is not int or not 0 <= view[1] <= MAX_DIM:
             raise CorruptFileError(f"{path}: a storage view is malformed")
         view_offset = view[1]
     return StorageRef(str(key), storage_type.dtype, numel, view_offset)

@@ -143,6 +143,8 @@ def _collect(obj: Inert, prefix: str, out: dict[str, Any], ancestors: list[int],
 
 
 def _key(k: Any) -> str:
+    if type(k) is int and k.bit_length() > 256:  # str() refuses ints of over 4300 digits
+        return f"<an integer of {k.bit_length()} bits>"
     text = k if isinstance(k, str) else str(k)
     return text if len(text) <= 1000 else text[:1000] + "…"
 
@@ -242,7 +244,7 @@ def _descend(obj: Any, key: str, location: str) -> Any:
 
 
 def _preview(obj: Mapping[Any, Any]) -> str:
-    keys = [_key(repr(k))[:80] for k in list(obj)[:12]]
+    keys = [_key(k if type(k) is int else repr(k))[:80] for k in list(obj)[:12]]
     return ", ".join(keys) + (", …" if len(obj) > 12 else "") if keys else "none"
 
 
