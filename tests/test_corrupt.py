@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import tracemalloc
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from conftest import save_legacy
 
 import weightport as wp
 from weightport.errors import CorruptFileError, SourceNotFoundError, UnsupportedFormatError, WeightportError
+from weightport.sources.safepickle import RestrictedUnpickler
+from weightport.sources.safepickle._stream import MEMORY_PER_BYTE
 
 STATE = {"a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5, dtype=torch.int64)}
 
@@ -405,7 +408,7 @@ def test_hostile_structure_is_a_clear_error(tmp_path, name, stream):
 
 def test_shared_subtrees_are_bounded(tmp_path, monkeypatch):
     """30 levels of dicts, each holding ten references to the level below: 10**30 names if expanded."""
-    monkeypatch.setattr("weightport.sources.unwrap.MAX_VISITS", 20_000)
+    monkeypatch.setattr("weightport.sources.unwrap.MAX_WALK_WORK", 20_000)
     t = torch.ones(1)
     level: dict = {"t": t}
     for _ in range(30):
@@ -480,3 +483,122 @@ def test_cli_reports_corrupt_input_in_one_line(tmp_path, capsys):
         assert main(["port", str(path), "torch.nn:Identity", "--dry-run"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 2 and all(line.startswith("weightport: error: ") and str(path) in line for line in err)
+
+
+@pytest.mark.parametrize("opcode", [b"\x8f", b"]", b"}", b"("], ids=["EMPTY_SET", "EMPTY_LIST", "EMPTY_DICT", "MARK"])
+def test_objects_a_pickle_builds_are_bounded_by_its_size(monkeypatch, opcode):
+    """One-byte opcodes that each create an object: memory stays within the documented bytes per stream byte."""
+    monkeypatch.setattr("weightport.sources.safepickle._stream.BASE_MEMORY", 0)  # only the per-byte allowance
+    stream = b"\x80\x04" + opcode * 150_000 + b"N."
+    tracemalloc.start()
+    try:
+        RestrictedUnpickler(stream).load()
+    except CorruptFileError as e:
+        assert "per byte of stream" in str(e)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 1.5 * MEMORY_PER_BYTE * len(stream), peak / len(stream)
+
+
+class _FakeModule:
+    """Pickled as a placeholder with a module's attributes: safe extraction walks it like an nn.Module."""
+
+
+def _shared_module_graph(depth: int, entries: int) -> _FakeModule:
+    """``depth`` levels of modules, each holding the next one twice and one shared ``entries``-long
+    ``_parameters`` dict of non-tensors: 2**depth paths, each iterating every entry."""
+    shared = {f"p{i}": None for i in range(entries)}
+    node = None
+    for _ in range(depth):
+        parent = _FakeModule()
+        parent.__dict__.update(_parameters=shared, _buffers={}, _modules={} if node is None else {"a": node, "b": node})
+        node = parent
+    return node
+
+
+@pytest.mark.slow
+def test_safe_extraction_counts_every_entry_it_iterates(tmp_path):
+    path = tmp_path / "graph.pkl"
+    path.write_bytes(pickle.dumps({"w": torch.ones(1), "model": _shared_module_graph(14, 10_000)}, protocol=2))
+    assert path.stat().st_size < 200_000
+    with pytest.raises(CorruptFileError, match="implausibly large") as err:
+        wp.open_source(str(path), checkpoint_key="model")
+    assert str(path) in str(err.value)
+
+
+def test_safe_extraction_budget_is_shared_across_keys(tmp_path, monkeypatch):
+    """Each key alone is within the budget; together they are not."""
+    monkeypatch.setattr("weightport.sources.unwrap.MAX_WALK_WORK", 50_000)
+    graph = _shared_module_graph(4, 2_000)  # 15 modules walked, 2 000 entries each: about 30 000 per key
+    path = tmp_path / "graph.pkl"
+    path.write_bytes(pickle.dumps({"w": torch.ones(1), **{f"k{i}": graph for i in range(10)}}, protocol=2))
+    with pytest.raises(CorruptFileError, match="implausibly large"):
+        wp.open_source(str(path))
+    single = tmp_path / "one.pkl"
+    single.write_bytes(pickle.dumps({"w": torch.ones(1), "k": graph}, protocol=2))
+    assert list(wp.open_source(str(single))) == ["w"]
+
+
+def _zip_state(path: Path, entries: bytes, storage_numel: int = 4) -> Path:
+    """A torch zip whose data.pkl is ``{entries}`` (hand-assembled), over one 16-byte float storage ``"0"``."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}(" + entries + b"u.")
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/data/0", bytes(4 * storage_numel))
+    return path
+
+
+def _long(n: int) -> bytes:
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8b" + struct.pack("<i", len(raw)) + raw  # LONG4
+
+
+def _tensor_pickle(size: list[bytes], stride: list[bytes]) -> bytes:
+    pid = (
+        b"("
+        + b"X\x07\x00\x00\x00storage"
+        + b"ctorch\nFloatStorage\n"
+        + b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+    )
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        + pid
+        + b"K\x00("
+        + b"".join(size)
+        + b"t("
+        + b"".join(stride)
+        + b"t\x89ccollections\nOrderedDict\n)RtR"
+    )
+
+
+@pytest.mark.parametrize("dim", [1 << 63, 1 << 64, 10**5000], ids=["2**63", "2**64", "5000 digits"])
+def test_dimension_no_tensor_can_have_is_refused_when_opened(tmp_path, dim):
+    """A zero-element tensor with a huge dimension is refused at open, before any hook or plan sees it."""
+    path = _zip_state(
+        tmp_path / "t.pth", b"X\x01\x00\x00\x00w" + _tensor_pickle([b"K\x00", _long(dim)], [_long(dim), b"K\x01"])
+    )
+    with pytest.raises(CorruptFileError, match="2\\*\\*63") as err:
+        wp.open_source(str(path))
+    assert str(path) in str(err.value)
+    digits = "1" + "0" * 5000 if dim > 1 << 64 else str(dim)  # str() refuses a 5000-digit int
+    header = ('{"w": {"dtype": "F32", "shape": [0, ' + digits + '], "data_offsets": [0, 0]}}').encode()
+    st = tmp_path / "t.safetensors"
+    st.write_bytes(struct.pack("<Q", len(header)) + header)
+    expect(st, CorruptFileError, "not valid JSON" if dim > 1 << 64 else "'w'")
+
+
+def test_huge_integer_key_is_named_not_a_value_error(tmp_path):
+    key = 10**5000
+    path = _zip_state(tmp_path / "k.pth", _long(key) + _tensor_pickle([b"K\x04"], [b"K\x01"]))
+    src = wp.open_source(str(path))
+    (name,) = list(src)
+    assert "integer of" in name and src[name].shape == (4,)
+
+
+def test_huge_integer_in_a_shard_index_is_a_clear_error(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"w": "a.safetensors"}, "n": ' + "9" * 5000 + "}"
+    )
+    with pytest.raises(CorruptFileError, match="not valid JSON"):
+        wp.open_source(str(tmp_path))

@@ -14,6 +14,7 @@ import os
 import pickle
 import struct
 import tempfile
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -302,3 +303,85 @@ def test_machine_agrees_with_pickle_on_plain_data(value, protocol, shared):
     """Differential check: on plain data the machine builds exactly what CPython's pickle builds."""
     obj = [value, value, OrderedDict(a=value)] if shared else value  # shared: memo PUT/GET paths
     assert RestrictedUnpickler(pickle.dumps(obj, protocol=protocol)).load() == obj
+
+
+# -- shard indexes (sharded folders) -----------------------------------------------------------------
+
+INDEX_SEED = (
+    b'{"metadata": {"total_size": 144}, "weight_map": {"conv.weight": "a.safetensors", "steps": "a.safetensors"}}'
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+SHARD_NAMES = st.sampled_from(["a.safetensors", "../a.safetensors", "/etc/passwd", "", "b.bin", "x.index.json", "a"])
+
+
+@st.composite
+def shard_indexes(draw: st.DrawFn) -> bytes:
+    import json
+
+    if draw(st.booleans()):
+        return draw(mutated(INDEX_SEED))
+    names = st.sampled_from(["conv.weight", "steps", "nope", ""]) | st.text(max_size=6)
+    index = {
+        "weight_map": draw(st.dictionaries(names, SHARD_NAMES | JSON_VALUES, max_size=4)),
+        "metadata": draw(JSON_VALUES),
+    }
+    raw = json.dumps(draw(st.sampled_from([index, index["weight_map"], index["metadata"]])))
+    if draw(st.booleans()):  # an integer past Python's digit limit somewhere
+        raw = raw.replace("{", '{"n": ' + "7" * draw(st.integers(4300, 6000)) + ", ", 1)
+    return raw.encode()
+
+
+@FUZZ
+@given(index=shard_indexes())
+def test_fuzz_shard_index(index):
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "a.safetensors").write_bytes(SEEDS[".safetensors"])
+        (Path(d) / "model.safetensors.index.json").write_bytes(index)
+        read_everything(Path(d))
+
+
+# -- tensor records: every dtype, storage type and size a pickle can name ---------------------------
+
+DTYPE_NAMES = sorted({str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)})
+STORAGE_NAMES = sorted(n for n in dir(torch) if n.endswith("Storage"))
+DIMS = st.integers(0, 8) | st.sampled_from([2**31, 2**62, 2**63 - 1, 2**63, 2**64, 10**30])
+
+
+def _int(n: int) -> bytes:
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8b" + struct.pack("<i", len(raw)) + raw
+
+
+@st.composite
+def tensor_zips(draw: st.DrawFn) -> bytes:
+    """A torch zip whose one tensor names any storage type, dtype override, size, stride and offset."""
+    shape = draw(st.lists(DIMS, max_size=3))
+    stride = draw(st.lists(DIMS, min_size=len(shape), max_size=len(shape)))
+    numel = draw(DIMS)
+    storage = f"ctorch\n{draw(st.sampled_from(STORAGE_NAMES))}\n".encode()
+    pid = b"(X\x07\x00\x00\x00storage" + storage + b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpu" + _int(numel) + b"tQ"
+    args = pid + _int(draw(DIMS)) + b"(" + b"".join(map(_int, shape)) + b"t(" + b"".join(map(_int, stride)) + b"t"
+    args += b"\x89ccollections\nOrderedDict\n)R"
+    if draw(st.booleans()):
+        rebuild = (
+            b"ctorch._utils\n_rebuild_tensor_v3\n(" + args + f"ctorch\n{draw(st.sampled_from(DTYPE_NAMES))}\n".encode()
+        )
+    else:
+        rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n(" + args
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}X\x01\x00\x00\x00w" + rebuild + b"tRs.")
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/data/0", bytes(range(64)) * draw(st.integers(0, 2)))
+    return buf.getvalue()
+
+
+@FUZZ
+@given(data=tensor_zips())
+def test_fuzz_tensor_records(data):
+    """Any storage type, dtype and geometry is read faithfully or refused; never a crash or a raw error."""
+    _check_file(".pth", data)

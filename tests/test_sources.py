@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 import weightport as wp
 from weightport.errors import SourceError, SourceNotFoundError, TensorNotFoundError
 from weightport.sources import _mapped
+from weightport.sources._mapped import MappedFile
 
 
 def _same(src: wp.Source, state: dict[str, torch.Tensor]) -> None:
@@ -254,3 +258,31 @@ def test_resnet18_checkpoint_from_data_parallel_into_a_10_class_model(tmp_path):
     feats = nn.Sequential(*list(model.children())[:-1])
     ref = nn.Sequential(*list(pretrained.children())[:-1])
     torch.testing.assert_close(feats(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ext", [".safetensors", ".pth", ".bin"])
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+def test_file_deleted_or_replaced_between_plan_and_apply_is_read_as_planned(tmp_path, ext, change):
+    torch.manual_seed(0)
+    good = nn.Linear(3, 2)
+    path = tmp_path / f"w{ext}"
+    wp.save(good.state_dict(), path)
+    target = nn.Linear(3, 2)
+    plan = wp.plan(str(path), target)
+    if change == "deleted":
+        path.unlink()
+    else:
+        other = tmp_path / f"other{ext}"
+        wp.save(nn.Linear(3, 2).state_dict(), other)
+        os.replace(other, path)
+    plan.apply()
+    assert torch.equal(target.weight, good.weight) and torch.equal(target.bias, good.bias)
+
+
+def test_mapped_file_that_cannot_be_opened_is_a_clear_error_and_silent(tmp_path, monkeypatch):
+    unraisable: list = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(SourceNotFoundError, match="gone"):
+        MappedFile(tmp_path / "missing.safetensors")
+    gc.collect()
+    assert unraisable == []

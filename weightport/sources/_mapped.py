@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from weightport.errors import CorruptFileError
+from weightport.errors import CorruptFileError, SourceNotFoundError
+from weightport.sources._dtypes import check_viewable
 from weightport.sources.base import TensorMeta
 
 _PAGE = mmap.PAGESIZE
@@ -27,14 +28,20 @@ IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 10
 
 
 class MappedFile:
-    """A read-only, copy-on-write mapping of one file, opened on first use."""
+    """A read-only, copy-on-write mapping of one file, mapped on first use.
+
+    The file is opened when the object is made and the descriptor kept until :meth:`close`: a file
+    deleted or renamed over after a source was opened (between plan and apply) is still read whole,
+    as it was. Changing its bytes in place is not guarded against (see SECURITY.md).
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self.size = os.path.getsize(self.path)
         self._mm: mmap.mmap | None = None
         self._fd: int | None = None
         self._lock = threading.Lock()
+        self._fd = _open(self.path)
+        self.size = os.fstat(self._fd).st_size
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
@@ -42,8 +49,7 @@ class MappedFile:
                 if self._mm is None:
                     if self.size == 0:
                         raise CorruptFileError(f"{self.path}: the file is empty")
-                    with open(self.path, "rb") as f:
-                        self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    self._mm = mmap.mmap(self._descriptor(), 0, access=mmap.ACCESS_COPY)
         return self._mm
 
     def check_range(self, offset: int, nbytes: int, what: str) -> None:
@@ -56,6 +62,7 @@ class MappedFile:
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat zero-copy tensor over ``nbytes`` bytes at ``offset``."""
+        check_viewable(dtype, self.path, f"the tensor at byte {offset}")
         itemsize = _itemsize(dtype)
         count = nbytes // itemsize
         if count == 0:
@@ -69,11 +76,10 @@ class MappedFile:
         return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
 
     def _descriptor(self) -> int:
-        if self._fd is None:
-            with self._lock:
-                if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDONLY)
-        return self._fd
+        fd = self._fd
+        if fd is None:  # closed, then used again: open the path anew
+            fd = self._fd = _open(self.path)
+        return fd
 
     def read_run(self, offset: int, outs: list[torch.Tensor]) -> None:
         """Fill contiguous CPU tensors ``outs`` (one or many) from the bytes that follow one another
@@ -123,8 +129,22 @@ class MappedFile:
             self._mm = None
 
     def __del__(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
+        fd = getattr(self, "_fd", None)  # absent when __init__ failed
+        if fd is not None:
+            self._fd = None
+            try:
+                os.close(fd)
+            except OSError:  # already closed at interpreter exit; nothing left to release
+                pass
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as e:
+        raise SourceNotFoundError(f"{path}: the file is gone (deleted or moved after it was found)") from e
+    except OSError as e:
+        raise CorruptFileError(f"{path}: cannot be opened for reading ({e.strerror or e})") from e
 
 
 _nbytes = attrgetter("nbytes")

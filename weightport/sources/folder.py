@@ -135,7 +135,7 @@ def _read_index(path: str) -> tuple[dict[str, str], dict[str, Any]]:
     try:
         with open(path, "rb") as f:
             index = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError, and ints past Python's limit
         raise CorruptFileError(f"{path}: the shard index is not valid JSON ({type(e).__name__}: {e})") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if (

@@ -22,6 +22,7 @@ from weightport.errors import CorruptFileError
 from weightport.sources._mapped import MappedFile, TensorRef, first_overlap
 from weightport.sources.base import SourceInfo
 from weightport.sources.memory import FileSource
+from weightport.sources.safepickle.records import MAX_DIM
 
 #: The longest header read, and the longest a file of unknown type may claim to be taken for safetensors.
 MAX_HEADER = 100 * 1024 * 1024
@@ -144,7 +145,7 @@ def _refs_in_bulk(file: MappedFile, start: int, header: dict[str, object]) -> di
     bounds = [o for pair in offsets for o in pair]
     if {type(x) for x in dims} - {int} or {type(x) for x in bounds} - {int}:
         return None  # floats, strings, and booleans (bool is not int here)
-    if min(dims, default=0) < 0 or min(bounds, default=0) < 0:
+    if min(dims, default=0) < 0 or min(bounds, default=0) < 0 or max(dims, default=0) > MAX_DIM:
         return None
     numels = list(map(math.prod, shapes))
     begins, ends = bounds[0::2], bounds[1::2]
@@ -178,7 +179,7 @@ def _entry_ref(
     if (
         not isinstance(shape, list)
         or len(shape) > 64
-        or not all(type(d) is int and d >= 0 for d in shape)
+        or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
         or not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int and o >= 0 for o in offsets)

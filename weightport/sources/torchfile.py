@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from weightport.errors import CorruptFileError, UnsafeFileError, UnsupportedFormatError
+from weightport.sources._dtypes import check_viewable
 from weightport.sources._mapped import MappedFile, TensorRef, first_overlap
 from weightport.sources.safepickle import (
     Budget,
@@ -40,6 +41,7 @@ from weightport.sources.safepickle import (
     StorageRef,
     StorageType,
 )
+from weightport.sources.safepickle.records import MAX_DIM
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is not a checkpoint
 MAX_TENSOR_BYTES = 1 << 42  # a tensor claiming more is a damaged or hostile file
 MAX_NESTING = 200
 MAX_RATIO = 100  # a compressed data.pkl (re-zipped file) may inflate this much, beyond its first MiB
+BUDGET_RATIO = 16  # ... but its work and memory budgets count at most this many bytes per compressed byte
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_MAGIC = 0x04034B50
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -171,11 +174,21 @@ def _read_zip(path: str, zf: zipfile.ZipFile, raw: Any) -> Parsed:
             located[ref.key] = (file, offset, nbytes)
         return ref
 
-    machine = RestrictedUnpickler(data, storage, embedded_storage=read_embedded_storage)
+    budget = Budget(_justified_size(infos[pkl[0]]))
+    machine = RestrictedUnpickler(data, storage, budget=budget, embedded_storage=read_embedded_storage)
     obj = _where(path, machine.load)
     _check_overlaps(path, spans)
     obj = _Resolver(lambda ref: located[ref.key], byteorder != "little", path).walk(obj)
     return Parsed(obj, "torch-zip", [file], machine.unsafe_globals)
+
+
+def _justified_size(info: zipfile.ZipInfo) -> int:
+    """The stream size a ``data.pkl`` record's budgets are based on: a compressed record (torch never
+    compresses; a re-zipped file) is credited at most :data:`BUDGET_RATIO` times its compressed bytes, so
+    deflate cannot multiply the work and memory a few bytes on disk may ask for."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        return info.file_size
+    return min(info.file_size, max(1 << 20, BUDGET_RATIO * info.compress_size))
 
 
 def _no_data_pkl(infos: dict[str, zipfile.ZipInfo]) -> str:
@@ -235,14 +248,14 @@ def _storage_ref(pid: Any, path: str, *, zip_format: bool) -> StorageRef:
     if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] not in ("storage", b"storage"):
         raise CorruptFileError(f"{path}: the pickle references an unknown kind of external object")
     storage_type, key, _location, numel = pid[1:5]
-    if not isinstance(storage_type, StorageType) or type(numel) is not int or numel < 0:
+    if not isinstance(storage_type, StorageType) or type(numel) is not int or not 0 <= numel <= MAX_DIM:
         raise CorruptFileError(f"{path}: a storage record has an unknown type or size")
     if type(key) not in (str, int) or len(str(key)) > 64:
         raise CorruptFileError(f"{path}: a storage record has a malformed key")
     view_offset = 0
     if not zip_format and len(pid) > 5 and pid[5] is not None:
         view = pid[5]
-        if not isinstance(view, tuple) or len(view) != 3 or type(view[1]) is not int or view[1] < 0:
+        if not isinstance(view, tuple) or len(view) != 3 or type(view[1]) is not int or not 0 <= view[1] <= MAX_DIM:
             raise CorruptFileError(f"{path}: a storage view is malformed")
         view_offset = view[1]
     return StorageRef(str(key), storage_type.dtype, numel, view_offset)
@@ -319,7 +332,7 @@ def _legacy_sections(buf: Any, pos: int, where: str, budget: Budget | None = Non
         if pos + fmt.size > len(buf):
             raise CorruptFileError(f"storage {key!r} starts past the end of the data")
         (numel,) = fmt.unpack_from(buf, pos)
-        nbytes = numel * torch.empty((), dtype=ref.dtype).element_size()
+        nbytes = numel * ref.dtype.itemsize
         if numel != ref.numel or pos + fmt.size + nbytes > len(buf):
             raise CorruptFileError(
                 f"storage {key!r} holds {numel} elements where {ref.numel} were pickled, in {len(buf) - pos} "
@@ -341,6 +354,7 @@ def read_embedded_storage(data: bytes, budget: Budget) -> StorageRef:
         raise CorruptFileError("an embedded storage record is malformed")
     ref = legacy.obj
     offset, nbytes = legacy.storages[ref.key]
+    check_viewable(ref.dtype, "an embedded storage", f"storage {ref.key!r}")
     raw = bytearray(data[offset : offset + nbytes])
     flat = torch.frombuffer(raw, dtype=ref.dtype) if raw else torch.empty(0, dtype=ref.dtype)
     ref.data = flat if legacy.little_endian else _byteswapped(flat)
@@ -373,19 +387,20 @@ class _Resolver:
         self.locate, self.byteswap, self.path = locate, byteswap, path
         self.memo: dict[int, Any] = {}
 
-    def walk(self, x: Any, depth: int = 0) -> Any:
+    def walk(self, x: Any, depth: int = 0, key: Any = None) -> Any:
+        """``x`` resolved; ``key`` is the dict key ``x`` was found under, to name a refused tensor."""
         if depth > MAX_NESTING:
             raise CorruptFileError(f"{self.path}: the checkpoint nests more than {MAX_NESTING} levels deep")
         if id(x) in self.memo:
             return self.memo[id(x)]
         out: Any
         if isinstance(x, PickledTensor):
-            out = self.memo[id(x)] = self._tensor(x)
+            out = self.memo[id(x)] = self._tensor(x, key)
         elif isinstance(x, NumpyArray):
             out = x.tensor if x.tensor is not None else x
         elif type(x) in (dict, collections.OrderedDict):
             out = self.memo[id(x)] = type(x)()
-            out.update((k, self.walk(v, depth + 1)) for k, v in x.items())
+            out.update((k, self.walk(v, depth + 1, k)) for k, v in x.items())
             if type(x) is collections.OrderedDict:
                 out.__dict__.update(x.__dict__)
         elif type(x) is list:
@@ -404,9 +419,12 @@ class _Resolver:
             out = x
         return out
 
-    def _tensor(self, t: PickledTensor) -> Any:
-        ref, what = t.storage, f"a tensor of shape {t.shape}"
-        itemsize = torch.empty((), dtype=t.dtype).element_size()
+    def _tensor(self, t: PickledTensor, key: Any) -> Any:
+        ref = t.storage
+        what = f"tensor {key!r} (shape {t.shape})" if isinstance(key, str) else f"a tensor of shape {t.shape}"
+        check_viewable(t.dtype, self.path, what)
+        check_viewable(ref.dtype, self.path, f"the storage of {what}")
+        itemsize = t.dtype.itemsize
         numel = 1
         for d in t.shape:
             numel *= d

@@ -39,7 +39,10 @@ WRAPPER_KEYS = (
 EMA_KEYS = ("state_dict_ema", "model_ema", "model_ema_state_dict", "ema_state_dict", "ema", "ema_model", "ema_state")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 MAX_TENSORS = 1_000_000  # names one checkpoint may produce
-MAX_VISITS = 1_000_000  # nodes one walk may visit
+MAX_VISITS = 1_000_000  # nodes one judgement of "does this hold weights" may visit
+#: Work one checkpoint's walk may do, shared by all its keys: nodes visited plus entries iterated
+#: (every ``_parameters`` / ``_buffers`` / ``_modules`` entry of every module on every path).
+MAX_WALK_WORK = 5_000_000
 MAX_DEPTH = 100
 
 
@@ -79,10 +82,11 @@ def is_module_like(obj: Any) -> bool:
     return attrs is not None and isinstance(attrs.get("_modules"), dict) and isinstance(attrs.get("_parameters"), dict)
 
 
-def module_state(obj: Inert | torch.nn.Module) -> dict[str, Any]:
+def module_state(obj: Inert | torch.nn.Module, visits: _Visits | None = None) -> dict[str, Any]:
     """The ``state_dict()`` names and tensors recorded in a pickled module graph.
 
-    A real module (only ever met with ``trust_pickle=True``) gives its own ``state_dict()``.
+    A real module (only ever met with ``trust_pickle=True``) gives its own ``state_dict()``. ``visits``
+    is the budget of the enclosing walk, when there is one.
 
     Raises:
         CorruptFileError: The module graph contains itself, or is implausibly large or deep.
@@ -90,13 +94,13 @@ def module_state(obj: Inert | torch.nn.Module) -> dict[str, Any]:
     if isinstance(obj, torch.nn.Module):
         return {k: v for k, v in obj.state_dict().items() if is_leaf(v)}
     out: dict[str, Any] = {}
-    _collect(obj, "", out, [], _Visits())
+    _collect(obj, "", out, [], visits or _Visits())
     return out
 
 
 class _Visits:
     def __init__(self) -> None:
-        self.left = MAX_VISITS
+        self.left = MAX_WALK_WORK
         self.holds: dict[int, bool] = {}  # id -> _holds_weights, so shared nodes are judged once
 
     def holds_weights(self, x: Any) -> bool:
@@ -106,10 +110,12 @@ class _Visits:
             found = self.holds[id(x)] = _holds_weights(x)
         return found
 
-    def tick(self, what: str) -> None:
-        self.left -= 1
+    def tick(self, what: str, n: int = 1) -> None:
+        self.left -= n
         if self.left < 0:
-            raise CorruptFileError(f"{what} is implausibly large (more than {MAX_VISITS} nodes to visit)")
+            raise CorruptFileError(
+                f"{what} is implausibly large (more than {MAX_WALK_WORK} nodes and entries to visit)"
+            )
 
 
 def _collect(obj: Inert, prefix: str, out: dict[str, Any], ancestors: list[int], visits: _Visits) -> None:
@@ -123,17 +129,22 @@ def _collect(obj: Inert, prefix: str, out: dict[str, Any], ancestors: list[int],
     skip = skip if isinstance(skip, (set, frozenset)) else set()
     for kind in ("_parameters", "_buffers"):
         table = attrs.get(kind)
+        visits.tick("the pickled module graph", len(table) if isinstance(table, dict) else 0)
         for name, t in table.items() if isinstance(table, dict) else ():
             if is_leaf(t) and not (kind == "_buffers" and name in skip):
                 _add(out, prefix + _key(name), t)
     ancestors.append(id(obj))
-    for name, child in attrs["_modules"].items() if isinstance(attrs.get("_modules"), dict) else ():
+    children = attrs.get("_modules")
+    visits.tick("the pickled module graph", len(children) if isinstance(children, dict) else 0)
+    for name, child in children.items() if isinstance(children, dict) else ():
         if is_module_like(child):
             _collect(child, f"{prefix}{_key(name)}.", out, ancestors, visits)
     ancestors.pop()
 
 
 def _key(k: Any) -> str:
+    if type(k) is int and k.bit_length() > 256:  # str() refuses ints of over 4300 digits
+        return f"<an integer of {k.bit_length()} bits>"
     text = k if isinstance(k, str) else str(k)
     return text if len(text) <= 1000 else text[:1000] + "…"
 
@@ -233,7 +244,7 @@ def _descend(obj: Any, key: str, location: str) -> Any:
 
 
 def _preview(obj: Mapping[Any, Any]) -> str:
-    keys = [_key(repr(k))[:80] for k in list(obj)[:12]]
+    keys = [_key(k if type(k) is int else repr(k))[:80] for k in list(obj)[:12]]
     return ", ".join(keys) + (", …" if len(obj) > 12 else "") if keys else "none"
 
 
@@ -271,7 +282,7 @@ def _flatten(
         if is_leaf(v):
             _add(found.tensors, name, v)
         elif is_module_like(v):
-            for n, t in module_state(v).items():
+            for n, t in module_state(v, visits).items():
                 _add(found.tensors, f"{name}.{n}", t)
         elif isinstance(v, Mapping) and visits.holds_weights(v):
             _flatten(v, f"{name}.", found, ancestors, visits)

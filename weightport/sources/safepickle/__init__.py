@@ -20,7 +20,10 @@ dict key), or crash or hang the process (truncation, forged lengths, deep nestin
   out-of-band buffers, unknown ones) are refused (:mod:`.machine`, :mod:`.opcodes`).
 * Bounded work and memory: every length is checked against the bytes left before anything
   is allocated; a work budget proportional to the stream's size is charged per opcode and per
-  element copied or checked, and shared with embedded storages; at most 10 000 distinct globals.
+  element copied or checked, and a memory budget (also proportional to it) by the estimated bytes of
+  every object, container entry and memo entry created, both shared with embedded storages; at most
+  10 000 distinct globals. Tensors are viewed only through plain dtypes (quantized, sub-byte and bit
+  dtypes are refused by :mod:`weightport.sources.torchfile`).
 * Every failure is a :class:`~weightport.errors.CorruptFileError`, except
   :class:`NeedsTorchLoad` for tensor kinds it does not rebuild (quantized, sparse …).
 * What :meth:`RestrictedUnpickler.load` returns holds only plain values (containers,

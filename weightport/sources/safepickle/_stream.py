@@ -9,6 +9,11 @@ from weightport.errors import CorruptFileError
 
 BASE_WORK = 10_000_000  # work units any pickle may use, plus WORK_PER_BYTE per byte of the stream
 WORK_PER_BYTE = 4
+#: Estimated bytes of Python objects any pickle may create, plus MEMORY_PER_BYTE per byte of the stream.
+#: A real state dict creates about 10 bytes of objects per byte of its pickle; one-byte opcodes that
+#: each make an empty set, dict or list would create over 200.
+BASE_MEMORY = 64 << 20
+MEMORY_PER_BYTE = 64
 
 U1, U2, I4, U4, U8, F8 = (struct.Struct(f) for f in ("<B", "<H", "<i", "<I", "<Q", ">d"))
 
@@ -59,10 +64,20 @@ class Reader:
 
 
 class Budget:
-    """Work allowed to one load: charged per opcode and per element copied or checked."""
+    """Work and memory allowed to one load: work is charged per opcode and per element copied or
+    checked; memory by the estimated size of every object, container slot and memo entry created."""
 
     def __init__(self, stream_bytes: int) -> None:
         self.left = BASE_WORK + WORK_PER_BYTE * stream_bytes
+        self.memory_left = BASE_MEMORY + MEMORY_PER_BYTE * stream_bytes
+
+    def allocate(self, nbytes: int) -> None:
+        self.memory_left -= nbytes
+        if self.memory_left < 0:
+            raise CorruptFileError(
+                "the pickle builds far more objects than its size justifies (a memory amplification "
+                f"pattern: over {MEMORY_PER_BYTE} bytes of objects per byte of stream); refusing to read further"
+            )
 
     def charge(self, n: int) -> None:
         self.left -= n

@@ -38,7 +38,7 @@ import torch
 from weightport.errors import CorruptFileError
 from weightport.sources.safepickle._stream import Budget, Reader
 from weightport.sources.safepickle.nparrays import NpDtype, NumpyArray
-from weightport.sources.safepickle.opcodes import OPS
+from weightport.sources.safepickle.opcodes import ITEM_COST, MEMORY_COSTS, OPS
 from weightport.sources.safepickle.records import Inert, StandIn, StorageRef
 from weightport.sources.safepickle.standins import SAFE, TORCH_ONLY
 
@@ -117,7 +117,7 @@ class RestrictedUnpickler:
 
     def _run(self) -> Any:
         reader, budget, ops = self.reader, self.budget, OPS
-        data, steps = reader.data, 0
+        data, steps, memory, costs = reader.data, 0, 0, MEMORY_COSTS
         while True:
             pos = reader.pos
             if pos >= reader.end:
@@ -126,6 +126,7 @@ class RestrictedUnpickler:
             reader.pos = pos + 1
             if code == 0x2E:  # STOP
                 budget.charge(steps)
+                budget.allocate(memory)
                 if not self.stack:
                     raise CorruptFileError("the pickle stops with nothing built")
                 return self.stack.pop()
@@ -135,9 +136,11 @@ class RestrictedUnpickler:
                     f"the pickle uses opcode {bytes([code])!r} at byte {pos}, which weightport does not run"
                 )
             steps += 1
+            memory += costs[code]
             if steps == 1024:  # one opcode, one unit of work: charged in batches
                 budget.charge(steps)
-                steps = 0
+                budget.allocate(memory)
+                steps = memory = 0
             handler(self)
 
     # -- used by the opcodes and the stand-ins ---------------------------------------------------------
@@ -255,6 +258,7 @@ class RestrictedUnpickler:
             raise CorruptFileError("the pickle pops a mark it never set")
         items, self.stack = self.stack, self.marks.pop()
         self.budget.charge(len(items))
+        self.budget.allocate(ITEM_COST * len(items))
         return items
 
     def memo_get(self, index: int) -> Any:

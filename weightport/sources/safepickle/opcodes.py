@@ -299,3 +299,58 @@ def _short_binunicode(m: RestrictedUnpickler) -> None:  # 0x8c
 
 
 OPS.update({ord("q"): _binput, ord("h"): _binget, ord("K"): _binint1, 0x8C: _short_binunicode})
+
+
+# -- memory: what each opcode makes, in estimated bytes of Python objects (64-bit CPython) -------------
+
+#: Bytes every opcode may add: one stack slot.
+SLOT_COST = 8
+#: Bytes per value a mark-popping opcode moves into a container (a dict or set entry at its load factor).
+ITEM_COST = 64
+_OBJECT_COSTS = {
+    b"\x8f": 216,  # EMPTY_SET
+    b"\x91": 216,  # FROZENSET
+    b"}": 64,  # EMPTY_DICT
+    b"d": 64,  # DICT
+    b"]": 56,  # EMPTY_LIST
+    b"l": 56,  # LIST
+    b"(": 56,  # MARK: a new stack
+    b"t": 40,  # TUPLE
+    b"\x85": 48,  # TUPLE1
+    b"\x86": 56,  # TUPLE2
+    b"\x87": 64,  # TUPLE3
+    b"J": 32,  # BININT
+    b"M": 32,  # BININT2
+    b"I": 32,  # INT
+    b"L": 40,  # LONG
+    b"\x8a": 40,  # LONG1
+    b"\x8b": 40,  # LONG4
+    b"G": 24,  # BINFLOAT
+    b"F": 24,  # FLOAT
+    b"\x8c": 56,  # SHORT_BINUNICODE (its characters come from the stream, byte for byte)
+    b"X": 56,  # BINUNICODE
+    b"\x8d": 56,  # BINUNICODE8
+    b"V": 56,  # UNICODE
+    b"U": 56,  # SHORT_BINSTRING
+    b"T": 56,  # BINSTRING
+    b"S": 56,  # STRING
+    b"C": 40,  # SHORT_BINBYTES
+    b"B": 40,  # BINBYTES
+    b"\x8e": 40,  # BINBYTES8
+    b"\x96": 64,  # BYTEARRAY8
+    b"p": 64,  # PUT: a memo entry
+    b"q": 64,  # BINPUT
+    b"r": 64,  # LONG_BINPUT
+    b"\x94": 64,  # MEMOIZE
+    b"a": 16,  # APPEND
+    b"s": 64,  # SETITEM
+    b"R": 160,  # REDUCE: a record or placeholder instance and its argument lists
+    b"\x81": 160,  # NEWOBJ
+    b"\x92": 160,  # NEWOBJ_EX
+    b"o": 160,  # OBJ
+    b"i": 160,  # INST
+    b"Q": 160,  # BINPERSID: a storage reference
+    b"P": 160,  # PERSID
+}
+#: Estimated bytes of objects each opcode creates, indexed by opcode byte (charged to the load's Budget).
+MEMORY_COSTS: list[int] = [SLOT_COST + _OBJECT_COSTS.get(bytes([c]), 0) for c in range(256)]

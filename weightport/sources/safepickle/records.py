@@ -13,6 +13,7 @@ import torch
 from weightport.errors import CorruptFileError
 
 MAX_DIMS = 64  # torch's own limit on tensor dimensions
+MAX_DIM = (1 << 63) - 1  # the largest size or stride torch can hold (an int64)
 
 
 class Inert:
@@ -101,7 +102,7 @@ class StandIn:
 
 
 def dims(value: Any, what: str, *, allow_empty: bool = True) -> tuple[int, ...]:
-    """``value`` as a tensor's sizes or strides: at most :data:`MAX_DIMS` non-negative ints."""
+    """``value`` as a tensor's sizes or strides: at most :data:`MAX_DIMS` ints in ``0..MAX_DIM``."""
     if (
         not isinstance(value, (tuple, list))
         or len(value) > MAX_DIMS
@@ -109,4 +110,6 @@ def dims(value: Any, what: str, *, allow_empty: bool = True) -> tuple[int, ...]:
         or not all(type(v) is int and v >= 0 for v in value)
     ):
         raise CorruptFileError(f"a pickled tensor has a malformed {what}")
+    if any(v > MAX_DIM for v in value):
+        raise CorruptFileError(f"a pickled tensor has a {what} entry of over 2**63, which no tensor can have")
     return tuple(value)

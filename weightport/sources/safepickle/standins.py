@@ -18,13 +18,13 @@ import torch
 
 from weightport.errors import CorruptFileError
 from weightport.sources.safepickle.nparrays import numpy_stand_ins
-from weightport.sources.safepickle.records import Inert, PickledTensor, StandIn, StorageRef, StorageType, dims
+from weightport.sources.safepickle.records import MAX_DIM, Inert, PickledTensor, StandIn, StorageRef, StorageType, dims
 
 # -- torch stand-ins -----------------------------------------------------------------------------
 
 
 def _rebuild_tensor(m: Any, storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> PickledTensor:
-    if not isinstance(storage, StorageRef) or type(offset) is not int or offset < 0:
+    if not isinstance(storage, StorageRef) or type(offset) is not int or not 0 <= offset <= MAX_DIM:
         raise CorruptFileError("a pickled tensor does not reference a storage")
     shape, strides = dims(size, "size"), dims(stride, "stride")
     if len(shape) != len(strides):
