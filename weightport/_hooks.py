@@ -78,8 +78,9 @@ def replay(
         }
         if not plain:
             continue
+        specs = {i: (tuple(shapes[r[0]]), dtypes[r[0]]) for i, r in plain.items()}  # a failing read is an error
         try:
-            markers = {i: torch.empty(tuple(shapes[r[0]]), dtype=dtypes[r[0]], device="meta") for i, r in plain.items()}
+            markers = {i: torch.empty(shape, dtype=dtype, device="meta") for i, (shape, dtype) in specs.items()}
         except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # a shape torch cannot represent
             log.debug("not replaying %s's loading hook: %s", type(module).__name__, e)
             continue
