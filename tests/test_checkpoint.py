@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import sys
 import threading
 
@@ -832,3 +833,38 @@ def test_a_scheduler_that_cannot_be_copied_is_checked_on_itself_and_put_back(tmp
     assert (sched.n, sched.phases) == (0, [0, 0]) and _unchanged(model2, opt2, snap)
     state = wp.checkpoint.resume(path, model=model2, optimizer=opt2, scheduler=_Phases(3))
     assert "scheduler" in state.restored
+
+
+class _InterruptedLoad:
+    """A scheduler-like object whose real load (the second; the first is the check on a copy) is hit by Ctrl-C."""
+
+    loads = 0
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def state_dict(self) -> dict:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        type(self).loads += 1
+        if type(self).loads == 2:
+            signal.raise_signal(signal.SIGINT)
+        self.n = state["n"]
+
+
+def test_ctrl_c_during_a_resume_is_held_until_every_part_is_restored(trained):
+    model, opt, _, path = trained
+    saved = _InterruptedLoad()
+    saved.n = 5
+    wp.checkpoint.save(path, model=model, optimizer=opt, scheduler=saved)
+    expected_rng = torch.get_rng_state().clone()  # saved in the file, restored last
+    torch.manual_seed(1)
+    model2, opt2, _ = _setup(seed=9)
+    _InterruptedLoad.loads = 0
+    sched = _InterruptedLoad()
+    with pytest.raises(KeyboardInterrupt):
+        wp.checkpoint.resume(path, model=model2, optimizer=opt2, scheduler=sched)
+    assert sched.n == 5 and opt2.state  # the interrupted part and the parts after it were restored too
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from weightport.api import plan as plan_transfer
+from weightport.apply import _interrupts_deferred
 from weightport.checkpoint import _optim, _rng
 from weightport.checkpoint._format import CheckpointFile
 from weightport.checkpoint._optim import OptimizerReport
@@ -212,8 +213,11 @@ def _resume(
             if not isinstance(extra, dict) or not isinstance(metrics, dict):
                 raise CheckpointError(f"{ckpt.path}: the saved extra or metrics are not a dict; the file is damaged")
         _note_unused_parts(body, optimizer, scheduler, scaler, pending)
-        report = planned.apply()  # the last step that can refuse; what follows only assigns checked states
-        restored = ["model", *(r for r in _run(pending, ckpt.path) if r != "rebind")]
+        # Ctrl-C is held from the model's commit until every part is restored, then handed to the
+        # process's own SIGINT handling: an interrupted resume never leaves the model loaded alone.
+        with _interrupts_deferred():
+            report = planned.apply()  # the last step that can refuse; what follows only assigns checked states
+            restored = ["model", *(r for r in _run(pending, ckpt.path) if r != "rebind")]
     state = ResumeState(
         path=ckpt.path,
         epoch=body.get("epoch"),

@@ -288,18 +288,3 @@ _DECODERS: dict[str, Callable[[dict, Inner, Leaf, str], Any]] = {
 
 def _hashable(key: Any) -> Any:
     return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
-
-
-def tensor_keys(doc: Any) -> list[str]:
-    """Every tensor key a document refers to (for ``$ndarray`` too), in order."""
-    out: list[str] = []
-    if isinstance(doc, list):
-        for v in doc:
-            out.extend(tensor_keys(v))
-    elif isinstance(doc, dict):
-        for marker in ("$tensor", "$ndarray"):
-            if isinstance(doc.get(marker), str):
-                out.append(doc[marker])
-        for v in doc.values():
-            out.extend(tensor_keys(v))
-    return out
