@@ -489,7 +489,7 @@ def test_cli_reports_corrupt_input_in_one_line(tmp_path, capsys):
 def test_objects_a_pickle_builds_are_bounded_by_its_size(monkeypatch, opcode):
     """One-byte opcodes that each create an object: memory stays within the documented bytes per stream byte."""
     monkeypatch.setattr("weightport.sources.safepickle._stream.BASE_MEMORY", 0)  # only the per-byte allowance
-    stream = b"\x80\x04" + opcode * 150_000 + b"N."
+    stream = b"\x80\x04" + opcode * 100_000 + b"N."
     tracemalloc.start()
     try:
         RestrictedUnpickler(stream).load()
