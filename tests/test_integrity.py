@@ -228,3 +228,17 @@ def test_check_finite_checks_values_as_they_will_be_stored(how):
     assert torch.equal(model.weight.detach(), before)
     report = wp.transfer(state, model, check_finite="report", **options)
     assert any("once cast to float16" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_check_finite_reads_float8_tensors(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "f8.safetensors"
+    save_file({"weight": torch.ones(2, 2).to(dtype)}, str(path))
+    model = torch.nn.Linear(2, 2, bias=False).to(dtype)
+    wp.transfer(path, model, check_finite=True)
+    assert torch.equal(model.weight.float(), torch.ones(2, 2))
+    save_file({"weight": torch.full((2, 2), float("nan")).to(dtype)}, str(path))
+    with pytest.raises(NonFiniteError):
+        wp.transfer(path, torch.nn.Linear(2, 2, bias=False).to(dtype), check_finite=True)
