@@ -110,3 +110,9 @@ def test_names_from_files_reach_the_terminal_escaped_and_port_out_completes(tmp_
     out = capsys.readouterr().out
     assert "\x1b" not in out and "x.²" in out and "saved to" in out
     assert set(load_file(str(saved))) == set(trained().state_dict())
+
+
+def test_port_out_to_a_folder_is_one_line_and_exit_2(ckpt, tmp_path, capsys):
+    assert main(["port", str(ckpt), f"{TARGET}(num_classes=10)", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("weightport: error:") and "is a folder" in err and len(err.splitlines()) == 1

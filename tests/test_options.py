@@ -75,3 +75,12 @@ def test_apply_time_options_belong_to_apply_and_default_to_the_plans():
     assert all(p.dtype is torch.float16 for p in model.parameters())
     with pytest.raises(OptionError, match="unknown option 'strict'"):
         wp.plan(source, TinyNet()).apply(strict=True)  # a planning option: too late to apply
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_before_anything_changes():
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(OptionError, match="no CUDA device is available"):
+        wp.transfer(trained().state_dict(), model, device="cuda")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

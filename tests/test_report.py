@@ -190,3 +190,16 @@ def test_rendering_a_report_never_fails_whatever_the_names(names):
     for text in (report.summary(), str(report), report.to_markdown()):
         assert not any(ord(c) < 0x20 and c != "\n" for c in text)
     assert len(group_names(names)) <= len(names)
+
+
+def test_torch_and_transformers_words_are_views_of_the_entries():
+    state = trained().state_dict()
+    del state["fc.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["dropped.weight"] = torch.zeros(1)
+    state["blocks.0.0.weight"] = torch.zeros(8, 8, 1, 1)
+    report = wp.plan(state, TinyNet(), rules=[wp.drop("dropped.**")]).report
+    assert report.missing_keys == ["fc.bias"]
+    assert set(report.unexpected_keys) == {"blocks.0.0.weight", "extra.weight"}  # the refused one too
+    assert "dropped.weight" not in report.unexpected_keys
+    assert report.mismatched_keys == [("blocks.0.0.weight", (8, 8, 1, 1), (8, 8, 3, 3))]

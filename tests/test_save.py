@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TiedLM, trained
+from conftest import TiedLM, TinyNet, trained
 from safetensors.torch import load_file
 
 import weightport as wp
@@ -45,3 +45,44 @@ def test_save_refuses_bad_input_and_keeps_the_old_file(tmp_path):
         wp.save({"a": torch.zeros(2)}, path, metadata={"x": 1})  # type: ignore[dict-item]
     assert torch.equal(load_file(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary files left behind
+
+
+@pytest.mark.parametrize("ext", [".pt", ".pth", ".bin"])
+def test_torch_extensions_write_a_file_torch_load_reads_safely(tmp_path, ext):
+    model = trained()
+    path = tmp_path / f"model{ext}"
+    wp.save(model, path)
+    back = torch.load(path, weights_only=True)
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    report = wp.transfer(path, TinyNet(), strict=True)  # and weightport reads it back
+    assert len(report.loaded) == len(back)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("folder", "is a folder"),
+        ("missing/model.safetensors", "does not exist"),
+        ("model.npz", "unknown extension '.npz'"),
+        ("model", r"unknown extension '\(none\)'"),
+    ],
+)
+def test_a_path_that_cannot_be_saved_to_is_a_save_error(tmp_path, where, message):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(wp.errors.SaveError, match=message) as info:
+        wp.save(trained(), tmp_path / where)
+    assert isinstance(info.value, OSError) and str(tmp_path) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]  # nothing written
+
+
+def test_an_unwritable_folder_is_a_save_error(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        target = "/proc/weightport-test.safetensors"  # not writable even as root
+    else:
+        tmp_path.chmod(0o500)
+        target = str(tmp_path / "model.safetensors")
+    with pytest.raises(wp.errors.SaveError, match="cannot write"):
+        wp.save(trained(), target)

@@ -28,6 +28,7 @@ __all__ = [
     "OptionError",
     "PatternError",
     "PlanError",
+    "SaveError",
     "ShapeMismatchError",
     "SourceError",
     "SourceNotFoundError",
@@ -218,6 +219,14 @@ class TargetError(WeightportError, LookupError):
 
 class NonFiniteError(WeightportError, ValueError):
     """A tensor holds NaN or Inf values and ``check_finite=True``."""
+
+
+class SaveError(WeightportError, OSError):
+    """A file cannot be written where or as asked (a folder, a missing folder, an unknown
+    extension, no permission, a full disk)."""
+
+    def __str__(self) -> str:  # OSError would format its arguments as a tuple
+        return str(self.args[0]) if self.args else ""
 
 
 class CheckpointError(WeightportError):

@@ -216,9 +216,14 @@ def as_device(
 ) -> torch.device | None:
     """``value`` as a ``torch.device`` (``None`` stays ``None``); anything else raises ``error``
     naming the ``argument`` it was given as."""
-    if value is None or isinstance(value, torch.device):
+    if value is None:
         return value
     try:
-        return torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, TypeError) as e:
         raise error(f"{argument}={value!r} is not a torch device such as 'cpu', 'cuda' or 'cuda:1' ({e})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise error(f"{argument}={value!r}: no CUDA device is available here (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise error(f"{argument}={value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -297,6 +297,24 @@ class TransferReport:
         return [_entry(r) for r in self._table.other_rows if r.status == "fresh" and r.reason == "shape mismatch"]
 
     @property
+    def missing_keys(self) -> list[str]:
+        """Target keys no source tensor fed (torch's ``load_state_dict`` word): fresh, not for a
+        shape mismatch (those are :attr:`mismatched_keys`)."""
+        return [e.target for e in self.fresh if e.reason != "shape mismatch"]
+
+    @property
+    def unexpected_keys(self) -> list[str]:
+        """Source keys that fed no target (torch's word): :attr:`unused`; keys a rule dropped on
+        purpose are not unexpected."""
+        return list(self.unused)
+
+    @property
+    def mismatched_keys(self) -> list[tuple[str, tuple[int, ...] | None, tuple[int, ...]]]:
+        """``(target key, source shape, target shape)`` of targets left fresh for their shape
+        (transformers' ``mismatched_keys``)."""
+        return [(e.target, e.source_shape, e.target_shape) for e in self.skipped]
+
+    @property
     def coverage(self) -> float:
         """Share of target parameter elements (each shared tensor once) that received
         pretrained values."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from weightport.errors import CheckpointError, CorruptFileError, SourceError, SourceNotFoundError
-from weightport.saving import save as save_tensors
+from weightport.saving import write_safetensors
 from weightport.sources import open_source
 from weightport.sources.base import Source, SourceInfo, TensorMeta
 from weightport.sources.safetensors import read_header
@@ -37,7 +37,7 @@ def write(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], bod
         text = json.dumps({"version": VERSION, **body}, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:  # the encoder makes this unreachable; keep the message useful
         raise CheckpointError(f"{os.fspath(path)}: checkpoint metadata is not JSON ({e})") from e
-    save_tensors(tensors, path, metadata={FORMAT_KEY: FORMAT, BODY_KEY: text})
+    write_safetensors(tensors, os.fspath(path), metadata={FORMAT_KEY: FORMAT, BODY_KEY: text})
 
 
 def is_checkpoint(metadata: Mapping[str, str]) -> bool:

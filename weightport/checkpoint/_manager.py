@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
 _MODES = ("min", "max")
 _RETRIES = 5  # listings, and resumes, of a folder that another process rotated meanwhile
+_EMPTY_RETRIES = 200  # listings while every file seen vanished: a writer rotating faster than we list
 _GONE = object()  # a file removed while it was read
 
 
@@ -241,10 +242,10 @@ class Manager:
         that vanishes between the listing and its reading is left out, silently (it is not damaged),
         and the folder is listed again, so that the file its writer saved meanwhile is seen."""
         found: builtins.list[_Record] = []
-        for _ in range(_RETRIES):
+        for attempt in range(_EMPTY_RETRIES):
             found, vanished = self._scan()
-            if not vanished:
-                break
+            if not vanished or (found and attempt + 1 >= _RETRIES):
+                break  # a stable listing, or after a few tries one that holds something
         found.sort(key=lambda r: (r.stamp, r.path.name))
         return found
 
