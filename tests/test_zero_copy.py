@@ -70,3 +70,9 @@ def test_zero_copy_from_an_in_memory_source_copies(trained_file):
     report = wp.transfer(state, model, zero_copy=True)
     assert report.stats["zero_copy_tensors"] == 0
     assert model.conv1.weight.data_ptr() != state["conv1.weight"].data_ptr()
+
+
+def test_the_documented_zero_copy_semantics_are_the_tested_ones():
+    """Writes to zero-copy tensors give private copy-on-write pages (tested above); the docs say so."""
+    doc = " ".join((wp.transfer.__doc__ or "").split())
+    assert "private copy-on-write pages" in doc and "writing to those tensors raises" not in doc
