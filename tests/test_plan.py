@@ -156,7 +156,7 @@ def test_fuse_incomplete_is_reported():
             self.qkv = nn.Linear(4, 12)
 
     state = {"q.weight": torch.ones(4, 4), "k.weight": torch.ones(4, 4)}
-    p = wp.plan(state, QKV(), rules=[wp.fuse(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}")])
+    p = wp.plan(state, QKV(), rules=[wp.fuse(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}")], allow_empty=True)
     assert p.report["qkv.weight"].status == "fresh"
     assert any("incomplete" in w for w in p.report.warnings)
 
@@ -298,3 +298,29 @@ def test_a_shape_torch_cannot_build_does_not_break_a_loading_hook_replay():
     routed = [("weight", None, Output("weight"))]
     out = replay(Hooked(2, 2), routed, {"weight": (0, 2**63)}, {"weight": torch.float32}, None)
     assert out == routed  # left as it was: no TypeError from building the meta stand-in
+
+
+def test_a_transfer_that_loads_nothing_is_refused_with_the_likely_cause():
+    from weightport.errors import NothingLoadedError, StrictnessError
+
+    state = trained().state_dict()
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lightning = {f"model.{k}": v for k, v in state.items()}  # a Lightning-style checkpoint
+    with pytest.raises(NothingLoadedError, match=r"starts with 'model\.'.*strip_prefix\('model\.'\)") as info:
+        wp.transfer(lightning, model)
+    assert info.value.report is not None and len(info.value.report.fresh) == len(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+    assert isinstance(info.value, StrictnessError)  # the CLI's exit 1
+    wrapped = nn.Sequential()
+    wrapped.add_module("net", TinyNet())
+    with pytest.raises(NothingLoadedError, match=r"add_prefix\('net\.'\)"):
+        wp.plan(state, wrapped)
+    ckpt = {f"model/{k}": v for k, v in state.items()}
+    with pytest.raises(NothingLoadedError, match="weightport training checkpoint"):
+        wp.plan(ckpt, TinyNet())
+    other = {"encoder.layer.0.weight": torch.zeros(3), "encoder.layer.0.bias": torch.zeros(3)}
+    with pytest.raises(NothingLoadedError, match="weightport suggest SOURCE TARGET"):
+        wp.plan(other, TinyNet())
+    report = wp.transfer(other, model, allow_empty=True)  # intended: allowed, and reported
+    assert not report.loaded and len(report.unused) == 2

@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import weightport as wp
-from weightport.errors import CollisionError
+from weightport.errors import CollisionError, NothingLoadedError
 
 SHAPES = {"weight": (3, 2), "bias": (3,), "gamma": (2,)}
 
@@ -155,7 +156,10 @@ def test_planning_agrees_with_the_naive_oracle(s: Scenario) -> None:
             assert {c.target for c in e.collisions} == want["collisions"]
             return
         raise AssertionError("no CollisionError")
-    planned = wp.plan(s.state, model, rules=s.rules)
+    if not want["renamed"]:  # nothing would load: refused unless the caller says it is intended
+        with pytest.raises(NothingLoadedError):
+            wp.plan(s.state, _model(s), rules=s.rules)
+    planned = wp.plan(s.state, model, rules=s.rules, allow_empty=True)
     report = planned.report
     got = {e.target: (e.status, e.sources, e.reason) for e in report.entries}
     assert got == want["entries"]
@@ -180,7 +184,7 @@ def test_a_file_source_plans_what_a_state_dict_plans(tmp_path_factory: Any, s: S
     outcomes = []
     for source in (s.state, str(path)):
         try:
-            report = wp.plan(source, _model(s), rules=s.rules).report
+            report = wp.plan(source, _model(s), rules=s.rules, allow_empty=True).report
             outcomes.append(([(e.target, e.status, e.sources, e.reason) for e in report.entries], set(report.unused)))
         except CollisionError as e:
             outcomes.append(("collision", {c.target for c in e.collisions}))

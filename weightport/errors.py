@@ -24,6 +24,7 @@ __all__ = [
     "HashMismatchError",
     "MappingError",
     "NonFiniteError",
+    "NothingLoadedError",
     "OpError",
     "OptionError",
     "PatternError",
@@ -207,6 +208,18 @@ class StrictnessError(PlanError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild_strictness, (str(self), self.report, self.problems))
+
+
+class NothingLoadedError(StrictnessError):
+    """A transfer would load no tensor at all (and ``allow_empty`` is not set): the message says
+    what the names suggest; ``report`` is the preview."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_nothing, (str(self), self.report))
+
+
+def _rebuild_nothing(message: str, report: TransferReport | None) -> NothingLoadedError:
+    return NothingLoadedError(message, report=report)
 
 
 def _rebuild_strictness(message: str, report: TransferReport | None, problems: tuple[str, ...]) -> StrictnessError:

@@ -89,6 +89,13 @@ class PlanOptions:
     require: tuple[str, ...] = field(
         default=(), metadata=_doc("Glob patterns of target tensors that must load (``'backbone.*'``).")
     )
+    allow_empty: bool = field(
+        default=False,
+        metadata=_doc(
+            "Allow a transfer that loads no tensor at all. By default it raises NothingLoadedError, whose "
+            "message names the likely cause (a prefix, a training checkpoint, another architecture)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.on_mismatch not in ON_MISMATCH:

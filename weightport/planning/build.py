@@ -13,13 +13,14 @@ from torch import nn
 from weightport._gc import gc_paused
 from weightport._hooks import has_custom_loading
 from weightport.apply import apply_plan
-from weightport.errors import StrictnessError
+from weightport.errors import NothingLoadedError, StrictnessError
 from weightport.mapping.core import Mapping
 from weightport.mapping.files import shipped_dir
 from weightport.mapping.rules import Drop, Rule
 from weightport.options import ApplyOptions, PlanOptions
 from weightport.planning.data import Recipes, Target, TransferPlan
 from weightport.planning.decide import Decisions, decide
+from weightport.planning.diagnose import nothing_loaded
 from weightport.planning.route import Routes, route
 from weightport.planning.targets import check_meta_buffers, collect_targets, scope_of, ties
 from weightport.report import EntryTable, LoadedColumns, Row, TransferReport, group_names
@@ -53,6 +54,8 @@ def _build(
     routes = route(source, keys, mapping, targets, scope, hooks=any(map(has_custom_loading, modules)))
     decided = decide(source, targets, ties(targets), routes, options.on_mismatch, scope)
     report = _report(source, keys, targets, routes, decided, mapping, options.into)
+    if targets and not decided.lane.names and not decided.recipes and not options.allow_empty:
+        raise NothingLoadedError(nothing_loaded(keys, list(targets), source.info.location), report=report)
     _check_strictness(report, options.strict, options.require)
     return TransferPlan(
         source=source,
