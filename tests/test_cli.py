@@ -116,3 +116,16 @@ def test_port_out_to_a_folder_is_one_line_and_exit_2(ckpt, tmp_path, capsys):
     assert main(["port", str(ckpt), f"{TARGET}(num_classes=10)", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("weightport: error:") and "is a folder" in err and len(err.splitlines()) == 1
+
+
+def test_port_prints_the_summary_the_table_on_request_and_nothing_when_quiet(ckpt, capsys):
+    target = f"{TARGET}(num_classes=10)"
+    assert main(["port", str(ckpt), target, "--dry-run"]) == 0
+    summary = capsys.readouterr().out
+    assert summary.startswith("planned (dry run):") and "conv1.weight" not in summary
+    assert "fresh (shape mismatch): fc.weight, fc.bias" in summary
+    assert main(["port", str(ckpt), target, "--dry-run", "-v"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("target") and "conv1.weight" in table and "planned (dry run):" in table
+    assert main(["port", str(ckpt), target, "--dry-run", "-q"]) == 0
+    assert capsys.readouterr().out == ""

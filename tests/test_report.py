@@ -203,3 +203,18 @@ def test_torch_and_transformers_words_are_views_of_the_entries():
     assert set(report.unexpected_keys) == {"blocks.0.0.weight", "extra.weight"}  # the refused one too
     assert "dropped.weight" not in report.unexpected_keys
     assert report.mismatched_keys == [("blocks.0.0.weight", (8, 8, 1, 1), (8, 8, 3, 3))]
+
+
+def test_fresh_parameters_are_announced_at_warning_and_in_the_report(caplog):
+    import logging
+
+    state = trained().state_dict()
+    with caplog.at_level(logging.WARNING, logger="weightport"):
+        report = wp.transfer(state, TinyNet(num_classes=3))  # the head's shape differs: fresh
+    note = "2 parameter(s) not loaded, keeping their initialisation: fc.weight, fc.bias"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [note]
+    assert note in report.warnings and f"warning: {note}" in report.summary()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="weightport"):
+        report = wp.transfer(state, TinyNet())
+    assert not caplog.records and report.fresh_parameters_note() is None

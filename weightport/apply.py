@@ -100,6 +100,9 @@ def _apply(plan: TransferPlan, options: ApplyOptions) -> TransferReport:
             plan.applied = True
     done = time.perf_counter()
     stats.update(commit_s=done - ready, seconds=done - start)  # plain float values: cannot fail
+    note = report.fresh_parameters_note()
+    if note is not None:
+        log.warning("%s", note)  # logging reports its own failures; it never raises here
     return report
 
 

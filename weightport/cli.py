@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     port.add_argument("--out", "-o", help="save the ported weights here (safetensors)")
     port.add_argument("--dry-run", action="store_true", help="plan only: read no tensor data, write nothing")
     port.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    shown = port.add_mutually_exclusive_group()
+    shown.add_argument("--table", "-v", action="store_true", help="print every tensor's row, not only the summary")
+    shown.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     _source_options(port)
     port.set_defaults(run=_port)
 
@@ -218,8 +221,8 @@ def _port(args: argparse.Namespace) -> int:
         wp.save(model, args.out, metadata={"weightport.source": str(args.source), "weightport.target": args.target})
     if args.json:
         _say(report.to_json())
-    else:
-        _say(report)
+    elif not args.quiet:
+        _say(report if args.table else report.summary())
         if args.out and not args.dry_run:
             _say(f"saved to {args.out}")
     return EXIT_OK

@@ -296,6 +296,14 @@ class TransferReport:
         """Fresh entries refused for a shape mismatch."""
         return [_entry(r) for r in self._table.other_rows if r.status == "fresh" and r.reason == "shape mismatch"]
 
+    def fresh_parameters_note(self) -> str | None:
+        """One line naming the parameters that load nothing (grouped), or ``None``: what a transfer
+        announces on the ``weightport`` logger at WARNING, and ``warnings`` carries."""
+        names = [e.target for e in self.fresh if e.is_parameter and e.tied_to is None]
+        if not names:
+            return None
+        return f"{len(names)} parameter(s) not loaded, keeping their initialisation: {_grouped(names)}"
+
     @property
     def missing_keys(self) -> list[str]:
         """Target keys no source tensor fed (torch's ``load_state_dict`` word): fresh, not for a

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import filterfalse
 
 from torch import nn
@@ -54,6 +55,9 @@ def _build(
     routes = route(source, keys, mapping, targets, scope, hooks=any(map(has_custom_loading, modules)))
     decided = decide(source, targets, ties(targets), routes, options.on_mismatch, scope)
     report = _report(source, keys, targets, routes, decided, mapping, options.into)
+    note = report.fresh_parameters_note()
+    if note is not None:
+        report = replace(report, warnings=(*report.warnings, note))
     if targets and not decided.lane.names and not decided.recipes and not options.allow_empty:
         raise NothingLoadedError(nothing_loaded(keys, list(targets), source.info.location), report=report)
     _check_strictness(report, options.strict, options.require)
