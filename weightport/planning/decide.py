@@ -20,6 +20,7 @@ from torch import nn
 from weightport.errors import Collision, CollisionError, Mismatch, OpError, ShapeMismatchError
 from weightport.mapping.ops import OpCall, get_op, list_adapters
 from weightport.mapping.rules import Rule
+from weightport.options import OnMismatch
 from weightport.planning.data import Input, LoadedLane, Recipe, Target, infer_shape
 from weightport.planning.route import Candidate, Routes
 from weightport.sources.base import Source, TensorMeta
@@ -55,7 +56,7 @@ def decide(
     targets: dict[str, Target],
     ties: dict[str, list[str]],
     routes: Routes,
-    on_mismatch: str,
+    on_mismatch: OnMismatch,
     scope: nn.Module,
 ) -> Decisions:
     """Every canonical target's recipe or fresh reason.
@@ -100,7 +101,7 @@ class _General:
     targets: dict[str, Target]
     ties: dict[str, list[str]]
     routes: Routes
-    on_mismatch: str
+    on_mismatch: OnMismatch
     scope: nn.Module
     out: Decisions
     collisions: list[Collision] = field(default_factory=list)
