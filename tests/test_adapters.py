@@ -168,11 +168,35 @@ class _Classifier(nn.Module):
         self.head = nn.Linear(4, classes)
 
 
+def test_adapt_keeps_meaning_and_leaves_a_resized_head_and_vocabulary_fresh():
+    src = _Classifier()
+    dst = _Classifier(in_chans=1, classes=5, vocab=24)
+    head_before, embed_before = dst.head.weight.clone(), dst.embed.weight.clone()
+    report = wp.transfer(src, dst, on_mismatch="adapt")
+    assert {e.target: e.ops for e in report.adapted} == {"stem.weight": ("in_channels 3->1",)}
+    fresh = {e.target: e.reason for e in report.fresh}
+    assert fresh == {"head.weight": "shape mismatch", "head.bias": "shape mismatch", "embed.weight": "shape mismatch"}
+    assert torch.equal(dst.head.weight, head_before) and torch.equal(dst.embed.weight, embed_before)
+    assert report.coverage < 1.0
+    assert set(wp.list_adapters(auto=True)) == {"in_channels", "pos_embed", "patch_embed"}
+
+
+def test_head_and_vocab_adapt_when_asked_by_option_or_class_index_map():
+    torch.manual_seed(0)
+    src = _Classifier()
+    dst = _Classifier(classes=3)
+    report = wp.transfer(src, dst, adapters={"head": {"index": [7, -1, 2]}})  # on_mismatch stays "skip"
+    assert report["head.weight"].status == "adapted" and report["head.weight"].ops == ("head 10->3 index[3]",)
+    assert torch.equal(dst.head.weight[0], src.head.weight[7]) and torch.equal(dst.head.weight[2], src.head.weight[2])
+    with pytest.raises(wp.errors.OptionError, match="'haed' is not a shape adapter; did you mean 'head'"):
+        wp.transfer(src, dst, adapters=["haed"])
+
+
 def test_adapt_picks_each_adapter_and_reports_it():
     torch.manual_seed(0)
     src = _Classifier()
     dst = _Classifier(in_chans=1, classes=5, vocab=24)
-    report = wp.transfer(src, dst, on_mismatch="adapt")
+    report = wp.transfer(src, dst, on_mismatch="adapt", adapters=["head", "vocab"])
     ops = {e.target: e.ops for e in report.adapted}
     assert ops == {
         "stem.weight": ("in_channels 3->1",),

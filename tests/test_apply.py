@@ -197,7 +197,7 @@ def test_ops_and_fuse_values_are_exact():
     assert torch.equal(model.proj.weight, w.t())
     e = r["qkv.weight"]
     assert (e.status, e.sources, e.ops, e.source_shape) == (
-        "adapted",
+        "loaded",  # an exact re-layout: the source's values, listed ops
         ("q.weight", "k.weight", "v.weight"),
         ("fuse[3]",),
         (12, 4),

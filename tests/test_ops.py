@@ -140,3 +140,40 @@ def test_user_callables_and_registered_ops_work_in_rules():
 def test_register_op_rejects_a_bad_target_kind():
     with pytest.raises(ValueError, match="target must be"):
         wp.register_op("x", target="everything")
+
+
+def test_exact_layout_ops_report_loaded_and_value_changing_ops_adapted(monkeypatch):
+    """``loaded`` means the source's values (re-laid out by exact ops, ops listed); ``adapted``
+    means values changed to fit: pad, scale, adapters, and any op weightport cannot vouch for."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for name in ("t", "r", "c", "p", "s", "f", "u"):
+                self.register_parameter(name, torch.nn.Parameter(torch.zeros(2, 3)))
+
+    import weightport.mapping.ops as ops
+
+    monkeypatch.setattr(ops, "_OPS", dict(ops._OPS))  # the registration below ends with the test
+
+    @wp.register_op("wp_test_identity")
+    def identity(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    state = {k: torch.arange(6.0).reshape(s) for k, s in [("t", (3, 2)), ("r", (6,)), ("c", (2, 3))]}
+    state |= {"p": torch.ones(2, 2), "s": torch.ones(2, 3), "f": torch.ones(2, 3), "u": torch.ones(2, 3)}
+    rules = [
+        wp.transform("t", "t", "transpose"),
+        wp.transform("r", "r", "reshape", shape=[2, 3]),
+        wp.transform("c", "c", "cast", dtype="float64"),
+        wp.transform("p", "p", "pad"),
+        wp.transform("s", "s", "scale", factor=2.0),
+        wp.transform("f", "f", lambda x: x + 1),
+        wp.transform("u", "u", "wp_test_identity"),
+    ]
+    report = wp.transfer(state, Net(), rules=rules, strict=True)
+    status = {e.target: e.status for e in report.entries}
+    assert status == dict(t="loaded", r="loaded", c="loaded", p="adapted", s="adapted", f="adapted", u="adapted")
+    assert report.coverage == 1.0 and report.exact_coverage == pytest.approx(3 / 7)
+    assert "(42.86% exact)" in report.summary() and report.to_dict()["exact_coverage"] == report.exact_coverage
+    assert get_op("split").exact and not get_op("pad").exact and not get_op("in_channels").exact

@@ -173,7 +173,7 @@ def test_split_sizes_follow_the_targets_for_uneven_parts():
     model = GQA()
     r = wp.transfer({"qkv.weight": fused}, model, rules=[wp.split("qkv.{p}", ["q.{p}", "k.{p}", "v.{p}"])], strict=True)
     assert torch.equal(model.k.weight, fused[8:10]) and torch.equal(model.v.weight, fused[10:12])
-    assert r["v.weight"].status == "adapted" and r["v.weight"].ops == ("split[3/3]",)
+    assert r["v.weight"].status == "loaded" and r["v.weight"].ops == ("split[3/3]",)
 
 
 def test_module_version_hooks_are_replayed():

@@ -126,6 +126,9 @@ def test_cli_target_with_new_head_and_one_input_channel(caches):
     assert sorted(e.target for e in report.skipped) == ["conv1.0.weight", "fc.bias", "fc.weight"]
     assert len(report.loaded) == len(report.entries) - 3
     adapted = wp.transfer("timm:test_resnet", model, on_mismatch="adapt")
+    assert {e.target: e.ops for e in adapted.adapted} == {"conv1.0.weight": ("in_channels 3->1",)}
+    assert sorted(e.target for e in adapted.skipped) == ["fc.bias", "fc.weight"]  # a new head starts fresh
+    adapted = wp.transfer("timm:test_resnet", model, on_mismatch="adapt", adapters=["head"])
     assert {e.target: e.ops for e in adapted.adapted} == {
         "conv1.0.weight": ("in_channels 3->1",),
         "fc.weight": ("head 1000->10",),

@@ -85,6 +85,16 @@ class PlanOptions:
             "initialisation and reports it, ``'adapt'`` uses a shape adapter, ``'error'`` refuses."
         ),
     )
+    adapters: tuple[tuple[str, dict[str, Any]], ...] = field(
+        default=(),
+        metadata=_doc(
+            "Shape adapters to try on a mismatch in addition to those ``on_mismatch='adapt'`` tries by "
+            "itself (``in_channels``, ``pos_embed``, ``patch_embed``, which keep the weights' meaning). "
+            "A resized classifier or vocabulary stays fresh unless asked for: ``adapters=['head']`` keeps "
+            "the first rows, ``adapters={'head': {'index': [409, 530, -1]}}`` picks source classes per new "
+            "class (``-1``: keep the fresh init). Names or ``{name: params}``."
+        ),
+    )
     strict: bool = field(default=False, metadata=_doc("Every target tensor must load and every source tensor be used."))
     require: tuple[str, ...] = field(
         default=(), metadata=_doc("Glob patterns of target tensors that must load (``'backbone.*'``).")
@@ -113,6 +123,16 @@ class PlanOptions:
             raise OptionError(f"into must be a submodule's dotted name, not {self.into!r}")
         object.__setattr__(self, "require", require)
         object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "adapters", _adapters(self.adapters))
+
+    def adapter_calls(self) -> tuple[tuple[str, dict[str, Any]], ...]:
+        """``(adapter, fixed params)`` to try on a mismatch, in registry order: the automatic ones
+        under ``on_mismatch='adapt'``, and the named ones always."""
+        from weightport.mapping.ops import list_adapters
+
+        named = dict(self.adapters)
+        auto = set(list_adapters(auto=True)) if self.on_mismatch == "adapt" else set()
+        return tuple((n, named.get(n, {})) for n in list_adapters() if n in named or n in auto)
 
 
 @dataclass(frozen=True)
@@ -207,6 +227,30 @@ def _options_doc(phases: Iterable[type]) -> str:
             text = textwrap.fill(f"{f.name}: {f.metadata.get('doc', '')}", 96, subsequent_indent="    ")
             lines.append(textwrap.indent(text, " " * 8))
     return "\n".join(lines)
+
+
+def _adapters(value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
+    from weightport.mapping.ops import list_adapters
+
+    if isinstance(value, str):
+        value = (value,)
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, Iterable):
+        pairs = [item if isinstance(item, tuple) and len(item) == 2 else (item, {}) for item in value]
+    else:
+        raise OptionError(f"adapters must be adapter names or {{name: params}}, not {value!r}")
+    known = list_adapters()
+    out = []
+    for name, params in pairs:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise OptionError(f"adapters: {name!r} is not a shape adapter; {hint}adapters are: {', '.join(known)}")
+        if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+            raise OptionError(f"adapters: the parameters of {name!r} must be a dict, not {params!r}")
+        out.append((name, dict(params)))
+    return tuple(out)
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -193,15 +193,16 @@ class EntryTable(Sequence[Entry]):
             counts["loaded"] += len(self._loaded.names)
         return counts
 
-    def coverage_numel(self) -> tuple[int, int]:
-        """``(loaded or adapted, all)`` elements of parameters, each tied tensor once."""
+    def coverage_numel(self) -> tuple[int, int, int]:
+        """``(loaded, adapted, all)`` elements of parameters, each tied tensor once."""
         params = [r for r in self._other if r.is_parameter and r.tied_to is None]
         total = sum(r.numel for r in params)
-        done = sum(r.numel for r in params if r.status != "fresh")
+        exact = sum(r.numel for r in params if r.status == "loaded")
+        adapted = sum(r.numel for r in params if r.status == "adapted")
         if self._loaded is not None:
             numel = sum(map(math.prod, compress(self._loaded.shapes, self._loaded.params)))
-            total, done = total + numel, done + numel
-        return done, total
+            total, exact = total + numel, exact + numel
+        return exact, adapted, total
 
     def __len__(self) -> int:
         return len(self._other) + (len(self._loaded.names) if self._loaded is not None else 0)
@@ -326,8 +327,15 @@ class TransferReport:
     def coverage(self) -> float:
         """Share of target parameter elements (each shared tensor once) that received
         pretrained values."""
-        done, total = self._table.coverage_numel()
-        return done / total if total else 1.0
+        exact, adapted, total = self._table.coverage_numel()
+        return (exact + adapted) / total if total else 1.0
+
+    @property
+    def exact_coverage(self) -> float:
+        """Share of target parameter elements that hold the source's values exactly (``loaded``
+        entries: copied, renamed or re-laid out); :attr:`coverage` less the ``adapted`` share."""
+        exact, _, total = self._table.coverage_numel()
+        return exact / total if total else 1.0
 
     def __getitem__(self, target: str) -> Entry:
         for r in self._table.rows:
@@ -343,7 +351,8 @@ class TransferReport:
         lines = [
             f"{verb}: {counts['loaded']} loaded, {counts['adapted']} adapted, "
             f"{counts['fresh']} fresh of {len(self.entries)} target tensors; "
-            f"coverage {self.coverage:.2%} of parameters",
+            f"coverage {self.coverage:.2%} of parameters"
+            + (f" ({self.exact_coverage:.2%} exact)" if counts["adapted"] else ""),
         ]
         if self.source is not None:
             lines.append(f"source: {_source_line(self.source)}")
@@ -397,6 +406,7 @@ class TransferReport:
             "into": self.into,
             "counts": self.counts(),
             "coverage": self.coverage,
+            "exact_coverage": self.exact_coverage,
             "entries": [e.to_dict() for e in self.entries],
             "unused": list(self.unused),
             "unused_reasons": dict(self.unused_reasons),

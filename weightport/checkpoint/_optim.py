@@ -271,7 +271,7 @@ def _entry(
         for v in values:
             ctx.ckpt.source.release(v.key)  # the copy is made: let the file's pages go
         return (placed,)
-    if recipe.adapted and any(s != () for s in stored):
+    if not recipe.plain and any(s != () for s in stored):
         return f"optimizer state {key!r} of shape {stored[0]} cannot follow {', '.join(recipe.labels())}"
     tensors = [ctx.ckpt.tensor(v.key) for v in values]
     if any(t.shape != tensors[0].shape or not torch.equal(t, tensors[0]) for t in tensors[1:]):

@@ -19,7 +19,8 @@ one adapted by ``timm.create_model(..., pretrained=True)``:
   prefix tokens kept as they are, non-square grids).
 * ``patch_embed`` equals ``timm.layers.resample_patch_embed`` (FlexiViT pseudo-inverse).
 * ``head`` and ``vocab`` keep overlapping rows (or the rows ``index`` names); new rows
-  keep the target's initialisation.
+  keep the target's initialisation. They change what a row means, so ``on_mismatch="adapt"``
+  never picks them by itself (they are not ``auto``): the caller asks with ``adapters=`` or a rule.
 
 Every adapter also runs on meta tensors (the planner infers shapes that way): on a
 meta input it returns an empty tensor of the output shape.
@@ -96,7 +97,7 @@ def _in_channels_applies(
     return {"source_channels": s[1], "channels": t[1]}
 
 
-@register_op("in_channels", target="value", label=_in_channels_label, applies=_in_channels_applies)
+@register_op("in_channels", target="value", label=_in_channels_label, applies=_in_channels_applies, auto=True)
 def in_channels(
     x: torch.Tensor,
     *,
@@ -232,7 +233,7 @@ def _pos_embed_applies(
     return None
 
 
-@register_op("pos_embed", target="shape", label=_pos_embed_label, applies=_pos_embed_applies)
+@register_op("pos_embed", target="shape", label=_pos_embed_label, applies=_pos_embed_applies, auto=True)
 def pos_embed(
     x: torch.Tensor,
     *,
@@ -335,7 +336,7 @@ def _patch_embed_applies(
     return {"old_size": [s[2], s[3]], "new_size": [t[2], t[3]]}
 
 
-@register_op("patch_embed", target="shape", label=_patch_embed_label, applies=_patch_embed_applies)
+@register_op("patch_embed", target="shape", label=_patch_embed_label, applies=_patch_embed_applies, auto=True)
 def patch_embed(
     x: torch.Tensor,
     *,

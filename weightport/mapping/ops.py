@@ -39,6 +39,12 @@ class OpSpec:
         label: Renders the op and its parameters for the report.
         inverse: Maps params to ``(op name, params)`` of the inverse op, or ``None``.
         applies: For adapters: ``applies(name, source_shape, target_shape) -> params | None``.
+        exact: The op only re-lays out or selects values (split, transpose, reshape, cast …):
+            a target it produces is reported ``loaded``. Otherwise (adapters, ``pad``, ``scale``,
+            user ops) values change to fit and the target is reported ``adapted``.
+        auto: For adapters: ``on_mismatch='adapt'`` tries it unless the caller names the
+            adapters to use. Only adapters that keep the weights' meaning are automatic
+            (``in_channels``, ``pos_embed``, ``patch_embed``); ``head`` and ``vocab`` must be asked for.
         params: Parameter names ``fn`` accepts (checked when a rule names the op).
         required: Parameter names without a default.
     """
@@ -51,6 +57,8 @@ class OpSpec:
     applies: Callable[..., dict[str, Any] | None] | None = None
     params: frozenset[str] = frozenset()
     required: frozenset[str] = frozenset()
+    exact: bool = False
+    auto: bool = False
 
     @property
     def is_adapter(self) -> bool:
@@ -67,8 +75,14 @@ def register_op(
     label: Callable[[Mapping[str, Any]], str] | None = None,
     inverse: Callable[[Mapping[str, Any]], tuple[str, dict[str, Any]] | None] | None = None,
     applies: Callable[..., dict[str, Any] | None] | None = None,
+    exact: bool = False,
+    auto: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register ``fn`` as op ``name`` (a decorator). Re-registering a name replaces it."""
+    """Register ``fn`` as op ``name`` (a decorator). Re-registering a name replaces it.
+
+    ``exact`` and ``auto`` are described on :class:`OpSpec`; both default to the honest answer
+    for an op weightport does not know: values may change, and adapt only when asked.
+    """
     if target not in ("none", "shape", "value"):
         raise MappingError(f"register_op({name!r}): target must be 'none', 'shape' or 'value', not {target!r}")
 
@@ -77,7 +91,7 @@ def register_op(
         params = [p for p in list(sig.parameters.values())[1:] if p.name != "target"]
         names = frozenset(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
         required = frozenset(p.name for p in params if p.default is p.empty and p.name in names)
-        _OPS[name] = OpSpec(name, fn, target, label, inverse, applies, names, required)
+        _OPS[name] = OpSpec(name, fn, target, label, inverse, applies, names, required, exact, auto)
         return fn
 
     return decorate
@@ -95,9 +109,10 @@ def list_ops() -> list[str]:
     return sorted(n for n, s in _OPS.items() if not s.is_adapter)
 
 
-def list_adapters() -> list[str]:
-    """Names of registered shape adapters, in the order ``on_mismatch='adapt'`` tries them."""
-    return [n for n, s in _OPS.items() if s.is_adapter]
+def list_adapters(*, auto: bool | None = None) -> list[str]:
+    """Names of registered shape adapters, in the order ``on_mismatch='adapt'`` tries them;
+    ``auto=True`` only those it tries by default (see :attr:`OpSpec.auto`)."""
+    return [n for n, s in _OPS.items() if s.is_adapter and (auto is None or s.auto == auto)]
 
 
 @dataclass(frozen=True)
@@ -152,6 +167,12 @@ class OpCall:
         spec = self.spec
         return spec is not None and spec.is_adapter
 
+    @property
+    def exact(self) -> bool:
+        """Values pass unchanged (a user callable is not known to: it counts as adapting)."""
+        spec = self.spec
+        return spec is not None and spec.exact
+
     def label(self) -> str:
         spec = self.spec
         if spec is not None and spec.label is not None:
@@ -205,7 +226,7 @@ def split_bounds(length: int, count: int, index: int, sizes: list[int] | None) -
     return index * step, step
 
 
-@register_op("split", label=lambda p: f"split[{p['index'] + 1}/{p['count']}]")
+@register_op("split", label=lambda p: f"split[{p['index'] + 1}/{p['count']}]", exact=True)
 def _split(x: torch.Tensor, *, index: int, count: int, dim: int = 0, sizes: list[int] | None = None) -> torch.Tensor:
     start, length = split_bounds(x.shape[dim], count, index, sizes)
     return x.narrow(dim, start, length)
@@ -215,6 +236,7 @@ def _split(x: torch.Tensor, *, index: int, count: int, dim: int = 0, sizes: list
     "transpose",
     label=lambda p: f"transpose({p.get('dim0', 0)},{p.get('dim1', 1)})",
     inverse=lambda p: ("transpose", dict(p)),
+    exact=True,
 )
 def _transpose(x: torch.Tensor, *, dim0: int = 0, dim1: int = 1) -> torch.Tensor:
     return x.transpose(dim0, dim1)
@@ -231,6 +253,7 @@ def _invert_permutation(dims: list[int]) -> list[int]:
     "permute",
     label=lambda p: f"permute{tuple(p['dims'])}",
     inverse=lambda p: ("permute", {"dims": _invert_permutation(list(p["dims"]))}),
+    exact=True,
 )
 def _permute(x: torch.Tensor, *, dims: list[int]) -> torch.Tensor:
     if sorted(dims) != list(range(x.dim())):
@@ -243,6 +266,7 @@ def _permute(x: torch.Tensor, *, dims: list[int]) -> torch.Tensor:
     target="shape",
     label=lambda p: f"reshape{tuple(p['shape'])}" if p.get("shape") else "reshape(target)",
     inverse=lambda p: ("reshape", {}),
+    exact=True,
 )
 def _reshape(x: torch.Tensor, *, target: torch.Tensor | None, shape: list[int] | None = None) -> torch.Tensor:
     """Reshape to ``shape``, or to the target's shape when ``shape`` is not given."""
@@ -257,7 +281,7 @@ def _reshape(x: torch.Tensor, *, target: torch.Tensor | None, shape: list[int] |
     return x.reshape(want)
 
 
-@register_op("select", label=lambda p: f"select[{len(p['index'])} along {p.get('dim', 0)}]")
+@register_op("select", label=lambda p: f"select[{len(p['index'])} along {p.get('dim', 0)}]", exact=True)
 def _select(x: torch.Tensor, *, index: list[int], dim: int = 0) -> torch.Tensor:
     n = x.shape[dim]
     bad = [i for i in index if not -n <= i < n]
@@ -266,7 +290,7 @@ def _select(x: torch.Tensor, *, index: list[int], dim: int = 0) -> torch.Tensor:
     return x.index_select(dim, torch.tensor(index, dtype=torch.long, device=x.device))
 
 
-@register_op("narrow", label=lambda p: f"narrow(dim={p.get('dim', 0)},{p['start']}:+{p['length']})")
+@register_op("narrow", label=lambda p: f"narrow(dim={p.get('dim', 0)},{p['start']}:+{p['length']})", exact=True)
 def _narrow(x: torch.Tensor, *, start: int, length: int, dim: int = 0) -> torch.Tensor:
     return x.narrow(dim, start, length)
 
@@ -287,7 +311,7 @@ def _pad(x: torch.Tensor, *, target: torch.Tensor, value: float = 0.0, keep_init
     return out
 
 
-@register_op("cast", label=lambda p: f"cast({p['dtype']})")
+@register_op("cast", label=lambda p: f"cast({p['dtype']})", exact=True)
 def _cast(x: torch.Tensor, *, dtype: str) -> torch.Tensor:
     resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
     if not isinstance(resolved, torch.dtype):

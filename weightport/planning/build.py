@@ -53,7 +53,7 @@ def _build(
     check_meta_buffers(scope, modules, targets)
     keys = list(source)
     routes = route(source, keys, mapping, targets, scope, hooks=any(map(has_custom_loading, modules)))
-    decided = decide(source, targets, ties(targets), routes, options.on_mismatch, scope)
+    decided = decide(source, targets, ties(targets), routes, options.on_mismatch, scope, options.adapter_calls())
     report = _report(source, keys, targets, routes, decided, mapping, options.into)
     note = report.fresh_parameters_note()
     if note is not None:

@@ -76,8 +76,9 @@ class Recipe(NamedTuple):
 
     @property
     def adapted(self) -> bool:
-        """Its values pass through ops or a fuse (the report's ``adapted``)."""
-        return not self.plain
+        """Some op changes values to fit (an adapter, ``pad``, ``scale``, a callable): the report's
+        ``adapted``. Exact layout ops and fuses re-lay out the source's values: ``loaded``."""
+        return not all(op.exact for op in self.ops)
 
     def labels(self) -> tuple[str, ...]:
         """The report's description of the ops, in order."""

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from weightport.errors import Collision, CollisionError, Mismatch, OpError, ShapeMismatchError
-from weightport.mapping.ops import OpCall, get_op, list_adapters
+from weightport.mapping.ops import OpCall, get_op
 from weightport.mapping.rules import Rule
 from weightport.options import OnMismatch
 from weightport.planning.data import Input, LoadedLane, Recipe, Target, infer_shape
@@ -58,8 +58,10 @@ def decide(
     routes: Routes,
     on_mismatch: OnMismatch,
     scope: nn.Module,
+    adapters: tuple[tuple[str, dict[str, Any]], ...] = (),
 ) -> Decisions:
-    """Every canonical target's recipe or fresh reason.
+    """Every canonical target's recipe or fresh reason; ``adapters`` (name, fixed params) are
+    tried in order on a shape mismatch.
 
     Raises:
         CollisionError: several source tensors would write one target (all are listed).
@@ -67,7 +69,7 @@ def decide(
     """
     out = Decisions(LoadedLane([], [], [], []))
     cheap = _as_is(source, routes.single, set(ties).union(*ties.values()) if ties else set())
-    general = _General(source, targets, ties, routes, on_mismatch, scope, out)
+    general = _General(source, targets, ties, routes, on_mismatch, scope, out, adapters)
     loaded: list[str] = []
     taken: list[Cheap] = []
     for name, target in targets.items():
@@ -104,6 +106,7 @@ class _General:
     on_mismatch: OnMismatch
     scope: nn.Module
     out: Decisions
+    adapters: tuple[tuple[str, dict[str, Any]], ...] = ()
     collisions: list[Collision] = field(default_factory=list)
     mismatches: list[Mismatch] = field(default_factory=list)
 
@@ -188,7 +191,7 @@ class _General:
             return None
         if shape == want:
             return recipe._replace(shape=shape)
-        if self.on_mismatch == "adapt":
+        if self.adapters:
             adapted = self._adapt(recipe, target, shape)
             if adapted is not None:
                 return adapted
@@ -202,7 +205,7 @@ class _General:
             self.out.warnings.append(f"skipped {mismatch}")
 
     def _adapt(self, recipe: Recipe, target: Target, shape: tuple[int, ...]) -> Recipe | None:
-        """The recipe with the first registered shape adapter that fits appended, or ``None``.
+        """The recipe with the first of :attr:`adapters` that fits appended, or ``None``.
 
         Each adapter's ``applies`` sees the target name, the shape the rule's ops produce, the
         target tensor (maybe on meta) and its owner module; the adapter is then checked on meta
@@ -211,10 +214,11 @@ class _General:
         owner = _owner(self.scope, target.name)
         meta = TensorMeta(shape, self.source.meta(recipe.inputs[0].key).dtype)
         want = tuple(target.tensor.shape)
-        for name in list_adapters():
+        for name, fixed in self.adapters:
             params = _adapter_params(name, target, meta, owner)
             if params is None:
                 continue
+            params.update(fixed)
             candidate = recipe._replace(post=recipe.post + (OpCall(name, params),))
             try:
                 got = infer_shape(candidate, self.source, target.tensor)
