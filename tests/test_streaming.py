@@ -225,8 +225,15 @@ def test_fresh_tensors_of_a_meta_target_are_initialised_loaded_ones_never(checkp
     with wp.init_empty():
         model = TinyNet(num_classes=10)
     assert calls == []  # building initialised nothing real
+    import weightport._fresh as fresh
+
+    replayed: list[tuple[int, ...]] = []
+    real_replay = fresh.replay
+    monkeypatch.setattr(
+        fresh, "replay", lambda rec, like, *a: replayed.append(tuple(like.shape)) or real_replay(rec, like, *a)
+    )
     wp.transfer(checkpoint, model)
-    assert calls == [(10, 8)]  # only the new head's weight
+    assert replayed == [(10, 8), (10,)]  # only the new head is initialised (by its recorded init)
 
 
 def _many(tmp_path: Path) -> tuple[str, dict[str, torch.Tensor]]:

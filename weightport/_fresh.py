@@ -1,5 +1,12 @@
-"""Values for the fresh tensors of a meta-built target: each module's own ``reset_parameters``,
-run on a shadow copy so the model is untouched until the commit."""
+"""Values for the meta tensors of a meta-built target that load nothing, made on the side so the
+model is untouched until the commit:
+
+* parameters as an eager build gives them: the constructor's own initialisation calls, recorded
+  by :func:`weightport.init_empty` (:mod:`weightport._init_record`), replayed; failing that the
+  module's ``reset_parameters`` on a shadow copy; failing that zeros, with a note.
+* non-persistent buffers a constructor computed from a parameter's device (timm Swin's
+  ``attn_mask``): recomputed by the module's own buffer initialiser on a real shadow copy.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +17,34 @@ import torch
 from torch import nn
 
 from weightport._hooks import meta_shadow
+from weightport._init_record import Record, record_of, replay
 from weightport.errors import PlanError
 
 Place = Callable[[torch.Tensor], tuple[torch.dtype, torch.device]]  # the dtype and device a tensor ends with
 
-__all__ = ["fresh_values"]
+__all__ = ["BUFFER_INITS", "fresh_values", "recomputable", "recompute_buffers"]
+
+# methods that (re)compute a module's non-persistent buffers, most specific first (timm's names, then
+# the one every torch module may have)
+BUFFER_INITS = ("init_non_persistent_buffers", "_init_buffers", "reset_parameters")
 
 
 def fresh_values(scope: nn.Module, names: list[str], place: Place, notes: list[str]) -> dict[str, torch.Tensor]:
-    """Initialise the meta tensors ``names`` (of ``scope``) by their modules' own ``reset_parameters``,
-    on a shadow copy; modules without one give zeros and a note."""
+    """Initialise the meta tensors ``names`` (of ``scope``) as an eager build would: recorded
+    constructor calls replayed, else the module's own ``reset_parameters`` on a shadow copy;
+    modules without one give zeros and a note."""
+    out: dict[str, torch.Tensor] = {}
     by_module: dict[str, list[str]] = {}
     for name in names:
-        by_module.setdefault(name.rpartition(".")[0], []).append(name)
-    out: dict[str, torch.Tensor] = {}
+        path, _, attr = name.rpartition(".")
+        module = scope.get_submodule(path) if path else scope
+        t = module._parameters.get(attr)
+        rec = record_of(module, attr, t) if t is not None else None
+        replayed = _replayed(rec, t, place) if t is not None and rec is not None and rec.replayable else None
+        if replayed is not None:
+            out[name] = replayed
+        else:
+            by_module.setdefault(path, []).append(name)
     for path, members in by_module.items():
         module = scope.get_submodule(path) if path else scope
         shadow = _shadow(module, place)
@@ -70,4 +91,62 @@ def _shadow(module: nn.Module, place: Place) -> nn.Module:
             getattr(shadow, kind)[attr] = (
                 nn.Parameter(real, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else real
             )
+    return shadow
+
+
+def _replayed(rec: Record, t: torch.Tensor, place: Place) -> torch.Tensor | None:
+    """The recorded initialisation replayed, or ``None`` when a recorded call fails on real data
+    (the constructor's own call was recorded, not run: see :mod:`weightport._init_record`)."""
+    dtype, device = place(t)
+    try:
+        return replay(rec, t, dtype, device)
+    except Exception:  # noqa: BLE001 - any failure of a third-party init function: use the fallback
+        return None
+
+
+def recomputable(module: nn.Module) -> bool:
+    """Whether ``module`` has a method that computes its buffers (:data:`BUFFER_INITS`)."""
+    return any(callable(getattr(module, m, None)) for m in BUFFER_INITS)
+
+
+def recompute_buffers(root: nn.Module, names: list[str], place: Place) -> dict[str, torch.Tensor]:
+    """The non-persistent meta buffers ``names`` (of ``root``) computed by their modules' own buffer
+    initialiser, run on a copy of the module whose tensors are real but uninitialised (the
+    computation needs their device and dtype, not their values)."""
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for path, members in by_module.items():
+        module = root.get_submodule(path) if path else root
+        shadow = _real_shadow(module, place)
+        init = next(getattr(shadow, m) for m in BUFFER_INITS if callable(getattr(shadow, m, None)))
+        with torch.no_grad():
+            init()
+        for name in members:
+            value = shadow._buffers.get(name.rpartition(".")[2])
+            if value is None or value.is_meta:
+                raise PlanError(
+                    f"cannot compute the buffer {name!r}: {type(module).__name__}.{init.__name__}() did not "
+                    "give it a value; build the model eagerly (without init_empty) instead"
+                )
+            out[name] = value.detach()
+    return out
+
+
+def _real_shadow(module: nn.Module, place: Place) -> nn.Module:
+    """A copy of ``module`` and its children whose tensors are real (uninitialised memory, each in
+    the dtype and on the device it ends with); the model itself is untouched."""
+    shadow = copy.copy(module)
+    shadow._modules = {n: _real_shadow(c, place) for n, c in module._modules.items() if c is not None}
+    for kind in ("_parameters", "_buffers"):
+        tensors: dict[str, torch.Tensor | None] = {}
+        for attr, t in getattr(module, kind).items():
+            if t is None or not t.is_meta:
+                tensors[attr] = t
+                continue
+            dtype, device = place(t)
+            real = torch.empty(t.shape, dtype=dtype, device=device)
+            tensors[attr] = nn.Parameter(real, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else real
+        shadow.__dict__[kind] = tensors
     return shadow

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from weightport import _progress, _torch_fast
-from weightport._fresh import fresh_values
+from weightport._fresh import fresh_values, recompute_buffers
 from weightport._gc import gc_paused
 from weightport._reading import ReadJob, Stager, run_reads
 from weightport.errors import NonFiniteError, PlanError, ShapeMismatchError
@@ -181,6 +181,31 @@ def _prepare(
             out.writes.append(_swap(t, t.detach().to(device=device, dtype=dtype, copy=True), owners))
     if options.dtype is not None or options.device is not None:
         out.writes.extend(_convert_other_buffers(plan, options, owners))
+    out.writes.extend(_materialise(plan, options, out.notes))
+    return out
+
+
+def _materialise(plan: TransferPlan, options: ApplyOptions, notes: list[str]) -> list[_Swap]:
+    """Real tensors for the model's meta tensors that no target covers (``plan.materialise``):
+    outside ``into=`` initialised as fresh tensors are, non-persistent buffers recomputed."""
+    todo = plan.materialise
+    if plan.model is None or todo is None or not (todo.fresh or todo.buffers):
+        return []
+    model = plan.model
+    place = lambda t: final_place(t, options)  # noqa: E731
+    values = fresh_values(model, list(todo.fresh), place, notes)
+    values.update(recompute_buffers(model, list(todo.buffers), place))
+    owners = _owners(model)
+    out = []
+    for name, value in values.items():
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path) if path else model
+        old: torch.Tensor | None = module._parameters.get(attr)
+        if old is None:
+            old = module._buffers[attr]
+        assert old is not None
+        dtype, device = place(old)
+        out.append(_swap(old, value.to(device=device, dtype=dtype), owners))
     return out
 
 

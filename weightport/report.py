@@ -250,6 +250,8 @@ class TransferReport:
         into: The submodule loaded into, if any.
         stats: Measurements of the apply step (seconds, bytes read).
         unused_reasons: Why each unused key was not used.
+        outside: Tensors of the model outside ``into=`` that were on meta and are initialised
+            fresh (names in the whole model); they have no entry.
     """
 
     entries: Sequence[Entry]
@@ -261,6 +263,7 @@ class TransferReport:
     into: str | None = None
     stats: dict[str, float] = field(default_factory=dict)
     unused_reasons: dict[str, str] = field(default_factory=dict)
+    outside: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.entries, EntryTable):
@@ -411,6 +414,7 @@ class TransferReport:
             "unused": list(self.unused),
             "unused_reasons": dict(self.unused_reasons),
             "dropped": list(self.dropped),
+            "outside": list(self.outside),
             "warnings": list(self.warnings),
             "source": self.source.to_dict() if self.source is not None else None,
             "stats": dict(self.stats),

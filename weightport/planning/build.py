@@ -23,7 +23,7 @@ from weightport.planning.data import Recipes, Target, TransferPlan
 from weightport.planning.decide import Decisions, decide
 from weightport.planning.diagnose import nothing_loaded
 from weightport.planning.route import Routes, route
-from weightport.planning.targets import check_meta_buffers, collect_targets, scope_of, ties
+from weightport.planning.targets import collect_targets, left_on_meta, scope_of, ties
 from weightport.report import EntryTable, LoadedColumns, Row, TransferReport, group_names
 from weightport.sources.base import Source
 
@@ -50,11 +50,21 @@ def _build(
     scope = scope_of(model, options.into)
     targets = collect_targets(scope)
     modules = list(scope.modules())
-    check_meta_buffers(scope, modules, targets)
+    materialise = left_on_meta(model, scope, options.into, modules)
     keys = list(source)
     routes = route(source, keys, mapping, targets, scope, hooks=any(map(has_custom_loading, modules)))
     decided = decide(source, targets, ties(targets), routes, options.on_mismatch, scope, options.adapter_calls())
     report = _report(source, keys, targets, routes, decided, mapping, options.into)
+    if materialise.fresh:
+        report = replace(
+            report,
+            outside=materialise.fresh,
+            warnings=(
+                *report.warnings,
+                f"outside into={options.into!r}, {len(materialise.fresh)} tensor(s) on meta are initialised "
+                f"fresh (nothing loads there): {', '.join(group_names(list(materialise.fresh))[:12])}",
+            ),
+        )
     note = report.fresh_parameters_note()
     if note is not None:
         report = replace(report, warnings=(*report.warnings, note))
@@ -70,6 +80,8 @@ def _build(
         options=options,
         apply_options=apply_options,
         applier=apply_plan,
+        model=model,
+        materialise=materialise,
     )
 
 

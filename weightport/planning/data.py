@@ -194,6 +194,9 @@ class TransferPlan:
         applier: What performs it (:func:`weightport.apply.apply_plan`, handed over by the builder
             so that the plan's data never imports the code that applies it).
         applied: Set once it has been applied: a plan applies once.
+        model: The whole model (``scope`` is part of it, or it).
+        materialise: Meta tensors of the model outside the targets that applying makes real
+            (outside ``into=``; non-persistent buffers), so nothing stays on meta.
     """
 
     source: Source
@@ -205,6 +208,8 @@ class TransferPlan:
     apply_options: ApplyOptions
     applier: Applier
     applied: bool = False
+    model: nn.Module | None = None
+    materialise: Any = None  # planning.targets.Materialise (data imports nothing from planning)
 
     @property
     def into(self) -> str | None:

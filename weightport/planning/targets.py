@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import difflib
-from itertools import compress, repeat
-from typing import Any
+from itertools import chain, compress, repeat
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from weightport._fresh import BUFFER_INITS, recomputable
+from weightport._init_record import built_by_init_empty
 from weightport._tuples import rows
 from weightport.errors import PlanError, TargetError
 from weightport.planning.data import Target
 
-__all__ = ["check_meta_buffers", "collect_targets", "scope_of", "state_tensors", "ties"]
+__all__ = ["Materialise", "collect_targets", "left_on_meta", "scope_of", "state_tensors", "ties"]
 
 
 def scope_of(model: nn.Module, into: str | None) -> nn.Module:
@@ -83,17 +85,48 @@ def collect_targets(scope: nn.Module) -> dict[str, Target]:
     return dict(zip(names, rows(Target, names, tensors, parameters, canonical)))
 
 
-def check_meta_buffers(scope: nn.Module, modules: list[nn.Module], targets: dict[str, Target]) -> None:
-    """Refuse non-persistent buffers left on meta: no checkpoint holds them."""
-    if not any(b is not None and b.is_meta for m in modules for b in m._buffers.values()):
-        return  # the common case, without naming every buffer
-    lost = [n for n, b in scope.named_buffers() if b.is_meta and n not in targets]
-    if lost:
-        raise PlanError(
-            f"non-persistent buffer(s) {', '.join(lost[:5])} are on the meta device: no checkpoint holds "
-            "them and their values cannot be recomputed. Build the model with weightport.init_empty() "
-            "(parameters on meta, buffers real) instead of torch.device('meta')"
+class Materialise(NamedTuple):
+    """Meta tensors of the whole model that no target in scope covers, by name in the model:
+    ``fresh`` (parameters and persistent buffers outside ``into=``) are initialised as fresh
+    tensors are, ``buffers`` (non-persistent ones, which no checkpoint holds) are recomputed by
+    their modules."""
+
+    fresh: tuple[str, ...] = ()
+    buffers: tuple[str, ...] = ()
+
+
+def left_on_meta(model: nn.Module, scope: nn.Module, into: str | None, modules: list[nn.Module]) -> Materialise:
+    """What :class:`Materialise` lists for this model and scope.
+
+    Raises:
+        PlanError: a non-persistent meta buffer whose module cannot compute it.
+    """
+    outside = model is not scope and any(t.is_meta for t in chain(model.parameters(), model.buffers()))
+    if not outside and not any(b is not None and b.is_meta for m in modules for b in m._buffers.values()):
+        return Materialise()  # the common case, without naming every tensor
+    prefix = f"{into}." if into else ""
+    persistent = set(state_tensors(model))
+    fresh = [
+        n
+        for n, t in chain(model.named_parameters(), model.named_buffers())
+        if t.is_meta and n in persistent and not n.startswith(prefix)
+    ]
+    buffers = [n for n, b in model.named_buffers() if b.is_meta and n not in persistent]
+    cannot = [n for n in buffers if not recomputable(model.get_submodule(n.rpartition(".")[0]))]
+    if cannot:
+        owner = type(model.get_submodule(cannot[0].rpartition(".")[0])).__name__
+        fix = (
+            "it computes them from a parameter's device in its constructor: build this model normally "
+            f"(without init_empty), or give {owner} an init_non_persistent_buffers() method"
+            if built_by_init_empty(model)
+            else "build the model with weightport.init_empty(), which keeps buffers real, rather than "
+            "under torch.device('meta'); or build it normally"
         )
+        raise PlanError(
+            f"non-persistent buffer(s) {', '.join(cannot[:5])} are on the meta device: no checkpoint holds "
+            f"them and their module ({owner}) has no method that computes them ({', '.join(BUFFER_INITS)}); " + fix
+        )
+    return Materialise(tuple(fresh), tuple(buffers))
 
 
 def ties(targets: dict[str, Target]) -> dict[str, list[str]]:
