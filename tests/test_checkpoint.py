@@ -681,7 +681,11 @@ def test_cli_inspect_shows_the_checkpoint(trained, capsys):
     assert main(["inspect", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["checkpoint"]["param_groups"][0]["weight_decay"] == 0.01
-    assert any(t["name"] == "optimizer/state/0/exp_avg" for t in data["tensors"])
+    # the tensors are those a transfer takes (the model part, under the model's names); the
+    # checkpoint section counts every part
+    assert {t["name"] for t in data["tensors"]} == set(trained[0].state_dict())
+    assert data["checkpoint"]["parts"]["optimizer"]["tensors"] == 24
+    assert data["source"]["kind"] == "weightport-checkpoint"
 
 
 def test_cli_inspect_plain_file_has_no_checkpoint_section(tmp_path, capsys):
