@@ -39,6 +39,7 @@ def test_by_default_the_raw_weights_are_taken_and_the_summary_says_the_ema_exist
     report = wp.transfer(both, model)
     assert _took(model, weights[0])
     assert "raw weights taken, not the EMA weights under 'state_dict_ema' (ema=True takes those)" in report.summary()
+    assert set(report.source.ignored) == {"epoch", "optimizer"}  # the EMA weights are weights, not "ignored"
 
 
 def test_ema_true_takes_the_ema_weights_and_the_summary_says_the_raw_exist(both, weights):

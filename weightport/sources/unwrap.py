@@ -224,7 +224,7 @@ def find_weights(obj: Any, location: str, checkpoint_key: str | None = None, ema
             f"also found weights under {', '.join(map(repr, others))}; "
             f"pass checkpoint_key= to use them instead of {key!r}"
         )
-    found.ignored.extend(f"{k}" for k in obj if k != key)
+    found.ignored.extend(f"{k}" for k in obj if k != key and k not in wrappers and k not in emas)  # noted above
     return found
 
 
