@@ -122,3 +122,13 @@ def test_a_checkpoint_with_another_extension_is_refused_before_any_work(tmp_path
     with pytest.raises(SaveError, match=rf"{tmp_path / name}: unknown extension.*\.safetensors.*\.pt/\.pth/\.bin"):
         wp.checkpoint.save(tmp_path / name, model=TinyNet())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_safetensors_checkpoint_under_a_torch_name_still_reads(tmp_path):
+    """Earlier versions wrote safetensors bytes whatever the name: such files keep working."""
+    model = trained()
+    old = wp.checkpoint.save(tmp_path / "ck.safetensors", model=model, step=3).rename(tmp_path / "old.pt")
+    target = TinyNet()
+    assert wp.transfer(old, target).source.kind == "weightport-checkpoint" and _equal(model, target)
+    again = TinyNet()
+    assert wp.checkpoint.resume(old, model=again).step == 3 and _equal(model, again)
