@@ -212,10 +212,10 @@ def find_weights(obj: Any, location: str, checkpoint_key: str | None = None, ema
     key = _choose(wrappers, emas, ema, obj, location)
     found = _flatten_any(obj[key], location)
     found.wrapper = str(key)
-    if wrappers and emas:
-        taken, other, flag = ("EMA", wrappers[0], "ema=False") if key in emas else ("raw", emas[0], "ema=True")
-        kind = "raw" if taken == "EMA" else "EMA"
-        found.notes.append(f"{taken} weights taken, not the {kind} weights under {other!r} ({flag} takes those)")
+    if wrappers and emas and key in emas:
+        found.notes.append(f"EMA weights taken, not the raw weights under {wrappers[0]!r} (ema=False takes those)")
+    elif wrappers and emas:
+        found.notes.append(f"raw weights taken, not the EMA weights under {emas[0]!r} (ema=True takes those)")
     elif key in emas:
         found.notes.append(f"EMA weights taken from {key!r} (the checkpoint holds no raw weights)")
     others = [k for k in wrappers + emas if k not in (key, *wrappers[:1], *emas[:1])]
@@ -224,7 +224,8 @@ def find_weights(obj: Any, location: str, checkpoint_key: str | None = None, ema
             f"also found weights under {', '.join(map(repr, others))}; "
             f"pass checkpoint_key= to use them instead of {key!r}"
         )
-    found.ignored.extend(f"{k}" for k in obj if k != key and k not in wrappers and k not in emas)  # noted above
+    # the other weights are named in the notes: "ignored" lists the entries that hold no weights
+    found.ignored.extend(f"{k}" for k in obj if k != key and k not in wrappers and k not in emas)
     return found
 
 
