@@ -458,7 +458,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.cuda
 @needs_cuda
-def test_saved_on_gpu_resumes_on_cpu(tmp_path):
+@pytest.mark.parametrize("ext", ["safetensors", "pt"])
+def test_saved_on_gpu_resumes_on_cpu(tmp_path, ext):
     model, opt, _ = _setup()
     model.cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
@@ -466,7 +467,7 @@ def test_saved_on_gpu_resumes_on_cpu(tmp_path):
         opt.zero_grad()
         model(torch.randn(4, 2, 4, 4, device="cuda")).square().mean().backward()
         opt.step()
-    path = wp.checkpoint.save(tmp_path / "c.safetensors", model=model, optimizer=opt)
+    path = wp.checkpoint.save(tmp_path / f"c.{ext}", model=model, optimizer=opt)
     cpu_model, cpu_opt, _ = _setup(seed=3)
     state = wp.checkpoint.resume(path, model=cpu_model, optimizer=cpu_opt)
     assert torch.equal(cpu_model.head.weight, model.head.weight.cpu())
@@ -681,7 +682,11 @@ def test_cli_inspect_shows_the_checkpoint(trained, capsys):
     assert main(["inspect", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["checkpoint"]["param_groups"][0]["weight_decay"] == 0.01
-    assert any(t["name"] == "optimizer/state/0/exp_avg" for t in data["tensors"])
+    # the tensors are those a transfer takes (the model part, under the model's names); the
+    # checkpoint section counts every part
+    assert {t["name"] for t in data["tensors"]} == set(trained[0].state_dict())
+    assert data["checkpoint"]["parts"]["optimizer"]["tensors"] == 24
+    assert data["source"]["kind"] == "weightport-checkpoint"
 
 
 def test_cli_inspect_plain_file_has_no_checkpoint_section(tmp_path, capsys):

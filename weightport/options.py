@@ -65,6 +65,19 @@ class OpenOptions:
             "recorded in ``report.source.provenance``."
         ),
     )
+    ema: bool | None = field(
+        default=None,
+        metadata=_doc(
+            "For a checkpoint holding raw weights and an EMA copy (timm's ``state_dict_ema``, ``model_ema`` "
+            "…): ``True`` takes the EMA weights (timm's ``use_ema=True``; an error if there are none), "
+            "``False`` the raw ones, ``None`` the raw ones where both exist. The summary says which were "
+            "taken and that the other exist."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.ema is not None and not isinstance(self.ema, bool):
+            raise OptionError(f"ema must be True, False or None, not {self.ema!r}")
 
 
 @dataclass(frozen=True)

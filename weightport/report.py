@@ -466,8 +466,9 @@ def _source_line(info: SourceInfo) -> str:
 
 
 def source_facts(info: SourceInfo, *, detail: bool = False) -> list[str]:
-    """What opening the source did, one phrase each (wrapper, prefixes, inert globals); with
-    ``detail``, also the ignored entries, the globals by name, the provenance and the notes."""
+    """What opening the source did, one phrase each (wrapper, prefixes, inert globals, and the notes:
+    which weights of a checkpoint were taken, EMA or raw, and what else it holds); with ``detail``,
+    also the ignored entries, the globals by name and the provenance."""
     facts = []
     if info.wrapper:
         facts.append(f"weights found under {info.wrapper!r}")
@@ -480,7 +481,7 @@ def source_facts(info: SourceInfo, *, detail: bool = False) -> list[str]:
         facts.append(f"{len(info.placeholders)} pickled globals kept inert (nothing imported or run){names}")
     if detail:
         facts.extend(f"{k}: {v}" for k, v in info.provenance.items())
-        facts.extend(info.notes)
+    facts.extend(info.notes)
     return facts
 
 

@@ -50,12 +50,10 @@ def save(
     if not isinstance(tensors, Mapping):
         raise WeightportError(f"save() takes a state dict or a module, not {type(tensors).__name__}")
     target = os.fspath(path)
-    if _format_of(target) == "torch":
+    if file_format(target) == "torch":
         if metadata:
             raise WeightportError(f"save(): {target}: metadata is stored in .safetensors files only")
-        _dedupe(tensors, check_dtype=False)  # the same checks: string keys, tensors, none on meta
-        with _writing(target) as f:
-            torch.save({k: t.detach() for k, t in tensors.items()}, f)
+        write_torch(tensors, target)
         return
     write_safetensors(tensors, target, metadata)
 
@@ -72,7 +70,19 @@ def write_safetensors(tensors: Mapping[str, Any], path: str, metadata: Mapping[s
             _write_tensor(f, stored[name])
 
 
-def _format_of(path: str) -> str:
+def write_torch(tensors: Mapping[str, Any], path: str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` as a torch file that ``torch.load(path, weights_only=True)`` reads, atomically.
+    With ``metadata`` (training checkpoints), the dict also holds ``"__metadata__"``: those strings and
+    the tied names, as a safetensors header holds them; without, it is a plain state dict."""
+    _, aliases = _dedupe(tensors, check_dtype=False)  # the same checks: string keys, tensors, none on meta
+    obj: dict[str, Any] = {k: t.detach() for k, t in tensors.items()}
+    if metadata is not None:
+        obj["__metadata__"] = _metadata(metadata, aliases)
+    with _writing(path) as f:
+        torch.save(obj, f)
+
+
+def file_format(path: str) -> str:
     """The format ``path``'s extension names; a folder, a missing folder or an unknown extension
     is refused before anything is written."""
     if os.path.isdir(path):

@@ -6,9 +6,10 @@
     >>> state.epoch, state.step
     (3, 1200)
 
-A checkpoint is one safetensors file: model weights, optimizer state tensors and
-RNG states are tensors, everything else is JSON in the header. Nothing is pickled.
-``wp.transfer("checkpoint:last.safetensors", model)`` loads only the weights.
+A checkpoint is one safetensors file (or, named ``.pt``/``.pth``/``.bin``, one torch file of the
+same tensors and metadata): model weights, optimizer state tensors and RNG states are tensors,
+everything else is JSON in the metadata. Nothing is pickled. ``wp.transfer("last.safetensors",
+model)`` (or ``"checkpoint:last.safetensors"``) loads only the weights.
 """
 
 from __future__ import annotations

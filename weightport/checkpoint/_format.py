@@ -1,4 +1,4 @@
-"""The checkpoint file: one safetensors file, no pickle anywhere.
+"""The checkpoint file: one safetensors file (or one torch file), no pickled objects anywhere.
 
 Tensors live under namespaced keys: ``model/<state-dict key>``,
 ``optimizer/state/<index>/<name>``, ``rng/torch``, ``scheduler/...``, ``scaler/...``,
@@ -7,6 +7,10 @@ hyper-parameters, scheduler counters, which optimizer index is which parameter)
 is one JSON document in the header metadata under ``weightport.checkpoint``, with
 ``weightport.format = "checkpoint"`` marking the file. Any safetensors reader can
 open it; weightport opens it lazily (memory-mapped, nothing read until used).
+
+A path ending in ``.pt``, ``.pth`` or ``.bin`` gets the torch form: ``torch.save`` of one
+dict holding the same namespaced tensors plus a ``"__metadata__"`` dict of the same strings,
+which ``torch.load(path, weights_only=True)`` reads (only tensors, strings and dicts).
 """
 
 from __future__ import annotations
@@ -19,30 +23,34 @@ from typing import Any
 import torch
 
 from weightport.errors import CheckpointError, CorruptFileError, SourceError, SourceNotFoundError
-from weightport.saving import write_safetensors
+from weightport.saving import file_format, write_safetensors, write_torch
 from weightport.sources import open_source
-from weightport.sources.base import Source, SourceInfo, TensorMeta
+from weightport.sources.base import Source, SourceInfo
 from weightport.sources.safetensors import read_header
+from weightport.sources.training import BODY_KEY, FORMAT, FORMAT_KEY, KIND, PartSource, is_training_checkpoint
 
-FORMAT_KEY = "weightport.format"
-BODY_KEY = "weightport.checkpoint"
-FORMAT = "checkpoint"
+__all__ = ["BODY_KEY", "FORMAT", "FORMAT_KEY", "CheckpointFile", "PartSource", "is_checkpoint", "parse_body", "write"]
+
 VERSION = 1
 PARTS = ("model", "optimizer", "scheduler", "scaler", "rng", "extra")
 
 
-def write(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], body: Mapping[str, Any]) -> None:
-    """Write tensors and the JSON body atomically (temporary file, fsync, rename)."""
+def write(path: str, tensors: Mapping[str, torch.Tensor], body: Mapping[str, Any]) -> None:
+    """Write tensors and the JSON body atomically (temporary file, fsync, rename), in the format
+    the extension names (:func:`weightport.saving.file_format`)."""
     try:
         text = json.dumps({"version": VERSION, **body}, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:  # the encoder makes this unreachable; keep the message useful
-        raise CheckpointError(f"{os.fspath(path)}: checkpoint metadata is not JSON ({e})") from e
-    write_safetensors(tensors, os.fspath(path), metadata={FORMAT_KEY: FORMAT, BODY_KEY: text})
+        raise CheckpointError(f"{path}: checkpoint metadata is not JSON ({e})") from e
+    metadata = {FORMAT_KEY: FORMAT, BODY_KEY: text}
+    if file_format(path) == "torch":
+        write_torch(tensors, path, metadata)
+    else:
+        write_safetensors(tensors, path, metadata)
 
 
-def is_checkpoint(metadata: Mapping[str, str]) -> bool:
-    """Whether safetensors metadata marks a weightport training checkpoint."""
-    return metadata.get(FORMAT_KEY) == FORMAT and BODY_KEY in metadata
+#: Whether file metadata marks a weightport training checkpoint.
+is_checkpoint = is_training_checkpoint
 
 
 def parse_body(metadata: Mapping[str, str], where: str) -> dict[str, Any]:
@@ -144,38 +152,6 @@ def read_complete_body(path: str) -> dict[str, Any]:
     return parse_body(metadata, path)
 
 
-class PartSource(Source):
-    """The tensors of one part (``model/...``) of an opened checkpoint, under their own names.
-
-    Attributes:
-        whole: The source of the whole file.
-    """
-
-    def __init__(self, inner: Source, part: str, info: SourceInfo, hide: frozenset[str] = frozenset()) -> None:
-        prefix = f"{part}/"
-        super().__init__({k[len(prefix) :]: k for k in inner if k.startswith(prefix) and k not in hide}, info)
-        self.whole = inner
-        self._inner = inner
-
-    def _meta_of(self, handle: str) -> TensorMeta:
-        return self._inner.meta(handle)
-
-    def _view_of(self, handle: str) -> torch.Tensor:
-        return self._inner.view(handle)
-
-    def _read_into(self, handle: str, out: torch.Tensor) -> None:
-        self._inner.read_into(handle, out)
-
-    def _read_many(self, handles: list[str], outs: list[torch.Tensor]) -> None:
-        self._inner.read_into_many(handles, outs)
-
-    def _release(self, handle: str) -> None:
-        self._inner.release(handle)
-
-    def close(self) -> None:
-        self._inner.close()
-
-
 class CheckpointFile:
     """An opened checkpoint: the lazy tensor source and the parsed JSON body.
 
@@ -191,13 +167,14 @@ class CheckpointFile:
         except TypeError:
             raise CheckpointError(f"path must be a path (str or os.PathLike), not {type(path).__name__}") from None
         try:
-            self.source = open_source(self.path)
+            opened = open_source(self.path)  # a checkpoint opens as its model part; keep the whole file
         except SourceNotFoundError:
             raise
         except CorruptFileError as e:
             raise CheckpointError(f"{self.path}: damaged or incomplete checkpoint ({e})") from e
         except SourceError as e:
             raise CheckpointError(f"{self.path}: cannot open the checkpoint ({e})") from e
+        self.source: Source = opened.whole if isinstance(opened, PartSource) else opened
         try:
             self.body = parse_body(self.source.info.metadata, self.path)
         except CheckpointError:
@@ -211,9 +188,7 @@ class CheckpointFile:
             name: The part (``"model"``).
             hide: Full keys to leave out (aliases of a tied tensor that the target ties too).
         """
-        info = SourceInfo(
-            kind="weightport-checkpoint", location=self.path, files=(self.path,), metadata=self.source.info.metadata
-        )
+        info = SourceInfo(kind=KIND, location=self.path, files=(self.path,), metadata=self.source.info.metadata)
         return PartSource(self.source, name, info, hide)
 
     def aliases(self) -> dict[str, str]:

@@ -18,6 +18,7 @@ from torch import nn
 from weightport.checkpoint import _format, _rng
 from weightport.checkpoint._tree import encode
 from weightport.errors import CheckpointError
+from weightport.saving import file_format
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,12 @@ def save(
     extra: Mapping[str, Any] | None = None,
     rng: bool = True,
 ) -> Path:
-    """Save everything needed to resume training exactly, in one safetensors file, atomically.
+    """Save everything needed to resume training exactly, in one file, atomically.
+
+    ``.safetensors`` writes safetensors (the recommended form: memory-mapped, read lazily);
+    ``.pt``, ``.pth`` and ``.bin`` write the same tensors and metadata as a torch file that
+    ``torch.load(path, weights_only=True)`` reads. Both forms resume, and both load as plain
+    weights (``wp.transfer(path, model)`` takes the model part).
 
     Model weights, optimizer state tensors and RNG states are tensors in the file; the
     structure around them (parameter-group hyper-parameters, step counts, scheduler and
@@ -106,8 +112,9 @@ def save(
     are unwrapped: the keys are those of the model itself.
 
     Args:
-        path: Destination. Written to a temporary file in the same folder, fsynced, then
-            renamed, so a run killed mid-save leaves the previous file intact.
+        path: Destination (``.safetensors``, ``.pt``, ``.pth`` or ``.bin``). Written to a
+            temporary file in the same folder, fsynced, then renamed, so a run killed mid-save
+            leaves the previous file intact.
         model: The model (wrapped or not). Tensors on any device; they are copied to the
             file one at a time.
         optimizer: A ``torch.optim.Optimizer`` (or anything with the same ``state_dict``).
@@ -125,6 +132,7 @@ def save(
     Raises:
         CheckpointError: a value cannot be stored without pickle (the message names it), a
             model tensor is on the meta device, or ``epoch``/``step`` is not an integer.
+        SaveError: another extension, a missing folder, or a path that cannot be written.
 
     Example:
         >>> wp.checkpoint.save("last.safetensors", model=model, optimizer=opt, scheduler=sched,
@@ -134,6 +142,7 @@ def save(
     path = as_path(path, "path")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder; pass the checkpoint's file name (e.g. {path}/last.safetensors)")
+    file_format(path)  # an unknown extension or a missing folder is refused before any work
     inner, wrappers = unwrap(model)
     tensors = _model_tensors(inner)
     body: dict[str, Any] = {

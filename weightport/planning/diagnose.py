@@ -26,8 +26,9 @@ def nothing_loaded(source_keys: Sequence[str], target_names: Sequence[str], loca
 def _cause(keys: Sequence[str], names: Sequence[str]) -> str:
     if keys and all("/" in k for k in keys) and any(k.startswith("model/") for k in keys):
         return (
-            "It looks like a weightport training checkpoint: resume it with "
-            "weightport.checkpoint.resume(path, model=...), which restores the model part"
+            "It looks like a weightport training checkpoint read without its metadata (another reader "
+            "loaded it): pass the file's path instead, which takes its model part, or resume it with "
+            "weightport.checkpoint.resume(path, model=...)"
         )
     prefix = _shared_prefix(keys)
     wanted = set(names)

@@ -19,7 +19,7 @@ from weightport.sources._schemes import find_opener, list_schemes, register_sche
 from weightport.sources.base import Source, SourceInfo, TensorMeta
 from weightport.sources.files import open_mapping, open_path, verify_sha256
 from weightport.sources.memory import TensorSource
-from weightport.sources.unwrap import strip_wrapper_prefixes
+from weightport.sources.unwrap import EMA_KEYS, strip_wrapper_prefixes
 
 __all__ = ["Source", "SourceInfo", "TensorMeta", "list_schemes", "open_source", "register_scheme"]
 
@@ -33,6 +33,7 @@ def open_source(
     check_hash: bool = True,
     trust_pickle: bool = False,
     expected_sha256: str | None = None,
+    ema: bool | None = None,
 ) -> Source:
     """Open weights lazily: names, shapes and dtypes are known, no tensor data is read.
 
@@ -46,6 +47,11 @@ def open_source(
         trust_pickle: Load torch files with full pickle, which can run code from the
             file. Only for files you trust; never needed for plain state dicts.
         expected_sha256: Refuse a local file whose sha256 differs.
+        ema: For a checkpoint holding raw weights and an EMA copy of them (timm's
+            ``state_dict_ema``, ``model_ema`` …): ``True`` takes the EMA copy (timm's
+            ``use_ema=True``) and raises if there is none, ``False`` the raw weights, ``None``
+            the raw weights where both exist (the EMA copy where it is all there is).
+            ``source.info.notes`` says which was taken and that the other exists.
 
     Returns:
         A read-only :class:`Source`. ``module.`` / ``_orig_mod.`` prefixes carried by every
@@ -62,7 +68,10 @@ def open_source(
         (1000, 512)
     """
     with gc_paused():
-        opened = _open(source, checkpoint_key, check_hash, trust_pickle, expected_sha256)
+        opened = _open(source, checkpoint_key, check_hash, trust_pickle, expected_sha256, ema)
+        if ema and opened.info.wrapper not in EMA_KEYS:
+            opened.close()
+            raise SourceError(_no_ema(opened.info))
         if expected_sha256 is not None and "sha256" not in opened.info.provenance:
             opened = _verify_sha256(opened, expected_sha256)  # a zoo spec or Source: hash the file it read
         renames, stripped = strip_wrapper_prefixes(opened.keys())
@@ -72,7 +81,12 @@ def open_source(
 
 
 def _open(
-    source: Any, checkpoint_key: str | None, check_hash: bool, trust_pickle: bool, expected_sha256: str | None
+    source: Any,
+    checkpoint_key: str | None,
+    check_hash: bool,
+    trust_pickle: bool,
+    expected_sha256: str | None,
+    ema: bool | None,
 ) -> Source:
     if isinstance(source, Source):
         return source
@@ -81,7 +95,7 @@ def _open(
         info = SourceInfo(kind="module", location=type(source).__name__)
         return TensorSource(state, info, state_dict_metadata=getattr(state, "_metadata", None))
     if isinstance(source, Mapping):
-        return open_mapping(source, "<dict>", checkpoint_key)
+        return open_mapping(source, "<dict>", checkpoint_key, ema)
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         match = _SPEC.match(text) if isinstance(text, str) else None
@@ -95,11 +109,19 @@ def _open(
             )
         # A local file is hashed before it is parsed.
         return open_path(
-            text, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle, expected_sha256=expected_sha256
+            text, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle, expected_sha256=expected_sha256, ema=ema
         )
     raise SourceError(
         f"cannot open a {type(source).__name__} as weights: pass a path, a state dict, "
         "an nn.Module, a Source, or a spec such as 'torchvision:resnet50'"
+    )
+
+
+def _no_ema(info: SourceInfo) -> str:
+    held = f"its weights are under {info.wrapper!r}" if info.wrapper else "it holds one set of weights"
+    return (
+        f"{info.location}: ema=True, but it holds no EMA weights (looked for the entries "
+        f"{', '.join(map(repr, EMA_KEYS))}); {held}: pass ema=None to take them"
     )
 
 

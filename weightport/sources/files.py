@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from weightport.errors import (
@@ -26,10 +26,13 @@ from weightport.sources.folder import ShardedSource, choose_weights_file
 from weightport.sources.memory import FileSource, TensorSource
 from weightport.sources.safetensors import looks_like_safetensors, open_safetensors
 from weightport.sources.torchfile import ZIP_MAGICS, parse_torch_file, torch_unsafe_globals
+from weightport.sources.training import is_training_checkpoint, model_part
 from weightport.sources.unwrap import find_weights
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".pickle", ".pth.tar", ".model")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+#: The entry of a torch file's top-level dict that holds string metadata, as a safetensors header does.
+METADATA = "__metadata__"
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 # First bytes of files that are often mistaken for weights, and what to tell the user.
@@ -51,13 +54,23 @@ _NOT_WEIGHTS: tuple[tuple[Callable[[bytes], bool], str], ...] = (
 
 
 def open_path(
-    path: str, *, checkpoint_key: str | None = None, trust_pickle: bool = False, expected_sha256: str | None = None
+    path: str,
+    *,
+    checkpoint_key: str | None = None,
+    trust_pickle: bool = False,
+    expected_sha256: str | None = None,
+    ema: bool | None = None,
 ) -> Source:
     """Open a file or folder of weights lazily.
+
+    A weightport training checkpoint (:func:`weightport.checkpoint.save`) yields its model part,
+    under the model's own names; ``source.whole`` is every tensor of the file.
 
     Args:
         path: A weights file, a shard index (``*.index.json``), or a folder holding one.
         checkpoint_key: Key of the weights inside a nested checkpoint.
+        ema: A checkpoint's EMA weights (``True``), its raw weights (``False``), or its raw
+            weights when it has both (``None``); see :func:`weightport.sources.unwrap.find_weights`.
         trust_pickle: Read torch files with full pickle (runs code from the file).
         expected_sha256: Refuse the file unless its sha256 matches; checked *before* parsing.
 
@@ -74,6 +87,7 @@ def open_path(
             checkpoint_key=checkpoint_key,
             trust_pickle=trust_pickle,
             expected_sha256=expected_sha256,
+            ema=ema,
         )
     if not os.path.exists(path):
         raise SourceNotFoundError(_not_found(path))
@@ -92,7 +106,9 @@ def open_path(
             raise SourceError(f"{path}: checkpoint_key= does not apply to a flat safetensors file")
         source: Source = open_safetensors(path)
     else:
-        source = _open_torch(path, checkpoint_key, trust_pickle)
+        source = _open_torch(path, checkpoint_key, trust_pickle, ema)
+    if is_training_checkpoint(source.info.metadata):
+        source = model_part(source)
     return source.renamed({}, provenance={**source.info.provenance, **provenance}) if provenance else source
 
 
@@ -153,10 +169,11 @@ def sha256_file(path: str, chunk: int = 16 * 1024 * 1024) -> str:
     return h.hexdigest()
 
 
-def _open_torch(path: str, checkpoint_key: str | None, trust_pickle: bool) -> Source:
+def _open_torch(path: str, checkpoint_key: str | None, trust_pickle: bool, ema: bool | None) -> Source:
     parsed = parse_torch_file(path, trust_pickle=trust_pickle)
+    metadata = _file_metadata(parsed.obj) if checkpoint_key is None else {}
     try:
-        found = find_weights(parsed.obj, path, checkpoint_key)
+        found = find_weights(parsed.obj, path, checkpoint_key, ema)
     except CorruptFileError as e:
         if str(e).startswith(path):
             raise
@@ -170,13 +187,23 @@ def _open_torch(path: str, checkpoint_key: str | None, trust_pickle: bool) -> So
         location=path,
         files=(path,),
         wrapper=found.wrapper,
-        ignored=tuple(found.ignored),
+        ignored=tuple(k for k in found.ignored if not (metadata and k == METADATA)),
         placeholders=tuple(parsed.unsafe_globals),
+        metadata=metadata,
         notes=tuple(found.notes),
     )
     if parsed.files:
         return FileSource(found.tensors, info, parsed.files, state_dict_metadata=found.metadata)
     return TensorSource(found.tensors, info, state_dict_metadata=found.metadata)
+
+
+def _file_metadata(obj: Any) -> dict[str, str]:
+    """The ``"__metadata__"`` entry (``str -> str``) of a torch file holding one dict: where the torch
+    form of a training checkpoint keeps what safetensors keeps in its header."""
+    meta = obj.get(METADATA) if isinstance(obj, Mapping) else None
+    if isinstance(meta, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        return dict(meta)
+    return {}
 
 
 def _unrecoverable(path: str, found: list[str]) -> str:
@@ -199,8 +226,8 @@ def _not_found(path: str) -> str:
     return msg
 
 
-def open_mapping(obj: Any, location: str, checkpoint_key: str | None) -> TensorSource:
-    found = find_weights(obj, location, checkpoint_key)
+def open_mapping(obj: Any, location: str, checkpoint_key: str | None, ema: bool | None = None) -> TensorSource:
+    found = find_weights(obj, location, checkpoint_key, ema)
     info = SourceInfo(
         kind="dict", location=location, wrapper=found.wrapper, ignored=tuple(found.ignored), notes=tuple(found.notes)
     )

@@ -167,13 +167,24 @@ def _holds_weights(x: Any, depth: int = 0, seen: set[int] | None = None) -> bool
     return any(is_leaf(v) or _holds_weights(v, depth + 1, seen) for v in x.values())
 
 
-def find_weights(obj: Any, location: str, checkpoint_key: str | None = None) -> Found:
+def find_weights(obj: Any, location: str, checkpoint_key: str | None = None, ema: bool | None = None) -> Found:
     """Locate the state dict inside ``obj`` (a loaded checkpoint's object tree).
 
+    Raw weights sit under :data:`WRAPPER_KEYS` (``state_dict``, ``model`` …), an EMA copy under
+    :data:`EMA_KEYS` (``state_dict_ema``, ``model_ema`` …), searched in timm's order. ``ema=True``
+    takes the EMA copy (timm's ``use_ema=True``), ``ema=False`` the raw weights; ``None`` takes the
+    raw weights where both exist and the EMA copy where it is all there is. When both exist, a note
+    says which was taken and where the other is.
+
     Raises:
-        SourceError: ``checkpoint_key`` names nothing, or no (unique) state dict exists.
+        SourceError: ``checkpoint_key`` names nothing or is given with ``ema``, ``ema=False`` and
+            the checkpoint holds EMA weights only, or no (unique) state dict exists.
     """
     if checkpoint_key is not None:
+        if ema is not None:
+            raise SourceError(
+                f"{location}: checkpoint_key={checkpoint_key!r} and ema={ema!r} both choose the weights; pass one"
+            )
         value = _descend(obj, checkpoint_key, location)
         found = _flatten_any(value, location)
         found.wrapper = checkpoint_key
@@ -183,7 +194,7 @@ def find_weights(obj: Any, location: str, checkpoint_key: str | None = None) -> 
         found.notes.append(_recovered(obj))
         return found
     if _attrs(obj) is not None and _holds_weights(_attrs(obj)):  # e.g. torch.save(trainer)
-        found = find_weights(_attrs(obj), location)
+        found = find_weights(_attrs(obj), location, ema=ema)
         found.notes.append(f"weights found in the attributes of a pickled {inert_name(obj)}")
         return found
     if not isinstance(obj, Mapping):
@@ -194,21 +205,44 @@ def find_weights(obj: Any, location: str, checkpoint_key: str | None = None) -> 
     direct = [k for k, v in obj.items() if is_leaf(v)]
     wrappers = [k for k in WRAPPER_KEYS if k in obj and _holds_weights(obj[k])]
     emas = [k for k in EMA_KEYS if k in obj and _holds_weights(obj[k])]
-    if direct and not wrappers:
+    if direct and not wrappers and not (ema and emas):
         found = _flatten(obj)
         found.metadata = _metadata_of(obj)
         return found
-    key = wrappers[0] if wrappers else emas[0] if emas else _only_nested(obj, location)
+    key = _choose(wrappers, emas, ema, obj, location)
     found = _flatten_any(obj[key], location)
     found.wrapper = str(key)
-    others = [k for k in wrappers + emas if k != key]
+    if wrappers and emas and key in emas:
+        found.notes.append(f"EMA weights taken, not the raw weights under {wrappers[0]!r} (ema=False takes those)")
+    elif wrappers and emas:
+        found.notes.append(f"raw weights taken, not the EMA weights under {emas[0]!r} (ema=True takes those)")
+    elif key in emas:
+        found.notes.append(f"EMA weights taken from {key!r} (the checkpoint holds no raw weights)")
+    others = [k for k in wrappers + emas if k not in (key, *wrappers[:1], *emas[:1])]
     if others:
         found.notes.append(
             f"also found weights under {', '.join(map(repr, others))}; "
             f"pass checkpoint_key= to use them instead of {key!r}"
         )
-    found.ignored.extend(f"{k}" for k in obj if k != key)
+    # the other weights are named in the notes: "ignored" lists the entries that hold no weights
+    found.ignored.extend(f"{k}" for k in obj if k != key and k not in wrappers and k not in emas)
     return found
+
+
+def _choose(wrappers: list[str], emas: list[str], ema: bool | None, obj: Mapping[Any, Any], location: str) -> Any:
+    """The key whose weights to take: EMA or raw as ``ema`` asks (timm's ``use_ema`` order)."""
+    if ema and emas:
+        return emas[0]
+    if wrappers:
+        return wrappers[0]
+    if emas:
+        if ema is False:
+            raise SourceError(
+                f"{location}: ema=False asks for the raw weights, but the checkpoint holds only EMA weights "
+                f"(under {emas[0]!r}); pass ema=None or ema=True to take them"
+            )
+        return emas[0]
+    return _only_nested(obj, location)
 
 
 def _recovered(obj: Any) -> str:
