@@ -249,6 +249,9 @@ class TransferReport:
         into: The submodule loaded into, if any.
         stats: Measurements of the apply step (seconds, bytes read).
         unused_reasons: Why each unused key was not used.
+        consumed: Source keys a target module's own ``_load_from_state_dict`` consumes, as torch's
+            ``load_state_dict`` does (``FrozenBatchNorm2d`` drops ``num_batches_tracked``), each with
+            the module: neither unused nor loaded.
     """
 
     entries: Sequence[Entry]
@@ -260,6 +263,7 @@ class TransferReport:
     into: str | None = None
     stats: dict[str, float] = field(default_factory=dict)
     unused_reasons: dict[str, str] = field(default_factory=dict)
+    consumed: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.entries, EntryTable):
@@ -357,6 +361,8 @@ class TransferReport:
             lines.append(f"unused source tensors ({len(self.unused)}): {_grouped(self.unused)}")
         if self.dropped:
             lines.append(f"dropped by rules ({len(self.dropped)}): {_grouped(self.dropped)}")
+        if self.consumed:
+            lines.append(f"consumed by the model's own loading code ({len(self.consumed)}): {_grouped(self.consumed)}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(map(printable, lines))  # names come from files: never terminal commands
 
@@ -401,6 +407,7 @@ class TransferReport:
             "unused": list(self.unused),
             "unused_reasons": dict(self.unused_reasons),
             "dropped": list(self.dropped),
+            "consumed": dict(self.consumed),
             "warnings": list(self.warnings),
             "source": self.source.to_dict() if self.source is not None else None,
             "stats": dict(self.stats),
