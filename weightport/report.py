@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from collections import Counter
@@ -12,6 +11,7 @@ from itertools import chain, compress, repeat
 from typing import Any, Literal, NamedTuple, overload
 
 from weightport._grouping import group_names
+from weightport._html import render
 from weightport._text import printable
 from weightport._tuples import rows
 from weightport.sources.base import SourceInfo
@@ -423,24 +423,13 @@ class TransferReport:
         summary = "\n".join(f"- {_md(line)}" for line in self.summary().splitlines())
         return f"{summary}\n\n{head}\n{body}\n"
 
+    def to_html(self) -> str:
+        """HTML for notebooks: the summary, then the fresh, adapted, unused, dropped and consumed
+        rows (open), the loaded rows folded; names grouped and escaped (see docs/report.md)."""
+        return render(self, "weightport report" if self.applied else "weightport preview: nothing applied (dry run)")
+
     def _repr_html_(self) -> str:
-        colors = {"loaded": "#2e7d32", "adapted": "#1565c0", "fresh": "#e65100"}
-        rows = "".join(
-            "<tr>"
-            + "".join(
-                f"<td style='color:{colors.get(c, 'inherit')}'>{html.escape(c)}</td>"
-                if i == 1
-                else f"<td><code>{html.escape(c)}</code></td>"
-                for i, c in enumerate(r)
-            )
-            + "</tr>"
-            for r in self.rows()
-        )
-        summary = "<br>".join(html.escape(line) for line in self.summary().splitlines())
-        return (
-            f"<div><p>{summary}</p><table><thead><tr><th>target</th><th>status</th>"
-            f"<th>source</th><th>shape</th><th>detail</th></tr></thead><tbody>{rows}</tbody></table></div>"
-        )
+        return self.to_html()
 
     def __rich__(self) -> Any:
         from rich.console import Group
