@@ -6,6 +6,8 @@ from html.parser import HTMLParser
 
 import torch
 from conftest import TinyNet, trained
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import weightport as wp
@@ -89,7 +91,7 @@ def test_every_name_is_escaped():
     entries = [
         Entry(f"{hostile}.weight", "fresh", (), None, (), None, (2,), "missing", None, 2, True),
         Entry("<img src=x onerror=alert(3)>", "adapted", (attribute,), None, ("pad",), (1,), (2,), None, None, 2),
-        Entry("ok.\x1b]52;c;ZWNobw==\x07", "loaded", ("ok",), None, (), (2,), (2,), None, None, 2),
+        Entry("ok.\x1b]52;c;ZWNobw==\x07", "loaded", ("ok",), None, (), [2], [2], None, None, 2),  # type: ignore[arg-type]
     ]
     report = TransferReport(entries, unused=(hostile,), dropped=(attribute,), unused_reasons={hostile: hostile})
     text = report.to_html()
@@ -133,3 +135,12 @@ def test_a_plan_into_a_submodule_renders_its_preview():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     plan = wp.plan(nn.Linear(2, 2).state_dict(), model, into="1")
     assert ("loaded", False) in _Page(plan.to_html()).sections
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=8, unique=True))
+def test_any_names_render_as_text_never_as_markup(names):
+    entries = [Entry(n, "fresh", (), None, (), None, (1,), "missing", None, 1, True) for n in names]
+    page = _Page(TransferReport(entries, unused=tuple(names)).to_html())
+    assert set(page.tags) <= {"div", "details", "summary", "span", "table", "thead", "tbody", "tr", "th", "td", "code"}
+    assert [s for s, _ in page.sections] == ["summary", "fresh", "unused"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import html
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from weightport._grouping import group_names
@@ -125,14 +126,13 @@ def _target_cells(r: Row) -> tuple[str, str, str, str]:
     if r.ops or r.reason or r.tied_to:  # most rows have none: no join for them
         tied = f"tied to {r.tied_to}" if r.tied_to else ""
         detail = "; ".join(x for x in (", ".join(r.ops), r.reason or "", tied) if x)
-    return r.target, source, _shape(r.source_shape, r.target_shape), detail
+    source_shape = None if r.source_shape is None else tuple(r.source_shape)  # an Entry made by hand may hold lists
+    return r.target, source, _shape(source_shape, tuple(r.target_shape)), detail
 
 
 @functools.lru_cache(maxsize=4096)
 def _shape(source: tuple[int, ...] | None, target: tuple[int, ...]) -> str:
-    if source is not None and tuple(source) != tuple(target):
-        return f"{tuple(source)} -> {tuple(target)}"
-    return str(tuple(target))
+    return f"{source} -> {target}" if source is not None and source != target else str(target)
 
 
 def _lines(items: Iterable[Sequence[str]]) -> tuple[list[Line], int]:
@@ -141,15 +141,8 @@ def _lines(items: Iterable[Sequence[str]]) -> tuple[list[Line], int]:
     buckets: dict[tuple[str, ...], list[Sequence[str]]] = {}
     for cells in items:
         buckets.setdefault(tuple(map(_skeleton, cells)), []).append(cells)
-    shown: list[Line] = [(_merged(members), len(members)) for members in _first(buckets.values(), MAX_LINES)]
+    shown: list[Line] = [(_merged(members), len(members)) for members in islice(buckets.values(), MAX_LINES)]
     return shown, sum(len(m) for m in buckets.values()) - sum(n for _, n in shown)
-
-
-def _first(values: Iterable[list[Sequence[str]]], n: int) -> Iterator[list[Sequence[str]]]:
-    for i, v in enumerate(values):
-        if i == n:
-            return
-        yield v
 
 
 def _merged(members: list[Sequence[str]], limit: int = 20) -> list[str]:

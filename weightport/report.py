@@ -424,8 +424,9 @@ class TransferReport:
         return f"{summary}\n\n{head}\n{body}\n"
 
     def to_html(self) -> str:
-        """HTML for notebooks: the summary, then the fresh, adapted, unused, dropped and consumed
-        rows (open), the loaded rows folded; names grouped and escaped (see docs/report.md)."""
+        """HTML for notebooks (what ``_repr_html_`` shows): the summary, then the fresh, adapted,
+        unused and dropped rows, the consumed keys and the loaded rows folded; names grouped and
+        escaped (see docs/report.md)."""
         return render(self, "weightport report" if self.applied else "weightport preview: nothing applied (dry run)")
 
     def _repr_html_(self) -> str:
