@@ -73,7 +73,7 @@ def test_machine_readable_renderers(report):
     md = report.to_markdown()
     assert "| fc.weight | fresh |" in md
     html = report._repr_html_()
-    assert "<table>" in html and "fc.weight" in html
+    assert "<table " in html and "fc.weight" in html
     console = Console(record=True, width=200)
     console.print(report)
     assert "fc.weight" in console.export_text()

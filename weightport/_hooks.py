@@ -7,6 +7,11 @@ the version recorded in the state dict's ``_metadata``, rename keys (torchvision
 runs these; so must we. Each such module is replayed on a *meta shadow* with meta
 stand-ins for the routed source tensors; the renames it performs (tracked by
 object identity) become part of the plan. No data is read and the model is untouched.
+
+A key such a module removes from the state dict without holding a tensor of that name is
+*consumed*, as ``load_state_dict`` would consume it: torchvision's ``FrozenBatchNorm2d``
+deletes ``num_batches_tracked``, which torch's strict load then does not call unexpected.
+Replay marks it with :class:`HookConsumed`; the report lists it as consumed, not unused.
 """
 
 from __future__ import annotations
@@ -47,6 +52,28 @@ class HookRename(Rule):
         return None
 
 
+@dataclass(frozen=True, eq=False)
+class HookConsumed(Rule):
+    """A source key a module's own ``_load_from_state_dict`` (or pre-hook) removes: used, loads nothing."""
+
+    module: str = ""
+    path: str = ""
+
+    @property
+    def patterns(self) -> tuple[Any, ...]:
+        return ()
+
+    @property
+    def text(self) -> str:
+        return f"consumed by {self.module} {self.path!r}" if self.path else f"consumed by {self.module}"
+
+    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
+        return ()
+
+    def inverse(self) -> None:
+        return None
+
+
 Routed = tuple[str, Rule | None, Output]
 
 
@@ -63,7 +90,8 @@ def replay(
     dtypes: Mapping[str, torch.dtype],
     metadata: Mapping[str, Any] | None,
 ) -> list[Routed]:
-    """Return ``routed`` with the renames that modules' loading hooks would perform.
+    """Return ``routed`` with the renames that modules' loading hooks would perform, and the keys
+    they consume (removed, naming no tensor of the module) ruled by :class:`HookConsumed`.
 
     Only plain entries (no ops, not part of a fuse) are offered to hooks: those are the
     ones a plain ``load_state_dict`` would have seen.
@@ -93,14 +121,29 @@ def replay(
             continue
         where = {id(t): k for k, t in state.items()}
         rule = HookRename(module=type(module).__name__, version=local.get("version"))
+        consumed = HookConsumed(module=type(module).__name__, path=path)
         for i, marker in markers.items():
             new = where.get(id(marker))
             key, _old_rule, out = routed[i]
-            if new is None:
+            if new is None and not _holds(module, out.target[len(prefix) :]):
+                routed[i] = (key, consumed, out)
+            elif new is None:  # torch would leave that tensor missing; the plan still loads it
                 log.debug("%s's loading hook removed %s", type(module).__name__, out.target)
             elif new != out.target:
                 routed[i] = (key, rule, Output(new))
     return routed
+
+
+def _holds(module: nn.Module, name: str) -> bool:
+    """``name`` (relative to ``module``) is one of its parameters or persistent buffers."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        holder = module.get_submodule(owner) if owner else module
+    except AttributeError:
+        return False
+    if holder._parameters.get(leaf) is not None:
+        return True
+    return holder._buffers.get(leaf) is not None and leaf not in holder._non_persistent_buffers_set
 
 
 def meta_shadow(module: nn.Module) -> nn.Module:

@@ -108,9 +108,20 @@ class PlanOptions:
             "class (``-1``: keep the fresh init). Names or ``{name: params}``."
         ),
     )
-    strict: bool = field(default=False, metadata=_doc("Every target tensor must load and every source tensor be used."))
+    strict: bool = field(
+        default=False,
+        metadata=_doc(
+            "Every target tensor must load and every source tensor be used (a key the model's own "
+            "``_load_from_state_dict`` consumes, as torch's strict load allows, counts as used)."
+        ),
+    )
     require: tuple[str, ...] = field(
-        default=(), metadata=_doc("Glob patterns of target tensors that must load (``'backbone.*'``).")
+        default=(),
+        metadata=_doc(
+            "Glob patterns of target tensors that must load (``'layer1.*'``), relative to ``into`` or as "
+            "the model's full names (``'backbone.layer1.*'``); a pattern that matches no target is an "
+            "error showing what the names look like."
+        ),
     )
     allow_empty: bool = field(
         default=False,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from collections import Counter
@@ -12,6 +11,7 @@ from itertools import chain, compress, repeat
 from typing import Any, Literal, NamedTuple, overload
 
 from weightport._grouping import group_names
+from weightport._html import render
 from weightport._text import printable
 from weightport._tuples import rows
 from weightport.sources.base import SourceInfo
@@ -252,6 +252,9 @@ class TransferReport:
         unused_reasons: Why each unused key was not used.
         outside: Tensors of the model outside ``into=`` that were on meta and are initialised
             fresh (names in the whole model); they have no entry.
+        consumed: Source keys a target module's own ``_load_from_state_dict`` consumes, as torch's
+            ``load_state_dict`` does (``FrozenBatchNorm2d`` drops ``num_batches_tracked``), each with
+            the module: neither unused nor loaded.
     """
 
     entries: Sequence[Entry]
@@ -264,6 +267,7 @@ class TransferReport:
     stats: dict[str, float] = field(default_factory=dict)
     unused_reasons: dict[str, str] = field(default_factory=dict)
     outside: tuple[str, ...] = ()
+    consumed: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.entries, EntryTable):
@@ -369,6 +373,8 @@ class TransferReport:
             lines.append(f"unused source tensors ({len(self.unused)}): {_grouped(self.unused)}")
         if self.dropped:
             lines.append(f"dropped by rules ({len(self.dropped)}): {_grouped(self.dropped)}")
+        if self.consumed:
+            lines.append(f"consumed by the model's own loading code ({len(self.consumed)}): {_grouped(self.consumed)}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(map(printable, lines))  # names come from files: never terminal commands
 
@@ -415,6 +421,7 @@ class TransferReport:
             "unused_reasons": dict(self.unused_reasons),
             "dropped": list(self.dropped),
             "outside": list(self.outside),
+            "consumed": dict(self.consumed),
             "warnings": list(self.warnings),
             "source": self.source.to_dict() if self.source is not None else None,
             "stats": dict(self.stats),
@@ -430,24 +437,14 @@ class TransferReport:
         summary = "\n".join(f"- {_md(line)}" for line in self.summary().splitlines())
         return f"{summary}\n\n{head}\n{body}\n"
 
+    def to_html(self) -> str:
+        """HTML for notebooks (what ``_repr_html_`` shows): the summary, then the fresh, adapted,
+        unused and dropped rows, the consumed keys and the loaded rows folded; names grouped and
+        escaped (see docs/report.md)."""
+        return render(self, "weightport report" if self.applied else "weightport preview: nothing applied (dry run)")
+
     def _repr_html_(self) -> str:
-        colors = {"loaded": "#2e7d32", "adapted": "#1565c0", "fresh": "#e65100"}
-        rows = "".join(
-            "<tr>"
-            + "".join(
-                f"<td style='color:{colors.get(c, 'inherit')}'>{html.escape(c)}</td>"
-                if i == 1
-                else f"<td><code>{html.escape(c)}</code></td>"
-                for i, c in enumerate(r)
-            )
-            + "</tr>"
-            for r in self.rows()
-        )
-        summary = "<br>".join(html.escape(line) for line in self.summary().splitlines())
-        return (
-            f"<div><p>{summary}</p><table><thead><tr><th>target</th><th>status</th>"
-            f"<th>source</th><th>shape</th><th>detail</th></tr></thead><tbody>{rows}</tbody></table></div>"
-        )
+        return self.to_html()
 
     def __rich__(self) -> Any:
         from rich.console import Group

@@ -4,8 +4,10 @@ each target decided once, the strictness checks, the preview report. No tensor d
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from itertools import filterfalse
 
@@ -103,7 +105,7 @@ def _report(
     dropped = set(routes.dropped)
     fed = set(routes.fed())
     fed.difference_update(decided.unused)
-    unused = [k for k in filterfalse(fed.__contains__, keys) if k not in dropped]
+    unused = [k for k in filterfalse(fed.__contains__, keys) if k not in dropped and k not in routes.consumed]
     reasons = {k: _unused_reason(k, decided, routes) for k in unused}
     warnings = decided.warnings + [f"rule {r.described()} matched no source tensor" for r in _idle(mapping, routes)]
     missing = sum(1 for r in rows if r.reason == "missing")
@@ -121,6 +123,7 @@ def _report(
         applied=False,
         into=into,
         unused_reasons=reasons,
+        consumed=dict(routes.consumed),
     )
 
 
@@ -192,10 +195,11 @@ def _check_strictness(report: TransferReport, strict: bool, require: Sequence[st
     fresh = [r.target for r in table.other_rows if r.status == "fresh"]  # loaded columns hold none
     problems: list[str] = []
     for pattern in require:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in table.names()):
-            problems.append(f"require={pattern!r} matches no target tensor")
+        matches = _required(pattern, report.into)
+        if not any(map(matches, table.names())):
+            problems.append(_require_matched_nothing(pattern, report.into, table))
             continue
-        missed = [n for n in fresh if fnmatch.fnmatchcase(n, pattern)]
+        missed = list(filter(matches, fresh))
         if missed:
             problems.append(f"require={pattern!r}: not loaded: {', '.join(group_names(missed)[:10])}")
     if strict:
@@ -210,3 +214,26 @@ def _check_strictness(report: TransferReport, strict: bool, require: Sequence[st
             report=report,
             problems=problems,
         )
+
+
+def _required(pattern: str, into: str | None) -> Callable[[str], bool]:
+    """Whether a target name (relative to ``into``) matches a ``require`` pattern written relative
+    to ``into`` or as the model's full name."""
+    if not into:
+        return lambda name: fnmatch.fnmatchcase(name, pattern)
+    return lambda name: fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(f"{into}.{name}", pattern)
+
+
+def _require_matched_nothing(pattern: str, into: str | None, table: EntryTable) -> str:
+    """The problem of a ``require`` pattern that matched no target: the names it could have
+    matched, in both forms."""
+    names = list(itertools.islice(table.names(), 5000))  # a sample is enough to show the form
+    if not names:
+        return f"require={pattern!r} matched no target: there are no target tensors"
+    example = (difflib.get_close_matches(pattern, names, n=1, cutoff=0) or names)[0]
+    if not into:
+        return f"require={pattern!r} matched no target; target names look like {example!r}"
+    return (
+        f"require={pattern!r} matched no target under into={into!r}; target names look like {example!r} "
+        f"(or absolute {f'{into}.{example}'!r})"
+    )

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from weightport._html import render
 from weightport._tuples import rows
 from weightport.mapping.ops import OpCall, fuse
 from weightport.mapping.rules import Rule
@@ -237,6 +238,16 @@ class TransferPlan:
 
     def summary(self) -> str:
         return self.report.summary()
+
+    def to_html(self) -> str:
+        """The preview as HTML for notebooks (:meth:`TransferReport.to_html`), saying that nothing is
+        applied until :meth:`apply`."""
+        if self.applied:
+            return render(self.report, "weightport plan, applied: its preview (apply() returned the report)")
+        return render(self.report, "weightport plan: a preview, nothing applied yet (plan.apply() performs it)")
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
 
     def __str__(self) -> str:
         return str(self.report)

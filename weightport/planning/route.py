@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from weightport._hooks import replay
+from weightport._hooks import HookConsumed, replay
 from weightport._tuples import rows
 from weightport.mapping._bulk import Group
 from weightport.mapping.core import Mapping as WeightMapping
@@ -56,6 +56,8 @@ class Routes:
         dropped: Keys a drop rule removed, in source order.
         nowhere: Keys that feed no target tensor, with the first name they would have fed.
         hits: How many keys each rule decided, by ``id(rule)``.
+        consumed: Keys a target module's own loading code consumes (:class:`HookConsumed`), with
+            which module: used, though they feed no target tensor.
     """
 
     single: dict[str, Candidate]
@@ -63,6 +65,7 @@ class Routes:
     dropped: list[str]
     nowhere: dict[str, str]
     hits: Counter[int] = field(default_factory=Counter)
+    consumed: dict[str, str] = field(default_factory=dict)
 
     def candidates(self, name: str) -> list[Candidate] | None:
         one = self.single.get(name)
@@ -89,8 +92,12 @@ def route(
     dropped: list[tuple[int, str]] = []
     for g in groups:
         _candidates(source, keys, g, targets, cands, dropped)
+    consumed: dict[str, str] = {}
     if hooks:
         cands = _replayed(source, scope, sorted(cands, key=attrgetter("position")))
+        consumed = {c.key: c.rule.text for c in cands if isinstance(c.rule, HookConsumed)}
+        if consumed:
+            cands = [c for c in cands if not isinstance(c.rule, HookConsumed)]
     names = [c.output.target for c in cands]
     present = list(map(targets.__contains__, names))
     nowhere: dict[str, str] = {}
@@ -111,7 +118,7 @@ def route(
         for c in sorted((c for c in cands if c.output.target in multi), key=attrgetter("position")):
             multi[c.output.target].append(c)
     dropped.sort()
-    return Routes(single, multi, [k for _, k in dropped], nowhere, _hits(groups))
+    return Routes(single, multi, [k for _, k in dropped], nowhere, _hits(groups), consumed)
 
 
 def _candidates(
