@@ -186,6 +186,21 @@ def test_library_keywords_read_as_flags(text, spoken):
     assert speak_flags(text, flags_of(cli._parser())) == spoken
 
 
+def test_the_printed_report_speaks_flags_and_its_json_does_not(weights, capsys, monkeypatch):
+    from weightport.report import TransferReport
+
+    summary = TransferReport.summary
+    note = "also found weights under 'state_dict_ema'; pass checkpoint_key= to use them"
+    monkeypatch.setattr(TransferReport, "summary", lambda self: summary(self) + "\n" + note)
+    assert main(["port", weights, TEN, "--dry-run"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "pass --checkpoint-key to use them" in out and "checkpoint_key" not in out
+    monkeypatch.setattr(TransferReport, "__str__", lambda self: self.summary())
+    assert main(["port", weights, TEN, "--strict"]) == EXIT_REFUSED  # the refused plan, printed
+    out = capsys.readouterr().out
+    assert "pass --checkpoint-key to use them" in out and "checkpoint_key" not in out
+
+
 def test_the_rules_the_translation_writes_are_rules_the_cli_reads():
     from conftest import TinyNet
 

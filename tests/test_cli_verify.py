@@ -113,3 +113,18 @@ def test_transformers_targets_are_built_from_config_arguments(tmp_path, capsys):
     assert cli(["port", str(path), spec, "--strict", "--dry-run"]) == 0
     assert cli(["port", str(path), "transformers:NoSuchModel"]) == 2
     assert "transformers has no model class 'NoSuchModel'" in capsys.readouterr().err
+
+
+def test_architectures_in_the_current_folder_can_be_verified(tmp_path, monkeypatch, capsys):
+    import sys
+
+    path = _mapping(tmp_path, first=1, second=0)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my_verify_models.py").write_text("from conftest import TinyNet\n\ndef tiny():\n    return TinyNet()\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(work))])
+    monkeypatch.delitem(sys.modules, "my_verify_models", raising=False)
+    spec = "my_verify_models:tiny"
+    assert cli(["verify", path, "--source", spec, "--target", spec, "--input-size", "3,8,8"]) == 0
+    assert capsys.readouterr().out.startswith("ok")

@@ -72,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), EXIT_BAD_INPUT, argv, flags)
     except WeightportError as e:
         report = getattr(e, "report", None)
-        if isinstance(e, REFUSALS) and report is not None and args is not None and not args.quiet:
-            say(report.to_json() if getattr(args, "json", False) else report)  # what would load: what to fix
+        if isinstance(e, REFUSALS) and report is not None and args is not None and not getattr(args, "quiet", False):
+            # what would have loaded: what to fix
+            say(report.to_json() if getattr(args, "json", False) else speak_flags(str(report), flags))
         return _fail(str(e), EXIT_REFUSED if isinstance(e, REFUSALS) else EXIT_BAD_INPUT, argv, flags)
     except KeyboardInterrupt:
         say("weightport: interrupted", file=sys.stderr)
@@ -84,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # torch's RuntimeError, an OSError …: one line too; -v shows where
         if args is not None and getattr(args, "verbose", False):
             raise
-        return _fail(f"{type(e).__name__}: {e} (run with -v for the traceback)", EXIT_BAD_INPUT, argv, flags)
+        where = " (run with -v for the traceback)" if args is not None and hasattr(args, "quiet") else ""
+        return _fail(f"{type(e).__name__}: {e}{where}", EXIT_BAD_INPUT, argv, flags)
 
 
 def _fail(message: str, code: int, argv: Sequence[str], flags: Any) -> int:
@@ -176,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     port.add_argument("source")
     port.add_argument("target", help=_TARGET_HELP)
-    port.add_argument("--mapping", "-m", help="shipped mapping name or mapping file")
+    port.add_argument("--mapping", "-m", help="shipped mapping name or mapping file; quote names with '->'")
     port.add_argument(
         "--rule",
         dest="rules",
@@ -294,18 +296,24 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _build(spec: str, *, on_meta: bool = False) -> Any:
-    """The model a TARGET spec names; ``package.module:factory`` imports from the current folder too
-    (as ``python -m`` does, but after installed packages: a file here cannot shadow one)."""
+    """The model a TARGET spec names (see :func:`_importable_here`)."""
     from weightport.meta import init_empty
     from weightport.targets import build_target
 
+    with _importable_here(), init_empty() if on_meta else contextlib.nullcontext():
+        return build_target(spec)
+
+
+@contextlib.contextmanager
+def _importable_here() -> Iterator[None]:
+    """``package.module:factory`` targets import from the current folder too, as with ``python -m``,
+    but after the installed packages: a file here cannot shadow one."""
     here = os.getcwd()
     added = here not in sys.path and "" not in sys.path
     if added:
         sys.path.append(here)
     try:
-        with init_empty() if on_meta else contextlib.nullcontext():
-            return build_target(spec)
+        yield
     finally:
         if added and here in sys.path:
             sys.path.remove(here)
@@ -352,7 +360,7 @@ def _port(args: argparse.Namespace) -> int:
     if args.json:
         say(report.to_json())
     elif not args.quiet:
-        say(report if args.verbose else report.summary())
+        say(speak_flags(str(report) if args.verbose else report.summary(), args.flags))
         _shown(report.warnings)
         if args.out and not args.dry_run:
             say(f"saved to {args.out}")
@@ -406,10 +414,11 @@ def _verify(args: argparse.Namespace) -> int:
         raise WeightportError("verify: give --source and --target together (or neither, for the mapping's own list)")
     size = _input_size(args.input_size)
     options: dict[str, Any] = {"numerics": not args.names_only, "input_size": size}
-    if args.source:
-        results = [verify(args.mapping, source=args.source, target=args.target, **options)]
-    else:
-        results = verify_all(args.mapping, **options)
+    with _importable_here():
+        if args.source:
+            results = [verify(args.mapping, source=args.source, target=args.target, **options)]
+        else:
+            results = verify_all(args.mapping, **options)
     failed = [r for r in results if not r.ok(args.atol)]
     if args.json:
         say(json.dumps([asdict(r) | {"ok": r.ok(args.atol)} for r in results], indent=2))
