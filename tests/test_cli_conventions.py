@@ -68,6 +68,8 @@ def test_a_shape_mismatch_under_on_mismatch_error_is_a_refusal_like_strict(weigh
     assert main(["port", weights, TEN, "--strict", "-q"]) == EXIT_REFUSED
     out = capsys.readouterr()
     assert out.out == "" and _one_error_line(out.err).startswith("weightport: error: --strict:")
+    assert main(["port", weights, TEN, "--require", "fc.*", "-q"]) == EXIT_REFUSED
+    assert "--require 'fc.*': not loaded: fc.weight, fc.bias" in _one_error_line(capsys.readouterr().err)
 
 
 def test_nothing_loaded_is_a_refusal_naming_the_flag_and_allow_empty_allows_it(weights, capsys):
@@ -77,6 +79,15 @@ def test_nothing_loaded_is_a_refusal_naming_the_flag_and_allow_empty_allows_it(w
     line = _one_error_line(out.err)
     assert "nothing would load" in line and "pass --allow-empty if" in line and "allow_empty" not in line
     assert main(["port", weights, TARGET, "--rule", "{p*}=>elsewhere.{p}", "--allow-empty", "-q"]) == EXIT_OK
+
+
+def test_a_lightning_style_prefix_is_suggested_as_a_rule_flag(tmp_path, capsys):
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in trained().state_dict().items()}, "epoch": 1}, path)
+    assert main(["port", str(path), TARGET, "-q"]) == EXIT_REFUSED
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--rule 'model.{rest*}=>{rest}'" in line and "rules=" not in line and "(CLI:" not in line
+    assert main(["port", str(path), TARGET, "-q", "--rule", "model.{rest*}=>{rest}", "--strict"]) == EXIT_OK
 
 
 def test_usage_errors_are_one_line_and_exit_2(weights, capsys):

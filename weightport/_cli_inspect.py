@@ -113,7 +113,7 @@ def checkpoint_entries(src: Source, trust_pickle: bool = False) -> Entries:
     from weightport.sources.torchfile import parse_torch_file
 
     files = [f for f in src.info.files if os.path.isfile(f)]
-    if (src.info.wrapper is None and not src.info.ignored) or len(files) != 1:
+    if (src.info.wrapper is None and not src.info.ignored) or len(files) != 1:  # nothing beside the weights
         return Entries()
     try:
         if sniff(files[0]) != "torch":
