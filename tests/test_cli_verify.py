@@ -43,12 +43,14 @@ def test_a_wrong_mapping_fails_with_exit_1(tmp_path, capsys):
     assert result["ok"] is False and result["max_abs_diff"] > 1e-3
 
 
-def test_quiet_prints_only_the_failures(tmp_path, capsys):
+def test_quiet_prints_only_the_failures_and_verbose_the_details(tmp_path, capsys):
     right, wrong = _mapping(tmp_path, first=1, second=0), _mapping(tmp_path, first=0, second=1)
     assert cli(["verify", right, "--input-size", "3,8,8", "-q"]) == 0
     assert capsys.readouterr() == ("", "")
     assert cli(["verify", wrong, "--input-size", "3,8,8", "-q"]) == 1
     assert capsys.readouterr().out.startswith("FAILED")
+    assert cli(["verify", right, "--input-size", "3,8,8", "-v"]) == 0
+    assert "mapping tiny.swap, max rel diff 0, accepted up to 0.0001 (--atol)" in capsys.readouterr().out
 
 
 def test_names_only_builds_nothing_real(tmp_path, capsys):

@@ -236,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--input-size", help="input shape without batch, e.g. 3,64,64")
     ver.add_argument("--atol", type=float, default=1e-4, help="largest output difference accepted (default 1e-4)")
     ver.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    _verbosity(ver, "also log what is verified as it happens", quiet="print only the pairs that failed")
+    _verbosity(ver, "also the mapping, relative difference and tolerance", quiet="print only the pairs that failed")
     ver.set_defaults(run=_verify)
 
     maps = sub.add_parser("mappings", help="list the shipped mappings")
@@ -428,6 +428,9 @@ def _verify(args: argparse.Namespace) -> int:
             trip = {True: "round trip exact", False: "round trip DIFFERS", None: "no round trip"}[r.round_trip]
             verdict = "ok" if r.ok(args.atol) else "FAILED"
             say(f"{verdict:<6} {r.source} -> {r.target}: {r.loaded} tensors, {diff}, {trip} ({r.seconds:.1f} s)")
+            if args.verbose:
+                rel = "-" if r.max_rel_diff is None else f"{r.max_rel_diff:.3g}"
+                say(f"       mapping {r.mapping}, max rel diff {rel}, accepted up to {args.atol:g} (--atol)")
     return EXIT_REFUSED if failed else EXIT_OK
 
 
