@@ -56,7 +56,7 @@ def test_port_saves_and_applies_rules(ckpt, tmp_path, capsys):
 def test_strictness_failure_exits_1(ckpt, capsys):
     assert main(["port", str(ckpt), TARGET, "--strict"]) == 1
     out = capsys.readouterr()
-    assert "strict=True" in out.err
+    assert out.err.startswith("weightport: error: --strict: target tensors not loaded") and "strict=" not in out.err
     assert "planned (dry run)" in out.out and "fresh" in out.out  # the preview report, to see what to fix
     assert main(["port", str(ckpt), TARGET, "--strict", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
@@ -71,7 +71,7 @@ def test_strictness_failure_exits_1(ckpt, capsys):
         (["port", "CKPT", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
         (["port", "CKPT", f"{TARGET}(num_classes=os.system('x'))"], "must be Python literals"),
         (["port", "CKPT", TARGET, "--rule", "nonsense"], "--rule 'nonsense'"),
-        (["port", "CKPT", TARGET, "--into", "nothing"], "into='nothing'"),
+        (["port", "CKPT", TARGET, "--into", "nothing"], "--into nothing: the model has no submodule"),
         (["port", "CKPT", TARGET, "--mapping", "no.such.mapping"], "'no.such.mapping' is neither"),
     ],
 )
@@ -129,3 +129,62 @@ def test_port_prints_the_summary_the_table_on_request_and_nothing_when_quiet(ckp
     assert table.startswith("target") and "conv1.weight" in table and "planned (dry run):" in table
     assert main(["port", str(ckpt), target, "--dry-run", "-q"]) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_inspect_shows_scalar_entries_and_counts_ema_weights_as_tensors(tmp_path, capsys):
+    ema = {k: v.clone() for k, v in trained(num_classes=1000).state_dict().items()}
+    path = tmp_path / "timm-style.pth"
+    torch.save(
+        {
+            "state_dict": trained(num_classes=1000).state_dict(),
+            "state_dict_ema": ema,
+            "epoch": 3,
+            "step": 1000,
+            "arch": "resnet50",
+            "metric": 76.1,
+            "huge": 1 << 5000,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        },
+        path,
+    )
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "entries: epoch=3, step=1000, arch='resnet50', metric=76.1, huge='<an integer of 5001 bits>'" in out
+    numel, nbytes = sum(t.numel() for t in ema.values()), sum(t.numel() * t.element_size() for t in ema.values())
+    assert f"EMA weights under 'state_dict_ema': {len(ema)} tensors, {numel:,} elements" in out
+    assert "(--checkpoint-key state_dict_ema loads them)" in out
+    ignored = next(line for line in out.splitlines() if "ignored non-tensor entries" in line)
+    assert ignored.strip() == "ignored non-tensor entries: optimizer"  # epoch, EMA … are shown, not ignored
+    assert "ema=True" not in out and "(--ema takes those)" in out  # the note speaks flags
+    assert main(["inspect", str(path), "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)["entries"]
+    assert entries["scalars"]["epoch"] == 3 and entries["scalars"]["arch"] == "resnet50"
+    assert entries["weights"]["state_dict_ema"] == {"tensors": len(ema), "numel": numel, "nbytes": nbytes, "ema": True}
+    # the EMA chosen: the raw weights are the other ones
+    assert main(["inspect", str(path), "--checkpoint-key", "state_dict_ema"]) == 0
+    out = capsys.readouterr().out
+    assert "weights under 'state_dict': 12 tensors" in out and "EMA weights under" not in out
+
+
+def test_inspect_of_a_plain_state_dict_shows_no_entries(tmp_path, capsys):
+    path = tmp_path / "plain.pth"
+    torch.save(trained().state_dict(), path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == {"scalars": {}, "weights": {}}
+
+
+def test_inspect_verbose_lists_every_tensor_of_a_training_checkpoint(tmp_path, capsys):
+    import weightport as wp
+
+    model = trained()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(1, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "train.safetensors"
+    wp.checkpoint.save(path, model=model, optimizer=optimizer)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer/state" not in out and "-v lists every tensor" in out
+    assert main(["inspect", str(path), "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer/state/0/momentum_buffer" in out and "not listed" not in out

@@ -43,6 +43,16 @@ def test_a_wrong_mapping_fails_with_exit_1(tmp_path, capsys):
     assert result["ok"] is False and result["max_abs_diff"] > 1e-3
 
 
+def test_quiet_prints_only_the_failures_and_verbose_the_details(tmp_path, capsys):
+    right, wrong = _mapping(tmp_path, first=1, second=0), _mapping(tmp_path, first=0, second=1)
+    assert cli(["verify", right, "--input-size", "3,8,8", "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert cli(["verify", wrong, "--input-size", "3,8,8", "-q"]) == 1
+    assert capsys.readouterr().out.startswith("FAILED")
+    assert cli(["verify", right, "--input-size", "3,8,8", "-v"]) == 0
+    assert "mapping tiny.swap, max rel diff 0, accepted up to 0.0001 (--atol)" in capsys.readouterr().out
+
+
 def test_names_only_builds_nothing_real(tmp_path, capsys):
     path = _mapping(tmp_path, first=0, second=1)  # wrong numbers, but names and shapes line up
     assert cli(["verify", path, "--names-only"]) == 0
@@ -105,3 +115,18 @@ def test_transformers_targets_are_built_from_config_arguments(tmp_path, capsys):
     assert cli(["port", str(path), spec, "--strict", "--dry-run"]) == 0
     assert cli(["port", str(path), "transformers:NoSuchModel"]) == 2
     assert "transformers has no model class 'NoSuchModel'" in capsys.readouterr().err
+
+
+def test_architectures_in_the_current_folder_can_be_verified(tmp_path, monkeypatch, capsys):
+    import sys
+
+    path = _mapping(tmp_path, first=1, second=0)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my_verify_models.py").write_text("from conftest import TinyNet\n\ndef tiny():\n    return TinyNet()\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(work))])
+    monkeypatch.delitem(sys.modules, "my_verify_models", raising=False)
+    spec = "my_verify_models:tiny"
+    assert cli(["verify", path, "--source", spec, "--target", spec, "--input-size", "3,8,8"]) == 0
+    assert capsys.readouterr().out.startswith("ok")

@@ -176,3 +176,41 @@ def test_transfer_takes_check_hash(hub):
         wp.transfer("torchvision:squeezenet1_1", torchvision.models.squeezenet1_1())
     report = wp.transfer("torchvision:squeezenet1_1", torchvision.models.squeezenet1_1(), check_hash=False)
     assert not report.source.provenance["hash_checked"]
+
+
+def test_a_weights_enum_member_is_a_source_read_from_the_cache(hub, monkeypatch):
+    state, path, digest = _cache_with_true_name(hub, monkeypatch)
+    model = torchvision.models.squeezenet1_1()
+    report = wp.transfer(W, model, strict=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert report.source.location == "torchvision:SqueezeNet1_1_Weights.IMAGENET1K_V1"
+    assert report.source.provenance["sha256"] == digest and report.source.provenance["file"] == str(path)
+    src = wp.open_source(W)
+    assert src.meta("classifier.1.weight").shape == (1000, 512, 1, 1)
+    assert wp.plan(W, torchvision.models.squeezenet1_1()).report.source.kind == "torchvision"
+
+
+def test_a_weights_enum_member_takes_the_source_options(hub):
+    torch.save(_stand_in(), hub / W.url.rsplit("/", 1)[1])  # not the published bytes
+    with pytest.raises(HashMismatchError, match="check_hash=False"):
+        wp.open_source(W)
+    assert not wp.open_source(W, check_hash=False).info.provenance["hash_checked"]
+
+
+def test_a_weights_enum_member_not_cached_says_where_it_looked_and_how_to_fetch_it(hub):
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    with pytest.raises(SourceNotFoundError) as e:
+        wp.transfer(weights, torchvision.models.resnet18())
+    msg = str(e.value)
+    assert str(hub / "resnet18-f37072fd.pth") in msg
+    assert "get_weight('ResNet18_Weights.IMAGENET1K_V1').get_state_dict()" in msg
+
+
+def test_other_enums_are_not_weights():
+    import enum
+
+    class Colour(enum.Enum):
+        RED = 1
+
+    with pytest.raises(wp.errors.SourceError, match="cannot open a Colour"):
+        wp.open_source(Colour.RED)

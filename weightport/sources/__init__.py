@@ -39,8 +39,10 @@ def open_source(
 
     Args:
         source: A path (file or folder), a ``Mapping[str, Tensor]`` (possibly a nested
-            checkpoint), an ``nn.Module``, a :class:`Source`, or a spec string
-            (``torchvision:resnet50``, ``timm:NAME``, ``hf:org/name``).
+            checkpoint), an ``nn.Module``, a :class:`Source`, a spec string
+            (``torchvision:resnet50``, ``timm:NAME``, ``hf:org/name``), or a torchvision weights
+            enum member (``torchvision.models.ResNet18_Weights.IMAGENET1K_V1``: its file in torch
+            hub's cache, as ``torchvision:`` opens it).
         checkpoint_key: Take the weights from this key of a nested checkpoint
             (``"state_dict_ema"``; ``"a/b"`` for deeper nesting).
         check_hash: Verify the hash a zoo file name carries (torchvision).
@@ -96,6 +98,10 @@ def _open(
         return TensorSource(state, info, state_dict_metadata=getattr(state, "_metadata", None))
     if isinstance(source, Mapping):
         return open_mapping(source, "<dict>", checkpoint_key, ema)
+    if _is_torchvision_weights(source):  # ResNet18_Weights.IMAGENET1K_V1: the file it names, from the cache
+        from weightport.sources.zoo_torchvision import open_weights
+
+        return open_weights(source, checkpoint_key=checkpoint_key, check_hash=check_hash, trust_pickle=trust_pickle)
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         match = _SPEC.match(text) if isinstance(text, str) else None
@@ -123,6 +129,11 @@ def _no_ema(info: SourceInfo) -> str:
         f"{info.location}: ema=True, but it holds no EMA weights (looked for the entries "
         f"{', '.join(map(repr, EMA_KEYS))}); {held}: pass ema=None to take them"
     )
+
+
+def _is_torchvision_weights(obj: Any) -> bool:
+    """A torchvision ``WeightsEnum`` member, told without importing torchvision or the zoo module."""
+    return any(c.__name__ == "WeightsEnum" and c.__module__.startswith("torchvision.") for c in type(obj).__mro__)
 
 
 def _verify_sha256(source: Source, expected: str) -> Source:

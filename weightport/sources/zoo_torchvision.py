@@ -1,7 +1,8 @@
 """``torchvision:`` sources: torchvision's pretrained weights, through its weights API and torch hub's cache.
 
 Specs: ``torchvision:resnet50`` (the ``DEFAULT`` weights), ``torchvision:resnet50.IMAGENET1K_V2``,
-``torchvision:resnet50.DEFAULT`` and the enum name ``torchvision:ResNet50_Weights.IMAGENET1K_V2``.
+``torchvision:resnet50.DEFAULT`` and the enum name ``torchvision:ResNet50_Weights.IMAGENET1K_V2``;
+the enum member itself (``ResNet50_Weights.IMAGENET1K_V2``) opens the same way (:func:`open_weights`).
 The file is read from ``$TORCH_HOME/hub/checkpoints`` when present, downloaded there only when
 downloads are allowed, and (``check_hash=True``) verified against the sha256 prefix its name
 carries (``resnet50-11ad3fa6.pth``), as torch hub does when it downloads.
@@ -166,8 +167,33 @@ def open_torchvision(
         HashMismatchError: ``check_hash`` and the file does not match the hash in its name.
     """
     weights = resolve_weights(rest)
+    return open_weights(
+        weights,
+        checkpoint_key=checkpoint_key,
+        check_hash=check_hash,
+        trust_pickle=trust_pickle,
+        label=f"torchvision:{rest}",
+    )
+
+
+def open_weights(
+    weights: Any,
+    *,
+    checkpoint_key: str | None = None,
+    check_hash: bool = True,
+    trust_pickle: bool = False,
+    label: str | None = None,
+) -> Source:
+    """Open the file a torchvision ``WeightsEnum`` member names, from torch hub's cache, as the
+    ``torchvision:`` scheme does (downloaded only when downloads are allowed).
+
+    Raises:
+        SourceNotFoundError: Not cached while offline (the message says where it looked and how to fetch it).
+        HashMismatchError: ``check_hash`` and the file does not match the hash in its name.
+    """
+    label = label or f"torchvision:{weights!r}"
     hint = f"python -c \"from torchvision.models import get_weight; get_weight('{weights!r}').get_state_dict()\""
-    cached = fetch_url(weights.url, check_hash=check_hash, fetch_hint=hint, label=f"torchvision:{rest}")
+    cached = fetch_url(weights.url, check_hash=check_hash, fetch_hint=hint, label=label)
     source = open_path(cached.path, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
     meta = weights.meta
     provenance: dict[str, Any] = {
@@ -185,6 +211,4 @@ def open_torchvision(
     for key in ("num_params", "recipe", "min_size"):
         if key in meta:
             provenance[key] = meta[key]
-    return source.renamed(
-        {}, kind="torchvision", location=f"torchvision:{rest}", provenance={**source.info.provenance, **provenance}
-    )
+    return source.renamed({}, kind="torchvision", location=label, provenance={**source.info.provenance, **provenance})
