@@ -187,3 +187,24 @@ def test_a_meta_built_model_stays_picklable_and_loads_in_place():
     wp.transfer({"weight": torch.ones(4, 4)}, model)
     assert model.weight is weight  # the record left no weak reference that blocks the in-place swap
     pickle.loads(pickle.dumps(model))
+
+
+def test_recomputing_a_buffer_leaves_the_model_untouched_until_the_commit():
+    class Block(nn.Module):  # reset_parameters re-draws its weight and computes its mask from its device
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.reset_parameters()
+
+        def reset_parameters(self) -> None:
+            self.fc.reset_parameters()
+            self.register_buffer("mask", torch.ones(4, device=self.fc.weight.device), persistent=False)
+
+    eager = Block()
+    with wp.init_empty():
+        model = Block()
+    plan = wp.plan(eager.state_dict(), model)
+    assert model.mask.is_meta
+    plan.apply()
+    assert torch.equal(model.fc.weight, eager.fc.weight)  # loaded, not re-drawn by the recomputation
+    assert torch.equal(model.mask, torch.ones(4)) and _no_meta(model)

@@ -11,7 +11,7 @@ model is untouched until the commit:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ def fresh_values(scope: nn.Module, names: list[str], place: Place, notes: list[s
     constructor calls replayed, else the module's own ``reset_parameters`` on a shadow copy;
     modules without one give zeros and a note."""
     out: dict[str, torch.Tensor] = {}
-    by_module: dict[str, list[str]] = {}
+    rest: list[str] = []
     for name in names:
         path, _, attr = name.rpartition(".")
         module = scope.get_submodule(path) if path else scope
@@ -44,54 +44,20 @@ def fresh_values(scope: nn.Module, names: list[str], place: Place, notes: list[s
         if replayed is not None:
             out[name] = replayed
         else:
-            by_module.setdefault(path, []).append(name)
-    for path, members in by_module.items():
-        module = scope.get_submodule(path) if path else scope
-        shadow = _shadow(module, place)
+            rest.append(name)
+    for module, shadow, members in _shadows(scope, rest, place, deep=False):
         init = getattr(shadow, "reset_parameters", None) or getattr(shadow, "_reset_parameters", None)
         if callable(init):
             with torch.no_grad():
                 init()
         else:
+            path = members[0].rpartition(".")[0]
             notes.append(
                 f"{path or 'the model'} ({type(module).__name__}) has no reset_parameters(): "
                 f"{', '.join(members)} initialised to zeros"
             )
-        for name in members:
-            attr = name.rpartition(".")[2]
-            value: torch.Tensor | None = shadow._parameters.get(attr)
-            if value is None:
-                value = shadow._buffers.get(attr)
-            if value is None or value.is_meta:
-                raise PlanError(
-                    f"cannot materialise {name!r}: it is not a direct parameter or buffer "
-                    "of its module; build the model normally instead of on meta"
-                )
-            out[name] = value.detach()
+        out.update(_read(shadow, members, "it is not a direct parameter or buffer of its module"))
     return out
-
-
-def _shadow(module: nn.Module, place: Place) -> nn.Module:
-    """A copy of ``module`` whose own meta tensors are real (zeros) and whose other tensors
-    are meta stand-ins, so ``reset_parameters`` can run without touching the model."""
-    shadow = copy.copy(module)
-    shadow._parameters = {}
-    shadow._buffers = {}
-    shadow._modules = {n: meta_shadow(c) for n, c in module._modules.items() if c is not None}
-    for kind in ("_parameters", "_buffers"):
-        for attr, t in getattr(module, kind).items():
-            if t is None:
-                getattr(shadow, kind)[attr] = None
-                continue
-            dtype, device = place(t)
-            if t.is_meta:
-                real = torch.zeros(t.shape, dtype=dtype, device=device)
-            else:
-                real = torch.empty_like(t, device="meta")
-            getattr(shadow, kind)[attr] = (
-                nn.Parameter(real, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else real
-            )
-    return shadow
 
 
 def _replayed(rec: Record, t: torch.Tensor, place: Place) -> torch.Tensor | None:
@@ -111,42 +77,66 @@ def recomputable(module: nn.Module) -> bool:
 
 def recompute_buffers(root: nn.Module, names: list[str], place: Place) -> dict[str, torch.Tensor]:
     """The non-persistent meta buffers ``names`` (of ``root``) computed by their modules' own buffer
-    initialiser, run on a copy of the module whose tensors are real but uninitialised (the
-    computation needs their device and dtype, not their values)."""
-    by_module: dict[str, list[str]] = {}
-    for name in names:
-        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    initialiser, run on a copy of the module and its children whose tensors are real (the
+    computation needs their device and dtype, and maybe other buffers' values)."""
     out: dict[str, torch.Tensor] = {}
-    for path, members in by_module.items():
-        module = root.get_submodule(path) if path else root
-        shadow = _real_shadow(module, place)
+    for module, shadow, members in _shadows(root, names, place, deep=True):
         init = next(getattr(shadow, m) for m in BUFFER_INITS if callable(getattr(shadow, m, None)))
         with torch.no_grad():
             init()
-        for name in members:
-            value = shadow._buffers.get(name.rpartition(".")[2])
-            if value is None or value.is_meta:
-                raise PlanError(
-                    f"cannot compute the buffer {name!r}: {type(module).__name__}.{init.__name__}() did not "
-                    "give it a value; build the model eagerly (without init_empty) instead"
-                )
-            out[name] = value.detach()
+        out.update(_read(shadow, members, f"{type(module).__name__}.{init.__name__}() did not give it a value"))
     return out
 
 
-def _real_shadow(module: nn.Module, place: Place) -> nn.Module:
-    """A copy of ``module`` and its children whose tensors are real (uninitialised memory, each in
-    the dtype and on the device it ends with); the model itself is untouched."""
+def _shadows(
+    root: nn.Module, names: list[str], place: Place, *, deep: bool
+) -> Iterator[tuple[nn.Module, nn.Module, list[str]]]:
+    """``(module, its shadow, the names it owns)`` for the modules owning ``names``."""
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    for path, members in by_module.items():
+        module = root.get_submodule(path) if path else root
+        yield module, _shadow(module, place, deep=deep), members
+
+
+def _read(shadow: nn.Module, members: list[str], why: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in members:
+        attr = name.rpartition(".")[2]
+        value: torch.Tensor | None = shadow._parameters.get(attr)
+        if value is None:
+            value = shadow._buffers.get(attr)
+        if value is None or value.is_meta:
+            raise PlanError(
+                f"cannot materialise {name!r}: {why}; build the model normally (without init_empty or "
+                "torch.device('meta'))"
+            )
+        out[name] = value.detach()
+    return out
+
+
+def _shadow(module: nn.Module, place: Place, *, deep: bool) -> nn.Module:
+    """A copy of ``module`` for an initialiser to run on without touching the model: its meta
+    tensors are real zeros (in the dtype and on the device each ends with). Its other tensors are
+    meta stand-ins and its children meta shadows, or with ``deep`` real copies and real shadows
+    (an initialiser that reads a child parameter's device, as timm Swin's ``_init_buffers``)."""
     shadow = copy.copy(module)
-    shadow._modules = {n: _real_shadow(c, place) for n, c in module._modules.items() if c is not None}
+    children = module._modules.items()
+    shadow.__dict__["_modules"] = {
+        n: _shadow(c, place, deep=True) if deep else meta_shadow(c) for n, c in children if c is not None
+    }
     for kind in ("_parameters", "_buffers"):
         tensors: dict[str, torch.Tensor | None] = {}
         for attr, t in getattr(module, kind).items():
-            if t is None or not t.is_meta:
-                tensors[attr] = t
+            if t is None:
+                tensors[attr] = None
                 continue
             dtype, device = place(t)
-            real = torch.empty(t.shape, dtype=dtype, device=device)
+            if t.is_meta:
+                real = torch.zeros(t.shape, dtype=dtype, device=device)
+            else:
+                real = t.detach().clone() if deep else torch.empty_like(t, device="meta")
             tensors[attr] = nn.Parameter(real, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else real
         shadow.__dict__[kind] = tensors
     return shadow
