@@ -143,3 +143,11 @@ def test_unknown_names_and_non_utf8_files_are_mapping_errors(tmp_path):
         wp.load_mapping(bad)
     with pytest.raises(MappingError, match="TOML table"):
         parse_mapping([1, 2])
+
+
+def test_a_mapping_file_records_the_weights_file_and_its_tolerance():
+    m = parse_mapping({"name": "s", "source_file": "w.safetensors", "atol": 1e-3, "rule": []})
+    assert (m.source_file, m.atol) == ("w.safetensors", 1e-3) and m.describe()["atol"] == 1e-3
+    for bad in (-1, "1e-3", True):
+        with pytest.raises(MappingError, match="'atol' must be a non-negative number"):
+            parse_mapping({"atol": bad})

@@ -86,7 +86,10 @@ class Mapping:
         rules: Rules in priority order; the first that matches a key decides it.
         name: Registry name (mapping files).
         description: One line for humans.
-        source: The architecture the source side was verified on.
+        source: The architecture the source side was verified on (a spec such as ``timm:resnet50``).
+        source_file: The weights file a suggested mapping was made from, when the source was a file
+            rather than an architecture (``weightport suggest w.safetensors TARGET``).
+        atol: The largest output difference ``weightport verify`` accepts for this mapping (default 1e-4).
         target: The architecture the target side was verified on.
         verified: Every variant the shipped parity test checks (mapping files' ``verified``).
         source_prefix: Removed from source keys that start with it before the rules apply
@@ -110,6 +113,8 @@ class Mapping:
         verified: Sequence[str] = (),
         source_prefix: str | None = None,
         path: str | None = None,
+        source_file: str | None = None,
+        atol: float | None = None,
     ) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
         for r in self.rules:
@@ -126,6 +131,8 @@ class Mapping:
         self.verified = tuple(verified)
         self.source_prefix = source_prefix
         self.path = path
+        self.source_file = source_file
+        self.atol = atol
         self._index = _Index(self.rules)
 
     def _fields(self) -> dict[str, Any]:
@@ -137,6 +144,8 @@ class Mapping:
             "verified": self.verified,
             "source_prefix": self.source_prefix,
             "path": self.path,
+            "source_file": self.source_file,
+            "atol": self.atol,
         }
 
     def resolve(self, key: str) -> Resolution:
@@ -233,6 +242,8 @@ class Mapping:
             "target": self.target,
             "verified": list(self.verified),
             "source_prefix": self.source_prefix,
+            "source_file": self.source_file,
+            "atol": self.atol,
             "rules": [r.described() for r in self.rules],
         }
 

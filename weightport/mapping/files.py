@@ -8,6 +8,8 @@ Format::
     target = "timm:vit_base_patch16_224"
     verified = ["vit_b_16", "vit_l_16"]      # optional: every variant the parity test checks
     source_prefix = "vit."                   # optional: stripped from source keys that have it
+    source_file = "w.safetensors"            # optional: the weights file a suggestion was made from
+    atol = 1e-3                              # optional: verify's output tolerance for this mapping
     extends = "other.mapping"               # optional: its rules come after ours
 
     [[rule]]
@@ -76,6 +78,8 @@ TOP_FIELDS = {
     "target",
     "verified",
     "source_prefix",
+    "source_file",
+    "atol",
     "extends",
     "rule",
 }
@@ -166,9 +170,12 @@ def parse_mapping(data: Any, path: str = "<mapping>", chain: tuple[str, ...] = (
         raise MappingError(
             f"{path}: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(TOP_FIELDS))}"
         )
-    for field in ("name", "description", "source", "target", "source_prefix", "extends"):
+    for field in ("name", "description", "source", "target", "source_prefix", "source_file", "extends"):
         if field in data and not isinstance(data[field], str):
             raise MappingError(f"{path}: field {field!r} must be a string")
+    atol = data.get("atol")
+    if atol is not None and (isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0):
+        raise MappingError(f"{path}: field 'atol' must be a non-negative number (verify's output tolerance)")
     verified = data.get("verified", [])
     if not isinstance(verified, list) or not all(isinstance(v, str) for v in verified):
         raise MappingError(f"{path}: field 'verified' must be a list of strings (the variants the tests check)")
@@ -187,6 +194,8 @@ def parse_mapping(data: Any, path: str = "<mapping>", chain: tuple[str, ...] = (
             verified=tuple(verified),
             source_prefix=data.get("source_prefix"),
             path=path,
+            source_file=data.get("source_file"),
+            atol=float(atol) if atol is not None else None,
         )
     except MappingError as e:
         raise MappingError(f"{path}: {e}") from None
