@@ -184,3 +184,121 @@ def test_cli_bad_target_is_exit_2(tmp_path, capsys):
     save_file({"w": torch.zeros(1)}, str(path))
     assert cli(["suggest", str(path), "no.such.module:Thing"]) == 2
     assert "no.such.module" in capsys.readouterr().err
+
+
+def test_cli_records_a_weights_file_as_source_file_not_as_source(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"body.weight": torch.zeros(4, 4), "body.bias": torch.zeros(4)}, str(path))
+    out = tmp_path / "m.toml"
+    assert cli(["suggest", str(path), "torch.nn:Linear(4, 4)", "-o", str(out), "-q"]) == 0
+    mapping = wp.load_mapping(out)
+    assert mapping.source_file == str(path) and mapping.source is None
+    assert mapping.target == "torch.nn:Linear(4, 4)"
+
+
+def test_cli_records_an_architecture_spec_as_source(tmp_path, monkeypatch):
+    import weightport.sources
+
+    real = weightport.sources.open_source
+    monkeypatch.setattr(
+        weightport.sources, "open_source", lambda spec, **kw: real({"body.weight": torch.zeros(4, 4)}, **kw)
+    )
+    out = tmp_path / "m.toml"
+    assert cli(["suggest", "torchvision:tiny_thing", "torch.nn:Linear(4, 4, bias=False)", "-o", str(out), "-q"]) == 0
+    mapping = wp.load_mapping(out)
+    assert mapping.source == "torchvision:tiny_thing" and mapping.source_file is None
+
+
+# -- pairing modules, not tensors ---------------------------------------------------------------------
+
+
+def _bn(prefix: str, c: int, counter: bool = True) -> dict[str, tuple[int, ...]]:
+    out = {f"{prefix}.{leaf}": (c,) for leaf in ("weight", "bias", "running_mean", "running_var")}
+    return out | ({f"{prefix}.num_batches_tracked": ()} if counter else {})
+
+
+def test_scalar_buffers_never_pair_across_modules():
+    src = _bn("features.0", 4, counter=False) | _bn("features.1", 8)
+    tgt = _bn("bn_a", 4) | _bn("bn_b", 8)
+    found = suggest(src, tgt)
+    assert found.pairs["bn_b.num_batches_tracked"] == ("features.1.num_batches_tracked",)
+    assert "bn_a.num_batches_tracked" in found.unmatched_targets
+    assert found.pairs["bn_a.running_var"] == ("features.0.running_var",)
+
+
+def test_a_modules_weight_and_bias_move_together():
+    """Per tensor, a conv bias looks like a norm's weight or bias; per module it cannot."""
+    src = {"m.x.bias": (4,), "m.x.weight": (4,), "m.y.bias": (4,), "m.y.weight": (4, 4)}  # sorted, as in a file
+    tgt = {"conv.weight": (4, 4), "conv.bias": (4,), "norm.weight": (4,), "norm.bias": (4,)}
+    found = suggest(src, tgt)
+    assert found.pairs["conv.bias"] == ("m.y.bias",)
+    assert found.pairs["norm.weight"] == ("m.x.weight",) and found.pairs["norm.bias"] == ("m.x.bias",)
+
+
+def test_a_sorted_source_is_aligned_by_its_layer_indices():
+    """A file lists ``layer10`` before ``layer2``; here the indices differ by one on the two sides, so only
+    the order (restored by the indices) can tell which layer is which."""
+    unit = {"conv.weight": (8, 8, 3, 3), "conv.bias": (8,), "norm.weight": (8,), "norm.bias": (8,)}
+    src = dict(sorted({f"layer{i}.{k}": s for i in range(12) for k, s in unit.items()}.items()))
+    tgt = {f"b{i + 1}.{k}": s for i in range(12) for k, s in unit.items()}
+    found = suggest(src, tgt)
+    for i in range(12):
+        assert found.pairs[f"b{i + 1}.conv.weight"] == (f"layer{i}.conv.weight",)
+        assert found.pairs[f"b{i + 1}.norm.bias"] == (f"layer{i}.norm.bias",)
+
+
+def _hf_llama_names(layers: int, sort: bool) -> dict[str, tuple[int, ...]]:
+    out = {"model.embed_tokens.weight": (100, 16)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out |= {f"{p}.self_attn.{n}_proj.weight": (16, 16) for n in "qkvo"}
+        out |= {f"{p}.mlp.gate_proj.weight": (24, 16), f"{p}.mlp.up_proj.weight": (24, 16)}
+        out |= {f"{p}.mlp.down_proj.weight": (16, 24)}
+        out |= {f"{p}.input_layernorm.weight": (16,), f"{p}.post_attention_layernorm.weight": (16,)}
+    out |= {"model.norm.weight": (16,), "lm_head.weight": (100, 16)}
+    return dict(sorted(out.items())) if sort else out
+
+
+def _meta_llama_names(layers: int) -> dict[str, tuple[int, ...]]:
+    out = {"tok_embeddings.weight": (100, 16)}
+    for i in range(layers):
+        out |= {f"layers.{i}.attention_norm.weight": (16,), f"layers.{i}.attention.wqkv.weight": (48, 16)}
+        out |= {f"layers.{i}.attention.wo.weight": (16, 16), f"layers.{i}.ffn_norm.weight": (16,)}
+        out |= {f"layers.{i}.feed_forward.{w}.weight": s for w, s in (("w1", (24, 16)), ("w2", (16, 24)))}
+        out |= {f"layers.{i}.feed_forward.w3.weight": (24, 16)}
+    return out | {"norm.weight": (16,), "output.weight": (100, 16)}
+
+
+@pytest.mark.parametrize("sort", [False, True], ids=["module-order", "sorted"])
+def test_a_shared_word_does_not_outweigh_the_modules_place(sort):
+    """``post_attention_layernorm`` shares "attention" with ``attention_norm``, but sits where ``ffn_norm``
+    does: after the attention."""
+    found = suggest(_hf_llama_names(2, sort), _meta_llama_names(2))
+    assert not found.unmatched_targets and not found.unmatched_sources
+    for i in range(2):
+        assert found.pairs[f"layers.{i}.ffn_norm.weight"] == (f"model.layers.{i}.post_attention_layernorm.weight",)
+        assert found.pairs[f"layers.{i}.attention_norm.weight"] == (f"model.layers.{i}.input_layernorm.weight",)
+        assert found.pairs[f"layers.{i}.feed_forward.w2.weight"] == (f"model.layers.{i}.mlp.down_proj.weight",)
+        assert len(found.pairs[f"layers.{i}.attention.wqkv.weight"]) == 3
+
+
+def test_suggest_never_raises_on_pairs_it_cannot_compress(tmp_path):
+    """GPT-2 (Conv1D, transposed) to BERT: little pairs, and general rules would clash; it lists the rest."""
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32)
+    )
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100
+        )
+    )
+    path = tmp_path / "gpt2.safetensors"
+    wp.save(gpt2, str(path))
+    found = suggest(str(path), bert)
+    mapping = found.mapping()
+    for t, sources in found.pairs.items():
+        for s in sources:  # a split source feeds several targets, this one among them
+            assert t in [o.target for o in mapping.resolve(s).outputs]
+    assert found.unmatched_targets and found.unmatched_sources
+    assert len(found.pairs) + len(found.unmatched_targets) == len(bert.state_dict())

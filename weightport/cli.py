@@ -228,7 +228,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=lambda args: __import__("weightport.demo", fromlist=["main"]).main(), verbose=False)
 
     sug = sub.add_parser("suggest", help="propose a mapping file from SOURCE's and TARGET's names and shapes")
-    sug.add_argument("source")
+    sug.add_argument(
+        "source", help="a weights file (recorded as source_file) or an architecture spec (recorded as source)"
+    )
     sug.add_argument("target", help=_TARGET_HELP)
     sug.add_argument("--out", "-o", help="write the mapping file here (default: print it)")
     sug.add_argument("--into", help="suggest for this submodule only")
@@ -405,7 +407,9 @@ def _suggest(args: argparse.Namespace) -> int:
     model = _build(args.target, on_meta=True)
     src = _open(args)
     found = suggest(src, model, into=args.into)
-    text = found.to_toml(name=args.name, source=str(args.source), target=args.target)
+    # A weights file is recorded as the file it is; only an architecture spec is a mapping's `source`.
+    given = {"source_file" if os.path.exists(args.source) else "source": str(args.source)}
+    text = found.to_toml(name=args.name, target=args.target, **given)
     preview = wp.plan(src, model, mapping=found.mapping(), into=args.into)
     if args.out:
         with atomic_write(args.out) as f:

@@ -157,7 +157,7 @@ def unordered(src: list[Unit], tgt: list[Unit], allowed: Allowed | None = None) 
     scored = []
     for i, s in enumerate(src):
         cands = by_numels.get(s.numels, [])
-        if len(cands) > 1000:
+        if len(cands) > 200:
             continue
         for j, t in enumerate(cands):
             got = score(s, t, allowed)
