@@ -302,3 +302,19 @@ def test_suggest_never_raises_on_pairs_it_cannot_compress(tmp_path):
             assert t in [o.target for o in mapping.resolve(s).outputs]
     assert found.unmatched_targets and found.unmatched_sources
     assert len(found.pairs) + len(found.unmatched_targets) == len(bert.state_dict())
+
+
+def test_a_projection_shortcut_pairs_with_downsample_whatever_the_order():
+    """torchvision RegNet declares its shortcut ``proj`` first, timm its ``downsample`` last, with the same
+    shapes as the first convolution: the name decides, and the norms follow their convolutions."""
+    src = torchvision.models.regnet_y_400mf(num_classes=10)
+    tgt = timm.create_model("regnety_004", num_classes=10, pretrained=False)
+    found = suggest(src, tgt)
+    assert not found.unmatched_targets
+    for stage in range(1, 5):
+        tv = f"trunk_output.block{stage}.block{stage}-0"
+        for kind, tv_kind in (("conv", "0"), ("bn", "1")):
+            for leaf in ("weight",) if kind == "conv" else ("weight", "bias", "running_mean", "running_var"):
+                assert found.pairs[f"s{stage}.b1.downsample.{kind}.{leaf}"] == (f"{tv}.proj.{tv_kind}.{leaf}",)
+                assert found.pairs[f"s{stage}.b1.conv1.{kind}.{leaf}"] == (f"{tv}.f.a.{tv_kind}.{leaf}",)
+                assert found.pairs[f"s{stage}.b1.conv3.{kind}.{leaf}"] == (f"{tv}.f.c.{tv_kind}.{leaf}",)

@@ -2,11 +2,15 @@
 
 Tensors are grouped into *units* (the tensors one module holds directly). Source and target units are
 aligned in module order by a weighted common-subsequence alignment: two units can pair when they hold the
-same shapes (or the same element counts, through a reshape); among alignments with as many pairs, names
-decide, each word weighed by where it stands (the module's own segment counts more than its parents, and
-its place among its siblings more than a word it shares with a sibling). A second alignment pass pairs
-what the first left over (modules the two architectures declare in another order), a last unordered pass
-the rest.
+same shapes (or shapes that differ only in size-1 dimensions, through a reshape); among alignments with
+as many pairs, names decide, each word weighed by where it stands (the module's own segment counts more
+than its parents, and its place among its siblings more than a word it shares with a sibling). A second
+alignment pass pairs what the first left over (modules the two architectures declare in another order),
+an unordered pass the rest.
+
+A first round of those passes tells which source layer corresponds to which target layer; the second
+round pairs modules only within corresponding layers, so a layer whose modules come in another order (a
+sorted file lists them alphabetically) cannot lend a module to its neighbour.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ Shape = tuple[int, ...]
 _SEGMENT = re.compile(r"(\d+)")
 _DIGIT = re.compile(r"\d")
 _MAX_CELLS = 4_000_000  # alignment table size; beyond it units pair without the order
+_MAX_CANDIDATES = 1000  # units of one shape beyond which names and order cannot tell them apart
 
 
 @dataclass
@@ -41,7 +46,7 @@ class Unit:
         return tuple(sorted(s for s in self.leaves.values() if s))
 
     @property
-    def numels(self) -> tuple[Shape, ...]:
+    def loose_shapes(self) -> tuple[Shape, ...]:
         """The shapes up to size-1 dimensions (what a reshape may change; never a transpose)."""
         return tuple(sorted(squeezed(s) for s in self.leaves.values() if s))
 
@@ -81,31 +86,62 @@ def units(shapes: dict[str, Shape]) -> list[Unit]:
     return out
 
 
-def _last(prefix: str) -> str:
-    return prefix.rpartition(".")[2]
-
-
 Allowed = Callable[[Unit, Unit], bool]
 
 
 def score(s: Unit, t: Unit, allowed: Allowed | None = None) -> float | None:
-    """How well ``s`` fits ``t``; ``None`` when their tensors cannot pair one to one, or ``allowed``
-    says their layers do not correspond."""
+    """How well ``s`` fits ``t`` (names left out: see :func:`name_fit`); ``None`` when their tensors
+    cannot pair one to one, or ``allowed`` says their layers do not correspond."""
     if allowed is not None and not allowed(s, t):
         return None
     if s.shapes == t.shapes:
         base = 10.0
-    elif s.numels == t.numels:
+    elif s.loose_shapes == t.loose_shapes:
         base = 8.0
     else:
         return None
     runs_s, runs_t = ints(s.prefix), ints(t.prefix)
     same_runs = 1.0 if runs_s == runs_t else (common_prefix(runs_s, runs_t) / max(len(runs_s), len(runs_t), 1))
-    own = similarity(_last(s.prefix), _last(t.prefix))
-    parents = similarity(s.prefix.rpartition(".")[0], t.prefix.rpartition(".")[0])
     place = 1.0 - abs(s.place - t.place)
     near = max(0.0, 1.0 - 4 * abs(s.position - t.position))
-    return base + same_runs + 1.5 * place + own + 0.5 * parents + 0.5 * near
+    return base + same_runs + 1.5 * place + 0.5 * near
+
+
+def name_fit(s: Unit, t: Unit) -> float:
+    """Shared words, weighed by where they stand: the last two segments (``proj.0``, ``downsample.conv``)
+    count in full, the rest of the name a third."""
+    tail_s, tail_t = s.prefix.split(".")[-2:], t.prefix.split(".")[-2:]
+    head_s, head_t = s.prefix.split(".")[:-2], t.prefix.split(".")[:-2]
+    return similarity(".".join(tail_s), ".".join(tail_t)) + similarity(".".join(head_s), ".".join(head_t)) / 3
+
+
+def _gains(src: list[Unit], tgt: list[Unit], allowed: Allowed | None) -> list[dict[int, float]]:
+    """For each source unit, target index -> :func:`score` plus :func:`name_fit`, less the *regrets*:
+    how much better the source's name fits its best candidate, and the target's its best (``proj.1``
+    pairs with ``downsample.bn`` rather than with ``conv3.bn``, even where all norms have one shape and
+    the order would allow either)."""
+    by_loose: dict[tuple[Shape, ...], list[int]] = defaultdict(list)
+    for j, t in enumerate(tgt):
+        by_loose[t.loose_shapes].append(j)
+    fits: list[dict[int, tuple[float, float]]] = []
+    for s in src:
+        cands = by_loose.get(s.loose_shapes, [])
+        row = {}
+        if len(cands) <= _MAX_CANDIDATES:
+            for j in cands:
+                got = score(s, tgt[j], allowed)
+                if got is not None:
+                    row[j] = (got, name_fit(s, tgt[j]))
+        fits.append(row)
+    top_t: dict[int, float] = defaultdict(float)
+    for row in fits:
+        for j, (_, fit) in row.items():
+            top_t[j] = max(top_t[j], fit)
+    out = []
+    for row in fits:
+        top_s = max((fit for _, fit in row.values()), default=0.0)
+        out.append({j: got + 2 * fit - (top_s - fit) - (top_t[j] - fit) for j, (got, fit) in row.items()})
+    return out
 
 
 def align(src: list[Unit], tgt: list[Unit], allowed: Allowed | None = None) -> list[tuple[Unit, Unit]]:
@@ -115,17 +151,7 @@ def align(src: list[Unit], tgt: list[Unit], allowed: Allowed | None = None) -> l
         return []
     if n * m > _MAX_CELLS:
         return unordered(src, tgt, allowed)
-    by_numels: dict[tuple[Shape, ...], list[int]] = defaultdict(list)
-    for j, t in enumerate(tgt):
-        by_numels[t.numels].append(j)
-    gain: list[dict[int, float]] = []
-    for s in src:
-        row = {}
-        for j in by_numels.get(s.numels, []):
-            got = score(s, tgt[j], allowed)
-            if got is not None:
-                row[j] = got
-        gain.append(row)
+    gain = _gains(src, tgt, allowed)
     best = [[0.0] * (m + 1) for _ in range(n + 1)]
     for i in range(1, n + 1):
         prev, cur, row = best[i - 1], best[i], gain[i - 1]
@@ -151,23 +177,13 @@ def align(src: list[Unit], tgt: list[Unit], allowed: Allowed | None = None) -> l
 
 def unordered(src: list[Unit], tgt: list[Unit], allowed: Allowed | None = None) -> list[tuple[Unit, Unit]]:
     """Best-first pairing, order ignored (what the alignments could not place)."""
-    by_numels: dict[tuple[Shape, ...], list[Unit]] = defaultdict(list)
-    for t in tgt:
-        by_numels[t.numels].append(t)
-    scored = []
-    for i, s in enumerate(src):
-        cands = by_numels.get(s.numels, [])
-        if len(cands) > 200:
-            continue
-        for j, t in enumerate(cands):
-            got = score(s, t, allowed)
-            if got is not None:
-                scored.append((-got, i, j, s, t))
+    scored = [(-got, i, j) for i, row in enumerate(_gains(src, tgt, allowed)) for j, got in row.items()]
     scored.sort(key=lambda x: x[:3])
     out: list[tuple[Unit, Unit]] = []
     used_s: set[str] = set()
     used_t: set[str] = set()
-    for _, _, _, s, t in scored:
+    for _, i, j in scored:
+        s, t = src[i], tgt[j]
         if s.prefix not in used_s and t.prefix not in used_t:
             out.append((s, t))
             used_s.add(s.prefix)

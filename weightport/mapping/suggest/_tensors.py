@@ -22,7 +22,6 @@ _SYNONYMS = {
     "kernel": "weight",
     "embeddings": "embed",
     "embedding": "embed",
-    "proj": "proj",
     "projection": "proj",
     "attention": "attn",
     "self": "attn",
@@ -33,6 +32,8 @@ _SYNONYMS = {
     "stage": "layer",
     "downsample": "down",
 }
+# Words with two senses: a projection shortcut is what other zoos call ``downsample``.
+_SENSES = {"proj": ("proj", "down"), "shortcut": ("down",)}
 _FUSE_ORDERS = (("q", "k", "v"), ("query", "key", "value"), ("k", "v"), ("key", "value"), ("gate", "up"))
 _MAX_PAIRS = 1_000_000  # candidate pairs scored per group of equal element count
 
@@ -122,7 +123,8 @@ def ints(name: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1 << 16)
 def words(name: str) -> Counter[str]:
-    return Counter(_SYNONYMS.get(w, w) for w in _WORDS.findall(name.lower()))
+    found = [_SYNONYMS.get(w, w) for w in _WORDS.findall(name.lower())]
+    return Counter(sense for w in found for sense in _SENSES.get(w, (w,)))
 
 
 def similarity(a: str, b: str) -> float:
