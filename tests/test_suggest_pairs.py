@@ -70,7 +70,6 @@ def _assert_same(source: nn.Module, target: nn.Module, x: torch.Tensor) -> float
     a = getattr(a, "logits", a)
     assert not torch.allclose(a[0], a[1], atol=1e-3), "the outputs should depend on the input"
     diff = (a - b).abs().max().item()
-    print(f"max abs diff {diff:.3g}")
     assert torch.allclose(a, b, atol=ATOL, rtol=0), diff
     return diff
 
