@@ -25,7 +25,7 @@ from weightport.mapping.suggest._tensors import common_prefix, ints, similarity,
 Shape = tuple[int, ...]
 _SEGMENT = re.compile(r"(\d+)")
 _DIGIT = re.compile(r"\d")
-_MAX_CELLS = 4_000_000  # alignment table size; beyond it units pair without the order
+_MAX_CELLS = 1_500_000  # alignment table size; beyond it units pair without the order
 _MAX_CANDIDATES = 1000  # units of one shape beyond which names and order cannot tell them apart
 
 
