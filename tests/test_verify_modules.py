@@ -11,7 +11,7 @@ import torch
 
 import weightport as wp
 from weightport.cli import main as cli
-from weightport.mapping.verify import verify
+from weightport.mapping.verify import pairs, verify
 
 _TINY = "conftest:TinyNet"
 # the two blocks exchanged: shapes agree, numbers do not
@@ -136,3 +136,11 @@ def test_module_activations_are_sampled_within_a_bound(seed, monkeypatch):
     assert right.ok() and len(right.modules) == 3
     kept = _activations._keep(torch.arange(2 * 8 * 4 * 4.0).reshape(2, 8, 4, 4))
     assert kept.values.numel() <= 7 and kept.shape == (2, 8, 4, 4)
+
+
+def test_transformers_modules_renamed_in_memory_still_pair():
+    name = "hf.vit->timm.vit"
+    result = verify(name, source=pairs(wp.load_mapping(name))[0][0], target=pairs(wp.load_mapping(name))[0][1])
+    found = {(m.source, m.target) for m in result.modules}
+    # the checkpoint says vit.encoder.layer.0.output.dense; transformers holds it as vit.layers.0.mlp.fc2
+    assert ("vit.layers.0.mlp.fc2", "blocks.0.mlp.fc2") in found and len(found) == 13 and result.ok()

@@ -59,18 +59,22 @@ class ModuleDiff:
     ok: bool
 
 
-def corresponding(mapping: Mapping, keys: Sequence[str], source: nn.Module, target: nn.Module) -> list[tuple[str, str]]:
+def corresponding(
+    mapping: Mapping, names: dict[str, str], source: nn.Module, target: nn.Module
+) -> list[tuple[str, str]]:
     """``(source module, target module)`` pairs the mapping's tensor names give.
 
     A source module goes with the target module its ``weight`` goes to (its first routed tensor
     when it has no weight), so a mapping that misroutes a bias still pairs the modules and the
     misrouted bias shows in their outputs. A tensor that becomes part of a fused target, or a target
-    module two source modules go with, gives no pair."""
+    module two source modules go with, gives no pair. ``names``: checkpoint name -> the source
+    model's in-memory name of each tensor (they differ for transformers models)."""
     primary: dict[str, tuple[str, bool]] = {}
-    for key, res in zip(keys, mapping.resolve_all(list(keys)), strict=True):
-        if res.dropped or "." not in key or not res.outputs:
+    keys = list(names)
+    for key, res in zip(keys, mapping.resolve_all(keys), strict=True):
+        if res.dropped or "." not in names[key] or not res.outputs:
             continue
-        module, _, leaf = key.rpartition(".")
+        module, _, leaf = names[key].rpartition(".")
         o = res.outputs[0]
         if module not in primary or leaf == "weight":
             primary[module] = (o.target.rpartition(".")[0], o.part is None and len(res.outputs) == 1)

@@ -16,7 +16,16 @@ from torch import nn
 
 from weightport.errors import OpError, SourceError, TargetError
 
-__all__ = ["build", "build_light", "checkpoint_state", "make_input", "meta_state", "outputs", "randomize"]
+__all__ = [
+    "build",
+    "build_light",
+    "checkpoint_state",
+    "make_input",
+    "memory_names",
+    "meta_state",
+    "outputs",
+    "randomize",
+]
 
 _TOKENS = 16  # default sequence length of token inputs
 
@@ -63,6 +72,22 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
         for path in sorted(Path(folder).glob("*.safetensors")):
             state.update(load_file(str(path)))
     return state
+
+
+def memory_names(model: nn.Module) -> dict[str, str]:
+    """Checkpoint name -> in-memory name of each tensor (they differ where transformers renames modules
+    in memory and converts back when saving); a tensor whose conversion is more than a rename is left out."""
+    state = model.state_dict()
+    if not callable(getattr(model, "save_pretrained", None)):
+        return {k: k for k in state}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        saved = dict(revert_weight_conversion(model, dict(state)))  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - older or newer transformers: names as in memory
+        return {k: k for k in state}
+    held = {(t.data_ptr(), tuple(t.shape)): k for k, t in state.items() if not t.is_meta}
+    return {k: held[key] for k, t in saved.items() if (key := (t.data_ptr(), tuple(t.shape))) in held}
 
 
 def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -50,6 +50,7 @@ from weightport.mapping._verify_models import (
     build_light,
     checkpoint_state,
     make_input,
+    memory_names,
     meta_state,
     outputs,
     randomize,
@@ -238,7 +239,7 @@ def _verify(
     state = checkpoint_state(src_model)
     report = transfer(state, dst_model, mapping=m, strict=True)
     x, described = make_input(src_model, dst_model, input_size=input_size, batch=batch, seed=seed, given=input)
-    modules = corresponding(m, list(state), src_model, dst_model)
+    modules = corresponding(m, memory_names(src_model), src_model, dst_model)
     diff, rel, table = _compare(src_model, dst_model, x, modules, tol)
     first = next((row for row in table if not row.ok), None)
     cause = explained = None
