@@ -183,7 +183,10 @@ def make_input(
     if sizes:
         shape = input_size or (_TOKENS,)
         if len(shape) != 1:
-            raise TargetError(f"token inputs take one size, the sequence length (e.g. 16), not {shape}")
+            raise TargetError(
+                f"input size {shape}: these models take token ids, whose one size is the sequence length "
+                "(--input-size 16, input_size=(16,))"
+            )
         vocab = min(sizes)
         return torch.randint(0, vocab, (batch, *shape), generator=gen), f"token ids below {vocab}, {shape[0]} long"
     shape = input_size or _image_size(target)
