@@ -76,8 +76,7 @@ def test_explicit_pair_and_bad_arguments(tmp_path, capsys):
         )
         == 0
     )
-    assert cli(["verify", path, "--source", "conftest:TinyNet"]) == 2
-    assert "--source and --target together" in capsys.readouterr().err
+    capsys.readouterr()
     assert cli(["verify", path, "--input-size", "3x8"]) == 2
     assert "--input-size '3x8'" in capsys.readouterr().err
     assert cli(["verify", "no-such-mapping"]) == 2
@@ -130,3 +129,32 @@ def test_architectures_in_the_current_folder_can_be_verified(tmp_path, monkeypat
     spec = "my_verify_models:tiny"
     assert cli(["verify", path, "--source", spec, "--target", spec, "--input-size", "3,8,8"]) == 0
     assert capsys.readouterr().out.startswith("ok")
+
+
+_RIGHT_RULES = '[[rule]]\nrename = "blocks.0.0.{p}"\nto = "blocks.0.0.{p}"\n'
+
+
+def test_a_suggestion_from_a_weights_file_verifies_with_source(tmp_path, capsys):
+    path = tmp_path / "suggested.toml"
+    path.write_text(f'name = "s"\nsource_file = "w.safetensors"\ntarget = "conftest:TinyNet"\n{_RIGHT_RULES}')
+    assert cli(["verify", str(path), "--input-size", "3,8,8"]) == 2
+    err = capsys.readouterr().err
+    assert "'w.safetensors' (field 'source_file')" in err and "field 'source'" in err and "--source" in err
+    assert cli(["verify", str(path), "--source", "conftest:TinyNet", "--input-size", "3,8,8"]) == 0
+    assert capsys.readouterr().out.startswith("ok     conftest:TinyNet -> conftest:TinyNet")
+
+
+def test_errors_name_the_field_the_spec_came_from(tmp_path, capsys):
+    path = tmp_path / "old.toml"
+    path.write_text(f'name = "s"\nsource = "w.safetensors"\ntarget = "conftest:TinyNet"\n{_RIGHT_RULES}')
+    assert cli(["verify", str(path), "--input-size", "3,8,8"]) == 2
+    err = capsys.readouterr().err
+    assert f"field 'source' of {path} is the weights file 'w.safetensors'" in err and "target" not in err
+    path.write_text(f'name = "s"\nsource = "conftest:NoSuchNet"\ntarget = "conftest:TinyNet"\n{_RIGHT_RULES}')
+    assert cli(["verify", str(path), "--input-size", "3,8,8"]) == 2
+    assert f"source architecture 'conftest:NoSuchNet' (field 'source' of {path})" in capsys.readouterr().err
+    assert cli(["verify", str(path), "--source", "conftest:TinyNet", "--target", "conftest:Nope"]) == 2
+    assert "target architecture 'conftest:Nope' (target=/--target)" in capsys.readouterr().err
+    path.write_text(f'name = "s"\nsource = "conftest:TinyNet"\n{_RIGHT_RULES}')
+    assert cli(["verify", str(path)]) == 2
+    assert "has no field 'target'" in capsys.readouterr().err

@@ -241,12 +241,21 @@ def _parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="prove a mapping: port random weights, compare outputs, round trip")
     ver.add_argument("mapping", help="shipped mapping name or mapping file")
-    ver.add_argument("--source", help="source architecture spec (default: every pair the mapping lists)")
-    ver.add_argument("--target", help="target architecture spec (with --source)")
+    ver.add_argument(
+        "--source",
+        help="source architecture spec (default: every pair the mapping lists; alone: the mapping's target)",
+    )
+    ver.add_argument("--target", help="target architecture spec (alone: the mapping's source or first pair)")
     ver.add_argument("--names-only", action="store_true", help="build on meta, check names and shapes only")
-    ver.add_argument("--input-size", help="input shape without batch, e.g. 3,64,64")
-    ver.add_argument("--atol", type=float, default=1e-4, help="largest output difference accepted (default 1e-4)")
-    ver.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    ver.add_argument("--input-size", help="input shape without batch: 3,64,64 for images, 16 (tokens) for text")
+    ver.add_argument("--input", metavar="FILE", help="run this input (.pt, .safetensors or .npy tensor, batch incl.)")
+    ver.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="largest output difference accepted (default: the mapping's atol, else 1e-4)",
+    )
+    ver.add_argument("--json", action="store_true", help="print the results, per-module table included, as JSON")
     _verbosity(ver, "also the mapping, relative difference and tolerance", quiet="print only the pairs that failed")
     ver.set_defaults(run=_verify)
 
@@ -428,41 +437,11 @@ def _suggest(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from weightport._cli_verify import run
 
-    from weightport.mapping.verify import verify, verify_all
-
-    if bool(args.source) != bool(args.target):
-        raise WeightportError("verify: give --source and --target together (or neither, for the mapping's own list)")
-    size = _input_size(args.input_size)
-    options: dict[str, Any] = {"numerics": not args.names_only, "input_size": size}
     with _importable_here():
-        if args.source:
-            results = [verify(args.mapping, source=args.source, target=args.target, **options)]
-        else:
-            results = verify_all(args.mapping, **options)
-    failed = [r for r in results if not r.ok(args.atol)]
-    if args.json:
-        say(json.dumps([asdict(r) | {"ok": r.ok(args.atol)} for r in results], indent=2))
-    else:
-        for r in failed if args.quiet else results:
-            diff = "names and shapes only" if r.max_abs_diff is None else f"max abs diff {r.max_abs_diff:.3g}"
-            trip = {True: "round trip exact", False: "round trip DIFFERS", None: "no round trip"}[r.round_trip]
-            verdict = "ok" if r.ok(args.atol) else "FAILED"
-            say(f"{verdict:<6} {r.source} -> {r.target}: {r.loaded} tensors, {diff}, {trip} ({r.seconds:.1f} s)")
-            if args.verbose:
-                rel = "-" if r.max_rel_diff is None else f"{r.max_rel_diff:.3g}"
-                say(f"       mapping {r.mapping}, max rel diff {rel}, accepted up to {args.atol:g} (--atol)")
-    return EXIT_REFUSED if failed else EXIT_OK
-
-
-def _input_size(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(int(d) for d in text.split(","))
-    except ValueError:
-        raise WeightportError(f"--input-size {text!r}: expected comma-separated integers, e.g. 3,64,64") from None
+        results = run(args)
+    return EXIT_OK if all(r.ok() for r in results) else EXIT_REFUSED
 
 
 # -- mappings --------------------------------------------------------------------------------------

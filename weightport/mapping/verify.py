@@ -1,4 +1,4 @@
-"""Verifying a mapping by numbers: build both architectures, port, compare outputs.
+"""Verifying a mapping by numbers: build both architectures, port, compare outputs and activations.
 
 ``weightport verify MAPPING`` calls :func:`verify`. For each ``source -> target`` pair
 (by default every pair in the mapping file's ``verified`` list) it
@@ -6,12 +6,18 @@
 1. builds the source architecture with random weights (norm weights and BatchNorm
    statistics away from 1 and 0 too, so a swapped or missed tensor shows in the outputs)
    and takes its checkpoint in the zoo's own file format (``save_pretrained`` for
-   transformers); both models are built under ``init_empty``, no time goes to initialisers;
+   transformers); both models are built under ``init_empty``, no time goes to initialiser;
 2. ports that checkpoint into the target architecture with the mapping (``strict=True``:
    every target tensor loaded, every source tensor used or dropped);
-3. compares both models' eval outputs on one random input;
-4. maps the ported weights back through ``mapping.inverse()`` and checks that every
-   source tensor comes back bit for bit (where the mapping inverts).
+3. runs both models in eval mode on one input of the model's kind (token ids for a model
+   whose input is an embedding, images otherwise, or a given tensor) and compares the final
+   outputs *and* the activations of every pair of corresponding modules (see
+   :mod:`weightport.mapping._activations`): a swap anywhere fails, and the first module that
+   diverges is named;
+4. when the outputs differ and corresponding norm modules have different eps, runs the target
+   again with the source's eps: if that agrees, the difference is reported with its cause;
+5. maps the ported weights back through ``mapping.inverse()`` and checks that every
+   source tensor comes back bit for bit (where the mapping inverts; otherwise it says why).
 
 ``numerics=False`` stops after planning: both models are built on the meta device and
 only names and shapes are checked (cheap even for ViT-H).
@@ -22,23 +28,52 @@ Importing this module builds and runs nothing.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Mapping as AnyMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from weightport.errors import MappingError, OpError
+from weightport.errors import MappingError, OpError, TargetError
+from weightport.mapping._activations import (
+    ModuleDiff,
+    compare_modules,
+    corresponding,
+    describe_eps,
+    eps_differences,
+    source_eps,
+)
+from weightport.mapping._verify_models import (
+    build,
+    build_light,
+    checkpoint_state,
+    make_input,
+    memory_names,
+    meta_state,
+    outputs,
+    randomize,
+)
 from weightport.mapping.core import Mapping
 from weightport.mapping.ops import fuse as _cat
 
-__all__ = ["Verification", "build", "checkpoint_state", "map_state_dict", "pairs", "verify", "verify_all"]
+__all__ = [
+    "DEFAULT_ATOL",
+    "ModuleDiff",
+    "Verification",
+    "build",
+    "checkpoint_state",
+    "map_state_dict",
+    "pairs",
+    "verify",
+    "verify_all",
+]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_ATOL = 1e-4
+_WEIGHT_FILES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz", ".h5", ".gguf")
 
 
 @dataclass(frozen=True)
@@ -55,8 +90,17 @@ class Verification:
         max_rel_diff: ``max_abs_diff`` over the largest absolute reference output.
         round_trip: Whether source -> target -> source gave every source tensor back bit for
             bit (under its name without the mapping's optional ``source_prefix``); ``None`` when
-            not run or the mapping does not invert.
+            not run or the mapping does not invert (``round_trip_note`` says why).
         seconds: Wall time of the whole check.
+        atol: The tolerance in effect: ``atol=``, else the mapping's ``atol``, else 1e-4. Module
+            activations are held to ``atol * max(1, largest activation)``.
+        modules: Corresponding modules compared, in the source's execution order.
+        first_divergence: The first of ``modules`` whose output differs beyond the tolerance.
+        cause: A known numerical cause that explains the difference (norm eps that differ
+            between the architectures), when running the target with the source's values agrees.
+        explained_diff: The final output difference with that cause removed.
+        round_trip_note: Why the round trip was not checked, when it was not.
+        input: What both models were run on.
     """
 
     mapping: str
@@ -67,28 +111,46 @@ class Verification:
     max_rel_diff: float | None
     round_trip: bool | None
     seconds: float
+    atol: float = DEFAULT_ATOL
+    modules: tuple[ModuleDiff, ...] = field(default=())
+    first_divergence: ModuleDiff | None = None
+    cause: str | None = None
+    explained_diff: float | None = None
+    round_trip_note: str | None = None
+    input: str | None = None
 
-    def ok(self, atol: float = 1e-4) -> bool:
-        """Names line up and (where run) outputs agree within ``atol`` and the round trip is exact."""
-        close = self.max_abs_diff is None or self.max_abs_diff <= atol
-        return close and self.round_trip is not False
+    def ok(self, atol: float | None = None) -> bool:
+        """Names line up and (where run) outputs and module activations agree within ``atol``
+        (default :attr:`atol`), or differ only by an explained cause, and the round trip is exact."""
+        tol = self.atol if atol is None else atol
+        if self.round_trip is False:
+            return False
+        if self.max_abs_diff is None:
+            return True
+        if self.explained_diff is not None:
+            return self.explained_diff <= tol
+        return self.max_abs_diff <= tol and all(m.output_diff <= tol * max(1.0, m.scale) for m in self.modules)
 
 
 def pairs(mapping: Mapping) -> list[tuple[str, str]]:
     """The ``(source, target)`` specs a mapping's ``verified`` list names (else its source/target)."""
     out = []
-    for entry in mapping.verified or ([f"{mapping.source} -> {mapping.target}"] if mapping.source else []):
+    both = mapping.source and mapping.target
+    for entry in mapping.verified or ([f"{mapping.source} -> {mapping.target}"] if both else []):
         src, sep, dst = entry.partition(" -> ")
         if not sep or not src.strip() or not dst.strip():
-            raise MappingError(f"{mapping.name}: verified entry {entry!r} is not 'SOURCE -> TARGET'")
+            raise MappingError(f"{_where(mapping)}: verified entry {entry!r} is not 'SOURCE -> TARGET'")
         out.append((src.strip(), dst.strip()))
     return out
 
 
 def verify_all(mapping: str | Mapping, *, numerics: bool = True, **options: Any) -> list[Verification]:
-    """:func:`verify` every pair of the mapping's ``verified`` list."""
+    """:func:`verify` every pair of the mapping's ``verified`` list (else its ``source``/``target``)."""
     m = _load(mapping)
-    return [verify(m, source=s, target=t, numerics=numerics, **options) for s, t in pairs(m)]
+    if not m.verified:
+        return [verify(m, numerics=numerics, **options)]  # the mapping's source and target
+    listed = f"the 'verified' list of {_where(m)}"
+    return [_verify(m, s, t, (listed, listed), numerics=numerics, **options) for s, t in pairs(m)]
 
 
 def verify(
@@ -100,6 +162,8 @@ def verify(
     input_size: tuple[int, ...] | None = None,
     batch: int = 2,
     seed: int = 0,
+    atol: float | None = None,
+    input: torch.Tensor | str | None = None,
 ) -> Verification:
     """Port a randomly initialised ``source`` architecture into ``target`` and measure the difference.
 
@@ -107,204 +171,189 @@ def verify(
         mapping: A shipped mapping name, a file, or a :class:`Mapping`.
         source: Source architecture spec (``torchvision:NAME``, ``timm:NAME(k=v)``,
             ``transformers:CLASS(config_key=v)``, ``package.module:factory``); default: the first
-            ``verified`` pair.
-        target: Target architecture spec; default as for ``source``.
+            ``verified`` pair, else the mapping's ``source``.
+        target: Target architecture spec; default as for ``source`` (one may be given alone).
         numerics: Run both models and the round trip; ``False``: check names and shapes only.
-        input_size: Input shape without the batch, e.g. ``(3, 64, 64)``; default: the target's
-            ``pretrained_cfg`` input size, else ``(3, 224, 224)``.
+        input_size: Input shape without the batch: ``(3, 64, 64)`` for images (default: the
+            target's ``pretrained_cfg`` input size, else ``(3, 224, 224)``), ``(seq_len,)`` for
+            token models (default 16).
         batch: Batch size of the random input.
         seed: Seed for weights and input.
+        atol: Largest output difference accepted; default the mapping's ``atol``, else 1e-4.
+        input: The input to run instead of a random one: a tensor (with its batch dimension) or
+            a .pt/.safetensors/.npy file holding one.
 
     Returns:
         A :class:`Verification`.
 
     Raises:
-        WeightportError: the mapping or an architecture cannot be loaded or built, or the port
-            fails its strictness check (the message names the tensors).
+        WeightportError: the mapping or an architecture cannot be loaded or built (the message
+            names the field or argument the spec came from), or the port fails its strictness
+            check (the message names the tensors).
     """
-    start = time.perf_counter()
     m = _load(mapping)
-    if source is None or target is None:
-        found = pairs(m)
-        if not found:
-            raise MappingError(f"{m.name}: no source/target to verify; pass source= and target=")
-        source, target = source or found[0][0], target or found[0][1]
+    source, target, origins = _specs(m, source, target)
+    return _verify(
+        m,
+        source,
+        target,
+        origins,
+        numerics=numerics,
+        input_size=input_size,
+        batch=batch,
+        seed=seed,
+        atol=atol,
+        input=input,
+    )
+
+
+def _verify(
+    m: Mapping,
+    source: str,
+    target: str,
+    origins: tuple[str, str],
+    *,
+    numerics: bool = True,
+    input_size: tuple[int, ...] | None = None,
+    batch: int = 2,
+    seed: int = 0,
+    atol: float | None = None,
+    input: torch.Tensor | str | None = None,
+) -> Verification:
+    start = time.perf_counter()
+    tol = atol if atol is not None else (m.atol if m.atol is not None else DEFAULT_ATOL)
     from weightport.api import transfer
 
     torch.manual_seed(seed)
     if not numerics:
-        src_model, dst_model = _build_light(source, shapes_only=True), _build_light(target, shapes_only=True)
+        src_model = _built(source, origins[0], "source", shapes_only=True)
+        dst_model = _built(target, origins[1], "target", shapes_only=True)
         from weightport.api import plan
 
-        planned = plan(_meta_state(src_model), dst_model, mapping=m, strict=True)
+        planned = plan(meta_state(src_model), dst_model, mapping=m, strict=True)
         loaded = len(planned.recipes)
-        return Verification(m.name or "?", source, target, loaded, None, None, None, time.perf_counter() - start)
+        return Verification(m.name or "?", source, target, loaded, None, None, None, time.perf_counter() - start, tol)
     # no costly initialisation: the source gets random values, the target is all loaded
-    src_model, dst_model = _build_light(source), _build_light(target)
-    _randomize(src_model, seed)
+    src_model, dst_model = _built(source, origins[0], "source").eval(), _built(target, origins[1], "target").eval()
+    randomize(src_model, seed)
     state = checkpoint_state(src_model)
     report = transfer(state, dst_model, mapping=m, strict=True)
-    x = torch.randn(batch, *(input_size or _input_size(dst_model)))
-    diff, rel = _compare(src_model, dst_model, x)
-    trip = _round_trip(state, m, checkpoint_state(dst_model))
-    seconds = time.perf_counter() - start
+    x, described = make_input(src_model, dst_model, input_size=input_size, batch=batch, seed=seed, given=input)
+    modules = corresponding(m, memory_names(src_model), src_model, dst_model)
+    diff, rel, table = _compare(src_model, dst_model, x, modules, tol)
+    first = next((row for row in table if not row.ok), None)
+    cause = explained = None
+    found = eps_differences(src_model, dst_model, modules)
+    if found and (diff > tol or first is not None):
+        with source_eps(dst_model, found):
+            again, _, rows = _compare(src_model, dst_model, x, modules, tol)
+        if again <= tol and all(row.ok for row in rows):
+            cause, explained = describe_eps(found), again
+    trip, note = _round_trip(state, m, checkpoint_state(dst_model))
     return Verification(
-        m.name or "?", source, target, len(report.entries) - len(report.fresh), diff, rel, trip, seconds
+        m.name or "?",
+        source,
+        target,
+        len(report.entries) - len(report.fresh),
+        diff,
+        rel,
+        trip,
+        time.perf_counter() - start,
+        tol,
+        tuple(table),
+        first,
+        cause,
+        explained,
+        note,
+        described,
     )
 
 
-# -- architectures and checkpoints -----------------------------------------------------------------
+def _compare(
+    a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, modules: list[tuple[str, str]], atol: float
+) -> tuple[float, float, list[ModuleDiff]]:
+    ya, yb, table = compare_modules(a, b, x, modules, atol)
+    oa, ob = outputs(ya, yb)
+    diff = float((oa.float() - ob.float()).abs().max())
+    scale = float(oa.float().abs().max()) or 1.0
+    return diff, diff / scale, table
 
 
-def build(spec: str) -> nn.Module:
-    """Build an architecture (random weights, never downloaded) from a spec, in eval mode.
-
-    Any TARGET spec: ``torchvision:NAME``, ``timm:NAME(k=v)``, ``transformers:CLASS(config_key=v)``
-    (constructor arguments such as ``add_pooling_layer`` go to the class), ``package.module:factory``.
-    """
-    from weightport.targets import build_target
-
-    return build_target(spec).eval()
+# -- which architectures -------------------------------------------------------------------------
 
 
-def _build_light(spec: str, *, shapes_only: bool = False) -> nn.Module:
-    """Build under ``init_empty`` (parameters on meta, no initialiser runs).
-
-    Models that compute a non-persistent buffer from a parameter's device (timm Swin's attention
-    masks) get it on meta: for a names-and-shapes check it becomes zeros, otherwise the model is
-    built normally."""
-    from weightport.meta import init_empty
-
-    with init_empty():
-        model = build(spec)
-    lost = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None and b.is_meta]
-    if lost and not shapes_only:
-        return build(spec)
-    for module, name, b in lost:
-        module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
-    return model
+def _where(m: Mapping) -> str:
+    return str(m.path or m.name or "the mapping")
 
 
-def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under the names its zoo writes to files.
-
-    transformers models rename modules in memory and convert back when saving, so their
-    checkpoint is taken through ``save_pretrained``; other models give ``state_dict()``.
-    """
-    save = getattr(model, "save_pretrained", None)
-    if not callable(save):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    from safetensors.torch import load_file
-
-    with tempfile.TemporaryDirectory() as folder:
-        save(folder)
-        state: dict[str, torch.Tensor] = {}
-        for path in sorted(Path(folder).glob("*.safetensors")):
-            state.update(load_file(str(path)))
-    return state
-
-
-def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Checkpoint names and shapes of a meta-built model (no data)."""
-    if not callable(getattr(model, "save_pretrained", None)):
-        return dict(model.state_dict())
-    # transformers: build the checkpoint names from a state dict converted on meta
-    state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
-    return _hf_names(model, state)
+def _specs(m: Mapping, source: str | None, target: str | None) -> tuple[str, str, tuple[str, str]]:
+    """The pair to verify and, for error messages, where each spec came from."""
+    where = _where(m)
+    found = pairs(m) if (source is None or target is None) and m.verified else []
+    origins = ["source=/--source", "target=/--target"]
+    if source is None:
+        source, origins[0] = (found[0][0], f"the 'verified' list of {where}") if found else (m.source, "")
+        origins[0] = origins[0] or f"field 'source' of {where}"
+        if not source:
+            raise MappingError(_no_source(m, where))
+        if m.source and source == m.source and _is_file(source):
+            raise MappingError(
+                f"field 'source' of {where} is the weights file {source!r}, not an architecture; pass "
+                "--source ARCH (source= in Python), the architecture those weights belong to, e.g. torchvision:NAME"
+            )
+    if target is None:
+        target, origins[1] = (found[0][1], f"the 'verified' list of {where}") if found else (m.target, "")
+        origins[1] = origins[1] or f"field 'target' of {where}"
+        if not target:
+            raise MappingError(f"{where} has no field 'target'; pass --target ARCH (target= in Python)")
+    return source, target, (origins[0], origins[1])
 
 
-def _hf_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _no_source(m: Mapping, where: str) -> str:
+    if m.source_file:
+        return (
+            f"{where} was suggested from the weights file {m.source_file!r} (field 'source_file') and names no "
+            "source architecture (field 'source'); pass --source ARCH (source= in Python), the architecture "
+            "those weights belong to, e.g. torchvision:NAME"
+        )
+    return f"{where} has no field 'source'; pass --source ARCH (source= in Python)"
+
+
+def _is_file(spec: str) -> bool:
+    return Path(spec).suffix.lower() in _WEIGHT_FILES or Path(spec).is_file()
+
+
+def _built(spec: str, origin: str, side: str, *, shapes_only: bool = False) -> torch.nn.Module:
+    """The architecture ``spec`` names; a failure says which field or argument gave the spec."""
+    if _is_file(spec):
+        raise TargetError(
+            f"{origin}: {spec!r} is a weights file, not a {side} architecture; verify builds architectures "
+            "(torchvision:NAME, timm:NAME(k=v), transformers:CLASS(k=v), package.module:factory)"
+        )
     try:
-        from transformers.core_model_loading import revert_weight_conversion
-
-        return dict(revert_weight_conversion(model, state))  # type: ignore[arg-type]
-    except Exception:  # noqa: BLE001 - older or newer transformers: names as in memory
-        return state
-
-
-def _randomize(model: nn.Module, seed: int) -> None:
-    """Give every tensor random values of a sensible scale, so a swapped or missed tensor
-    changes the outputs: weights ~ N(0, 1/fan_in), norm weights 1 +- 0.1, biases and BatchNorm
-    means ~ N(0, 0.1), variances in [0.5, 1.5]. Meta parameters (``init_empty``) become real."""
-    gen = torch.Generator().manual_seed(seed + 1234)
-    made: dict[int, nn.Parameter] = {}
-    with torch.no_grad():
-        for module in model.modules():
-            for attr, p in module._parameters.items():
-                if p is None:
-                    continue
-                if id(p) not in made:
-                    made[id(p)] = nn.Parameter(_random_like(p, attr, gen), requires_grad=p.requires_grad)
-                module._parameters[attr] = made[id(p)]
-            for attr, b in module._buffers.items():
-                if b is not None and b.is_floating_point() and attr in ("running_mean", "running_var"):
-                    b.copy_(_random_like(b, attr, gen))
+        return build_light(spec, shapes_only=shapes_only)
+    except TargetError as e:
+        text = str(e).removeprefix(f"target {spec!r}: ")
+        raise TargetError(f"{side} architecture {spec!r} ({origin}): {text}") from e
 
 
-def _random_like(t: torch.Tensor, attr: str, gen: torch.Generator) -> torch.Tensor:
-    shape = tuple(t.shape)
-    dtype = t.dtype if t.is_floating_point() else torch.float32
-    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
-    if attr == "running_var":
-        out = torch.rand(shape, generator=gen) + 0.5
-    elif len(shape) >= 2:
-        fan_in = max(1, t.numel() // max(1, shape[0]))
-        out = noise / fan_in**0.5
-    elif attr == "weight":
-        out = 1.0 + 0.1 * noise
-    else:
-        out = 0.1 * noise
-    return out.to(dtype) if t.is_floating_point() else t.detach().clone()
-
-
-def _input_size(model: nn.Module) -> tuple[int, ...]:
-    embed = getattr(model, "patch_embed", None)
-    img = getattr(embed, "img_size", None)
-    if isinstance(img, (tuple, list)) and len(img) == 2:
-        return (3, int(img[0]), int(img[1]))
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    return tuple(size) if size else (3, 224, 224)
-
-
-def _output(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    hidden = getattr(out, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden[:, 0]  # the class token, which timm's token pooling returns
-    raise OpError(f"cannot compare outputs of type {type(out).__name__}")
-
-
-def _compare(a: nn.Module, b: nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    a.eval()
-    b.eval()
-    with torch.no_grad():
-        ya, yb = _output(a(x)), _output(b(x))
-    if ya.shape != yb.shape:
-        raise OpError(f"outputs differ in shape: {tuple(ya.shape)} vs {tuple(yb.shape)}")
-    diff = float((ya.float() - yb.float()).abs().max())
-    scale = float(ya.float().abs().max()) or 1.0
-    return diff, diff / scale
-
-
-def _round_trip(state: dict[str, torch.Tensor], mapping: Mapping, ported: dict[str, torch.Tensor]) -> bool | None:
+def _round_trip(
+    state: dict[str, torch.Tensor], mapping: Mapping, ported: dict[str, torch.Tensor]
+) -> tuple[bool | None, str | None]:
+    """Whether source -> target -> source is bit-identical, or why that could not be checked."""
     try:
         inverse = mapping.inverse()
-    except MappingError:
-        return None
-    prefix = mapping.source_prefix or ""
-    kept = {
-        k[len(prefix) :] if prefix and k.startswith(prefix) else k: v
-        for k, v in state.items()
-        if not mapping.resolve(k).dropped
-    }
-    forward = map_state_dict(state, mapping, like=ported)
-    back = map_state_dict(forward, inverse, like=kept)
-    return set(back) == set(kept) and all(torch.equal(back[k], v) for k, v in kept.items())
+        prefix = mapping.source_prefix or ""
+        kept = {
+            k[len(prefix) :] if prefix and k.startswith(prefix) else k: v
+            for k, v in state.items()
+            if not mapping.resolve(k).dropped
+        }
+        forward = map_state_dict(state, mapping, like=ported)
+        back = map_state_dict(forward, inverse, like=kept)
+    except (MappingError, OpError) as e:
+        return None, f"the mapping does not invert: {e}"
+    return set(back) == set(kept) and all(torch.equal(back[k], v) for k, v in kept.items()), None
 
 
 # -- mapping a state dict without a target model ---------------------------------------------------
