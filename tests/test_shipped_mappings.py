@@ -30,7 +30,7 @@ VARIANTS = [
 # (mapping, source, target, input size, max abs diff allowed). Tolerances are measured values
 # with a margin; an exact zero where both zoos run the same ops in the same order. Families whose
 # smallest model costs seconds to run (VGG, DenseNet) are checked by name and shape here and by
-# numbers with `python -m weightport.mapping.verify NAME` (measured figures in their descriptions).
+# numbers by `weightport verify NAME` (tests/test_verify_inputs.py; measured figures in their descriptions).
 NUMERIC = [
     ("torchvision.resnet->timm.resnet", "torchvision:resnet18", "timm:resnet18", (3, 32, 32), 0.0),
     ("torchvision.convnext->timm.convnext", "torchvision:convnext_tiny", "timm:convnext_tiny", (3, 32, 32), 1e-5),
@@ -134,8 +134,9 @@ def test_ported_outputs_match_and_round_trip_is_bit_identical(name, source, targ
     assert result.round_trip is True
 
 
-# Mappings whose numbers are checked outside this file: text models take token ids, not images
-# (tests/test_bert.py, tests/test_demo.py); vgg and densenet by hand (~10 s each; figures in their descriptions).
+# Mappings whose numbers are checked outside this file: by `weightport verify` with default inputs
+# (tests/test_verify_inputs.py: token ids for the text model), and for BERT also against transformers
+# (tests/test_bert.py, tests/test_demo.py).
 NUMBERS_OUTSIDE_THE_SUITE = {
     "hf.bert->weightport.bert",
     "torchvision.vgg->timm.vgg",
