@@ -32,6 +32,24 @@ CASES = [
     ("pad", {"keep_init": True}, X[:1], torch.ones(2, 4), torch.cat([X[:1], torch.ones(1, 4)])),
     ("cast", {"dtype": "float16"}, X, None, X.half()),
     ("scale", {"factor": 0.5}, X, None, X * 0.5),
+    # 2 heads of 3 pairs: half layout rows (a0 a1 a2 b0 b1 b2) per head -> interleaved (a0 b0 a1 b1 a2 b2)
+    ("rope_permute", {"heads": 2}, torch.arange(12.0), None, torch.tensor([0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11.0])),
+    ("rope_permute", {"heads": 1, "to": "half"}, X, None, X[[0, 2, 4, 1, 3, 5]]),
+    # 2 kv groups of (2 q heads, k, v), head_dim 1: rows q0 q1 k0 v0 | q2 q3 k1 v1
+    (
+        "gqa_split",
+        {"heads": 4, "kv_heads": 2, "head_dim": 1, "part": "q"},
+        X.reshape(8, 3),
+        None,
+        X.reshape(8, 3)[[0, 1, 4, 5]],
+    ),
+    (
+        "gqa_split",
+        {"heads": 4, "kv_heads": 2, "head_dim": 1, "part": "v"},
+        X.reshape(8, 3),
+        None,
+        X.reshape(8, 3)[[3, 7]],
+    ),
 ]
 
 
@@ -57,6 +75,8 @@ def test_every_registered_op_is_covered():
         ("transpose", {"dim0": 1, "dim1": 2}),
         ("permute", {"dims": [2, 0, 1]}),
         ("scale", {"factor": 4.0}),
+        ("rope_permute", {"heads": 1}),
+        ("rope_permute", {"heads": 1, "to": "half", "head_dim": 2}),
     ],
 )
 def test_inverse_ops_undo_their_op(op, params):
@@ -70,6 +90,7 @@ def test_inverse_ops_undo_their_op(op, params):
 def test_ops_without_inverse_say_so():
     assert _op("select", index=[0]).inverse() is None
     assert _op("scale", factor=0.0).inverse() is None
+    assert _op("gqa_split", heads=4, kv_heads=2, head_dim=8, part="q").inverse() is None  # fusing needs all parts
 
 
 def test_labels_name_the_op_and_its_parameters():
@@ -77,6 +98,9 @@ def test_labels_name_the_op_and_its_parameters():
     assert _op("permute", dims=[1, 0]).label() == "permute(1, 0)"
     assert _op("select", index=[1, 2]).label() == "select[2 along 0]"
     assert _op("in_channels", source_channels=3, channels=1).label() == "in_channels 3->1"
+    assert _op("rope_permute", heads=4).label() == "rope_permute(heads=4, ->interleaved)"
+    assert _op("rope_permute", heads=2, to="half").inverse().label() == "rope_permute(heads=2, ->interleaved)"
+    assert _op("gqa_split", heads=4, kv_heads=2, head_dim=8, part="k").label() == "gqa_split(k, heads=4, kv_heads=2)"
 
 
 @pytest.mark.parametrize(
@@ -89,6 +113,13 @@ def test_labels_name_the_op_and_its_parameters():
         ("reshape", {"shape": [5, 5]}, X, "cannot turn"),
         ("cast", {"dtype": "float99"}, X, "unknown dtype"),
         ("narrow", {"start": 5, "length": 3}, X, "narrow"),
+        ("rope_permute", {"heads": 4}, X, "rope_permute: .* not a multiple of heads=4"),
+        ("rope_permute", {"heads": 2}, X, "rope_permute: 3 rows per head is odd"),
+        ("rope_permute", {"heads": 3, "head_dim": 4}, X, "rope_permute: .* not head_dim=4"),
+        ("rope_permute", {"heads": 3, "to": "meta"}, X, "rope_permute: to='meta'"),
+        ("gqa_split", {"heads": 4, "kv_heads": 2, "head_dim": 2, "part": "q"}, X, "gqa_split: .* check heads"),
+        ("gqa_split", {"heads": 3, "kv_heads": 2, "head_dim": 1, "part": "q"}, X, "gqa_split: heads=3 is not a"),
+        ("gqa_split", {"heads": 1, "kv_heads": 1, "head_dim": 2, "part": "o"}, X, "gqa_split: part='o'"),
     ],
 )
 def test_bad_op_input_raises_op_error_naming_the_op(op, params, x, message):

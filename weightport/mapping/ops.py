@@ -328,6 +328,79 @@ def _scale(x: torch.Tensor, *, factor: float) -> torch.Tensor:
     return x * factor
 
 
+_ROPE_LAYOUTS = ("interleaved", "half")
+
+
+def _rope_head_dim(x: torch.Tensor, heads: int, head_dim: int | None) -> int:
+    """Rows per head of a q or k weight (or bias) of ``heads`` heads, checked against ``head_dim``."""
+    if x.dim() == 0 or heads <= 0 or x.shape[0] % heads:
+        raise OpError(
+            f"rope_permute: {tuple(x.shape)} has {x.shape[0] if x.dim() else 0} rows, not a multiple of heads={heads}; "
+            "give the head count of this projection (kv heads for k under GQA)"
+        )
+    rows = x.shape[0] // heads
+    if head_dim is not None and head_dim != rows:
+        raise OpError(f"rope_permute: {x.shape[0]} rows in {heads} heads are {rows} per head, not head_dim={head_dim}")
+    return rows
+
+
+def _rope_label(p: Mapping[str, Any]) -> str:
+    return f"rope_permute(heads={p['heads']}, ->{p.get('to', 'interleaved')})"
+
+
+def _rope_inverse(p: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    to = "half" if p.get("to", "interleaved") == "interleaved" else "interleaved"
+    return "rope_permute", {**p, "to": to}
+
+
+@register_op("rope_permute", label=_rope_label, inverse=_rope_inverse, exact=True)
+def _rope_permute(x: torch.Tensor, *, heads: int, to: str = "interleaved", head_dim: int | None = None) -> torch.Tensor:
+    """Reorder the rows of each head of a q or k projection (weight or bias) between the two
+    rotary layouts: ``"half"`` (Hugging Face ``rotate_half``: a head's first half of rows pairs
+    with its second half) and ``"interleaved"`` (Meta, torchtune, torchtitan: rows 2i and 2i+1
+    pair). Equals torchtune's ``_permute`` in ``convert_weights.py``; k takes its own ``heads``."""
+    if to not in _ROPE_LAYOUTS:
+        raise OpError(f"rope_permute: to={to!r} is not one of {', '.join(map(repr, _ROPE_LAYOUTS))}")
+    rows = _rope_head_dim(x, heads, head_dim)
+    if rows % 2:
+        raise OpError(f"rope_permute: {rows} rows per head is odd; rotary pairs need an even head_dim")
+    rest = tuple(x.shape[1:])
+    pairs = (2, rows // 2) if to == "interleaved" else (rows // 2, 2)
+    return x.reshape(heads, *pairs, *rest).transpose(1, 2).reshape(x.shape)
+
+
+_GQA_PARTS = ("q", "k", "v")
+
+
+@register_op(
+    "gqa_split",
+    label=lambda p: f"gqa_split({p['part']}, heads={p['heads']}, kv_heads={p['kv_heads']})",
+    exact=True,
+)
+def _gqa_split(x: torch.Tensor, *, heads: int, kv_heads: int, head_dim: int, part: str) -> torch.Tensor:
+    """Part ``part`` of a fused qkv weight (or bias) laid out per kv group: for each of the
+    ``kv_heads`` groups, its ``heads // kv_heads`` q heads, then its k head, then its v head
+    (GPT-NeoX / Falcon ``query_key_value``, litgpt before 0.5; MHA is ``kv_heads == heads``).
+    Returns q (``heads * head_dim`` rows) or k / v (``kv_heads * head_dim`` rows) in the plain
+    layout. A split alone has no single-tensor inverse (fusing needs all three parts)."""
+    if part not in _GQA_PARTS:
+        raise OpError(f"gqa_split: part={part!r} is not one of 'q', 'k', 'v'")
+    if kv_heads <= 0 or heads % kv_heads:
+        raise OpError(f"gqa_split: heads={heads} is not a multiple of kv_heads={kv_heads}")
+    per_group = heads // kv_heads + 2
+    rows = kv_heads * per_group * head_dim
+    if x.dim() == 0 or x.shape[0] != rows:
+        raise OpError(
+            f"gqa_split: {tuple(x.shape)} is not a fused qkv of {rows} rows "
+            f"(kv_heads={kv_heads} groups of {per_group - 2} q + 1 k + 1 v heads of head_dim={head_dim}); "
+            "check heads, kv_heads and head_dim"
+        )
+    rest = tuple(x.shape[1:])
+    groups = x.reshape(kv_heads, per_group, head_dim, *rest)
+    start, count = {"q": (0, per_group - 2), "k": (per_group - 2, 1), "v": (per_group - 1, 1)}[part]
+    return groups.narrow(1, start, count).reshape(kv_heads * count * head_dim, *rest)
+
+
 def fuse(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Concatenate ``parts`` along ``dim`` (the op behind ``fuse`` rules)."""
     try:
