@@ -157,3 +157,14 @@ def test_mapping_files_give_chains_on_rename_transform_split_and_fuse() -> None:
 def test_a_bad_chain_in_a_mapping_file_names_the_file_and_rule(rule: dict[str, object], message: str) -> None:
     with pytest.raises(MappingError, match=rf"m\.toml rule 2 .*{message}"):
         parse_mapping({"rule": [{"drop": "x"}, rule]}, "m.toml")
+
+
+def test_a_split_with_a_chain_takes_equal_parts_not_sizes_read_from_the_chains_output_shapes() -> None:
+    # the targets' first dims (1, 1, 4) add up to the source's 6, but they are shapes after the
+    # reshape: the parts themselves are equal (2, 2)
+    source = {"w": torch.arange(12.0).reshape(6, 2)}
+    model = nn.ParameterDict(
+        {n: nn.Parameter(torch.zeros(s)) for n, s in (("a", (1, 4)), ("b", (1, 4)), ("c", (4, 1)))}
+    )
+    wp.transfer(source, model, rules=[wp.split("w", ["a", "b", "c"], ops=["reshape"])])
+    assert torch.equal(model["c"].detach(), torch.arange(8.0, 12.0).reshape(4, 1))

@@ -224,7 +224,7 @@ def _rule(raw: dict[str, Any], where: str) -> Rule:
     elif kind == "transform":
         op = raw.get("op")
         if not isinstance(op, str):
-            raise MappingError(f"{where}: field 'op' must name a registered op")
+            raise MappingError(f"{where}: field 'op' must name a registered op (or give 'ops', a chain)")
         try:
             allowed |= get_op(op).params
         except MappingError as e:

@@ -83,11 +83,8 @@ class Recipe(NamedTuple):
 
     def labels(self) -> tuple[str, ...]:
         """The report's description of the ops, in order."""
-        chains = [tuple(op.label() for op in i.ops) for i in self.inputs]
-        if len(set(chains)) == 1:  # one input, or a fuse rule's ops applied to each input
-            labels = list(chains[0])
-        else:
-            labels = [f"{n}:{label}" for n, chain in enumerate(chains, 1) for label in chain]
+        # one input's ops, or a fuse rule's ops: every input carries the same chain
+        labels = [op.label() for op in self.inputs[0].ops]
         if self.fuse_dim is not None:
             labels.append(f"fuse[{len(self.inputs)}]")
         labels.extend(op.label() for op in self.post)
