@@ -3,6 +3,8 @@ in mapping files; their inverses, and the report's listing of the whole chain.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ import weightport as wp
 from weightport.errors import MappingError
 from weightport.mapping.files import parse_mapping
 from weightport.mapping.rules import Fuse, Split
+from weightport.mapping.verify import map_state_dict
 
 C = 8
 QKV = ["attn.{i}.q.weight", "attn.{i}.k.weight", "attn.{i}.v.weight"]
@@ -168,3 +171,22 @@ def test_a_split_with_a_chain_takes_equal_parts_not_sizes_read_from_the_chains_o
     )
     wp.transfer(source, model, rules=[wp.split("w", ["a", "b", "c"], ops=["reshape"])])
     assert torch.equal(model["c"].detach(), torch.arange(8.0, 12.0).reshape(4, 1))
+
+
+def test_a_mapping_file_splits_gpt2_c_attn_with_a_chain_and_its_inverse_restores_it(tmp_path: Path) -> None:
+    path = tmp_path / "gpt2-qkv.toml"
+    path.write_text(
+        'name = "gpt2.c_attn->qkv"\n'
+        "[[rule]]\n"
+        'split = "transformer.h.{i}.attn.c_attn.weight"\n'
+        'to = ["attn.{i}.q.weight", "attn.{i}.k.weight", "attn.{i}.v.weight"]\n'
+        "dim = 1\n"
+        'ops = [{op = "transpose", dim0 = 1, dim1 = 0}]\n'
+    )
+    mapping = wp.load_mapping(path)
+    state = {k: v for k, v in _gpt2(2).state_dict().items() if k.endswith("c_attn.weight")}
+    qkv = map_state_dict(state, mapping)
+    c_attn = state["transformer.h.0.attn.c_attn.weight"]
+    assert torch.equal(qkv["attn.0.k.weight"], c_attn[:, C : 2 * C].T)
+    back = map_state_dict(qkv, mapping.inverse())
+    assert back.keys() == state.keys() and torch.equal(back["transformer.h.0.attn.c_attn.weight"], c_attn)
