@@ -23,6 +23,7 @@ Format::
     split = "blocks.{i}.attn.qkv.{p}"
     to = ["a.{i}.q.{p}", "a.{i}.k.{p}", "a.{i}.v.{p}"]
     dim = 0                                  # sizes = [...] for uneven parts
+    ops = ["transpose"]                      # optional: an op chain applied to each part
 
     [[rule]]
     fuse = ["x.{i}.q.{p}", "x.{i}.k.{p}", "x.{i}.v.{p}"]
@@ -33,6 +34,11 @@ Format::
     to = "fc.weight"
     op = "select"                            # a registered op or adapter
     index = [0, 5, 9]                        # its parameters, inline
+
+    [[rule]]
+    rename = "h.{i}.mlp.c_fc.weight"         # rename, transform and fuse (to each input) take
+    to = "blocks.{i}.fc1.weight"             # an op chain too: names, or tables with 'op'
+    ops = ["transpose", {op = "reshape", shape = [-1]}]
 
     [[rule]]
     strip_prefix = "backbone."               # also: add_prefix
@@ -85,11 +91,11 @@ TOP_FIELDS = {
 }
 KINDS = ("rename", "drop", "split", "fuse", "transform", "strip_prefix", "add_prefix")
 FIELDS = {
-    "rename": {"to"},
+    "rename": {"to", "ops"},
     "drop": set(),
-    "split": {"to", "dim", "sizes"},
-    "fuse": {"to", "dim"},
-    "transform": {"to", "op", "params"},
+    "split": {"to", "dim", "sizes", "ops"},
+    "fuse": {"to", "dim", "ops"},
+    "transform": {"to", "op", "params", "ops"},
     "strip_prefix": set(),
     "add_prefix": set(),
 }
@@ -212,10 +218,13 @@ def _rule(raw: dict[str, Any], where: str) -> Rule:
     kind = kinds[0]
     where = f"{where} ({kind})"
     allowed = FIELDS[kind] | {kind}
-    if kind == "transform":
+    if kind == "transform" and "ops" in raw:
+        if "op" in raw or "params" in raw:
+            raise MappingError(f"{where}: give either 'op' (with its parameters) or 'ops', a chain, not both")
+    elif kind == "transform":
         op = raw.get("op")
         if not isinstance(op, str):
-            raise MappingError(f"{where}: field 'op' must name a registered op")
+            raise MappingError(f"{where}: field 'op' must name a registered op (or give 'ops', a chain)")
         try:
             allowed |= get_op(op).params
         except MappingError as e:
@@ -282,8 +291,9 @@ def _strings(raw: dict[str, Any], name: str, where: str) -> list[str]:
 
 def _build(kind: str, raw: dict[str, Any], where: str) -> Rule:
     dim = _field(raw, "dim", int, where) if "dim" in raw else 0
+    ops = _ops(raw, where)
     if kind == "rename":
-        return rename(_field(raw, kind, str, where), _field(raw, "to", str, where), origin=where)
+        return rename(_field(raw, kind, str, where), _field(raw, "to", str, where), ops=ops, origin=where)
     if kind == "drop":
         return drop(_field(raw, kind, str, where), origin=where)
     if kind == "strip_prefix":
@@ -294,15 +304,30 @@ def _build(kind: str, raw: dict[str, Any], where: str) -> Rule:
         sizes = raw.get("sizes")
         if sizes is not None and not (isinstance(sizes, list) and all(type(s) is int for s in sizes)):
             raise MappingError(f"{where}: field 'sizes' must be a list of integers")
-        return split(_field(raw, kind, str, where), _strings(raw, "to", where), dim, sizes, origin=where)
+        return split(_field(raw, kind, str, where), _strings(raw, "to", where), dim, sizes, ops=ops, origin=where)
     if kind == "fuse":
-        return fuse(_strings(raw, kind, where), _field(raw, "to", str, where), dim, origin=where)
+        return fuse(_strings(raw, kind, where), _field(raw, "to", str, where), dim, ops=ops, origin=where)
+    if ops is not None:
+        return transform(_field(raw, kind, str, where), _field(raw, "to", str, where), ops=ops, origin=where)
     params = raw.get("params", {})
     if not isinstance(params, dict):
         raise MappingError(f"{where}: field 'params' must be a table of op parameters")
     params = dict(params)
     params.update({k: v for k, v in raw.items() if k not in ("transform", "to", "op", "params")})
     return transform(_field(raw, kind, str, where), _field(raw, "to", str, where), raw["op"], origin=where, **params)
+
+
+def _ops(raw: dict[str, Any], where: str) -> list[Any] | None:
+    """Field ``ops``: a list of op names and ``{op = "name", param = ...}`` tables."""
+    if "ops" not in raw:
+        return None
+    ops = raw["ops"]
+    if not isinstance(ops, list) or not all(isinstance(o, str) or (isinstance(o, dict) and "op" in o) for o in ops):
+        raise MappingError(
+            f"{where}: field 'ops' must be a list of op names or tables with an 'op' key, "
+            'e.g. ops = ["transpose", {op = "reshape", shape = [-1]}]'
+        )
+    return ops
 
 
 def _check_captures_used(rule: Rule, where: str) -> None:

@@ -8,7 +8,7 @@ with :func:`rename`, :func:`drop`, :func:`strip_prefix`, :func:`add_prefix`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -105,6 +105,19 @@ class Rule:
     def _where(self) -> str:
         return self.origin or self.text
 
+    def _inverse_ops(self, ops: Sequence[OpCall]) -> tuple[OpCall, ...]:
+        """The inverse of an op chain: the ops' inverses in reverse order."""
+        out = []
+        for op in reversed(ops):
+            inv = op.inverse()
+            if inv is None:
+                raise MappingError(
+                    f"{self._where()}: cannot invert: op {op.label()} has no inverse; "
+                    "write the reverse rule by hand or use an invertible op"
+                )
+            out.append(inv)
+        return tuple(out)
+
     def _need_invertible(self, pattern: Pattern, templates: Sequence[Template]) -> None:
         if not pattern.invertible:
             raise MappingError(
@@ -119,6 +132,10 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.described()}>"
+
+
+def _via(ops: Sequence[OpCall]) -> str:
+    return f" via {', '.join(op.label() for op in ops)}" if ops else ""
 
 
 def _compile(pattern: str, templates: Sequence[Template], where: str) -> Pattern:
@@ -147,25 +164,19 @@ class Rename(Rule):
 
     @property
     def text(self) -> str:
-        via = f" via {', '.join(op.label() for op in self.ops)}" if self.ops else ""
-        return f"{self.pattern.text!r} -> {self.template.text!r}{via}"
+        return f"{self.pattern.text!r} -> {self.template.text!r}{_via(self.ops)}"
 
     def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
         return (Output(self.template.render(captures, self._where), self.ops),)
 
     def inverse(self) -> Rule:
         self._need_invertible(self.pattern, [self.template])
-        ops = []
-        for op in reversed(self.ops):
-            inv = op.inverse()
-            if inv is None:
-                raise MappingError(f"{self._where()}: cannot invert: op {op.label()} has no inverse")
-            ops.append(inv)
+        ops = self._inverse_ops(self.ops)
         pattern = self.template.inverse_pattern_text(self.pattern.multi_names)
         return Rename(
             _compile(pattern, [Template(self.template.inverse_text(self.pattern))], self._where()),
             Template(self.template.inverse_text(self.pattern)),
-            tuple(ops),
+            ops,
             origin=self.origin,
         )
 
@@ -202,6 +213,7 @@ class Split(Rule):
     templates: tuple[Template, ...]
     dim: int = 0
     sizes: tuple[int, ...] | None = None
+    ops: tuple[OpCall, ...] = ()
 
     @property
     def patterns(self) -> tuple[Pattern, ...]:
@@ -215,7 +227,7 @@ class Split(Rule):
     def text(self) -> str:
         sizes = f", sizes={list(self.sizes)}" if self.sizes else ""
         targets = ", ".join(repr(t.text) for t in self.templates)
-        return f"split {self.pattern.text!r} -> [{targets}] (dim={self.dim}{sizes})"
+        return f"split {self.pattern.text!r} -> [{targets}] (dim={self.dim}{sizes}){_via(self.ops)}"
 
     def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
         n = len(self.templates)
@@ -223,7 +235,7 @@ class Split(Rule):
         return tuple(
             Output(
                 t.render(captures, self._where),
-                (OpCall("split", {"index": i, "count": n, "dim": self.dim, "sizes": sizes}),),
+                (OpCall("split", {"index": i, "count": n, "dim": self.dim, "sizes": sizes}), *self.ops),
             )
             for i, t in enumerate(self.templates)
         )
@@ -232,9 +244,9 @@ class Split(Rule):
         self._need_invertible(self.pattern, self.templates)
         patterns = tuple(t.inverse_pattern_text(self.pattern.multi_names) for t in self.templates)
         template = Template(self.templates[0].inverse_text(self.pattern))
-        return Fuse(
-            tuple(_compile(p, [template], self._where()) for p in patterns), template, self.dim, origin=self.origin
-        )
+        ops = self._inverse_ops(self.ops)
+        sources = tuple(_compile(p, [template], self._where()) for p in patterns)
+        return Fuse(sources, template, self.dim, ops, origin=self.origin)
 
 
 @dataclass(frozen=True, eq=False)
@@ -244,6 +256,7 @@ class Fuse(Rule):
     sources: tuple[Pattern, ...]
     template: Template
     dim: int = 0
+    ops: tuple[OpCall, ...] = ()  # applied to each input before the fuse
 
     @property
     def patterns(self) -> tuple[Pattern, ...]:
@@ -255,18 +268,20 @@ class Fuse(Rule):
 
     @property
     def text(self) -> str:
-        return f"fuse [{', '.join(repr(p.text) for p in self.sources)}] -> {self.template.text!r} (dim={self.dim})"
+        sources = ", ".join(repr(p.text) for p in self.sources)
+        return f"fuse [{sources}] -> {self.template.text!r} (dim={self.dim}){_via(self.ops)}"
 
     def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
         target = self.template.render(captures, self._where)
-        return (Output(target, (), (index, len(self.sources)), self.dim),)
+        return (Output(target, self.ops, (index, len(self.sources)), self.dim),)
 
     def inverse(self) -> Rule:
         for p in self.sources:
             self._need_invertible(p, [self.template])
         templates = tuple(Template(self.template.inverse_text(p)) for p in self.sources)
+        ops = self._inverse_ops(self.ops)
         pattern = self.template.inverse_pattern_text(self.sources[0].multi_names)
-        return Split(_compile(pattern, templates, self._where()), templates, self.dim, None, origin=self.origin)
+        return Split(_compile(pattern, templates, self._where()), templates, self.dim, None, ops, origin=self.origin)
 
 
 # -- builders -------------------------------------------------------------------------------------
@@ -280,15 +295,39 @@ def _check_prefix(prefix: str, what: str) -> str:
     return prefix
 
 
-def rename(pattern: str, template: str, *, origin: str | None = None) -> Rename:
-    """Rename keys matching ``pattern`` to ``template``.
+OpLike = str | Callable[[torch.Tensor], torch.Tensor] | tuple[str, Mapping[str, Any]] | Mapping[str, Any]
+
+
+def op_chain(ops: Sequence[OpLike] | None, where: str) -> tuple[OpCall, ...]:
+    """Validate an op chain: each op a registered name, a callable, ``(name, params)`` or
+    ``{"op": name, **params}`` (the form TOML files write), applied in order."""
+    if ops is None:
+        return ()
+    if isinstance(ops, (str, Mapping)) or callable(ops) or not isinstance(ops, Sequence):
+        raise MappingError(f"{where}: ops must be a list of ops, e.g. ops=['transpose'], not {ops!r}")
+    out = []
+    for n, item in enumerate(ops, 1):
+        at = f"{where}: ops[{n}]"
+        if isinstance(item, Mapping):
+            params = dict(item)
+            out.append(OpCall.make(params.pop("op", None), params, at))  # type: ignore[arg-type]
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Mapping):
+            out.append(OpCall.make(item[0], item[1], at))
+        else:
+            out.append(OpCall.make(item, {}, at))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def rename(pattern: str, template: str, *, ops: Sequence[OpLike] | None = None, origin: str | None = None) -> Rename:
+    """Rename keys matching ``pattern`` to ``template``, optionally through an op chain.
 
     Example:
         >>> wp.rename("encoder.layers.encoder_layer_{i}.ln_{n}.{p}", "blocks.{i}.norm{n}.{p}")
+        >>> wp.rename("h.{i}.mlp.c_fc.weight", "blocks.{i}.fc1.weight", ops=["transpose"])
     """
     where = origin or f"rename({pattern!r}, {template!r})"
     t = Template(template)
-    return Rename(_compile(pattern, [t], where), t, origin=origin)
+    return Rename(_compile(pattern, [t], where), t, op_chain(ops, where), origin=origin)
 
 
 def drop(pattern: str, *, origin: str | None = None) -> Drop:
@@ -314,6 +353,7 @@ def split(
     dim: int = 0,
     sizes: Sequence[int] | None = None,
     *,
+    ops: Sequence[OpLike] | None = None,
     origin: str | None = None,
 ) -> Split:
     """Split one tensor into ``len(templates)`` targets along ``dim``.
@@ -323,7 +363,9 @@ def split(
         templates: One target template per part, in order.
         dim: The dimension to split.
         sizes: Part sizes for uneven splits (grouped-query attention). ``None``: the target
-            tensors' sizes when they add up, else equal parts.
+            tensors' sizes when they add up, else equal parts (with ``ops``: equal parts).
+        ops: An op chain applied to each part after the split, e.g. ``["transpose"]`` to turn
+            the parts of GPT-2's fused Conv1D ``c_attn`` (split along ``dim=1``) into Linear weights.
     """
     where = origin or f"split({pattern!r})"
     if isinstance(templates, str) or len(templates) < 2:
@@ -331,39 +373,56 @@ def split(
     ts = tuple(Template(t) for t in templates)
     if sizes is not None and (len(sizes) != len(ts) or not all(isinstance(s, int) and s > 0 for s in sizes)):
         raise MappingError(f"{where}: sizes must be {len(ts)} positive integers, got {sizes!r}")
-    return Split(_compile(pattern, ts, where), ts, int(dim), tuple(sizes) if sizes else None, origin=origin)
+    chain = op_chain(ops, where)
+    return Split(_compile(pattern, ts, where), ts, int(dim), tuple(sizes) if sizes else None, chain, origin=origin)
 
 
-def fuse(patterns: Sequence[str], template: str, dim: int = 0, *, origin: str | None = None) -> Fuse:
+def fuse(
+    patterns: Sequence[str],
+    template: str,
+    dim: int = 0,
+    *,
+    ops: Sequence[OpLike] | None = None,
+    origin: str | None = None,
+) -> Fuse:
     """Concatenate the tensors matching ``patterns`` (in order) into one target.
 
     Every pattern must capture the placeholders the template uses, so the parts of one
-    target are found by their common captures.
+    target are found by their common captures. ``ops`` is an op chain applied to each
+    input before the fuse (the inverse of a split's ``ops``).
     """
     where = origin or f"fuse({template!r})"
     if isinstance(patterns, str) or len(patterns) < 2:
         raise MappingError(f"{where}: fuse needs a list of at least two source patterns")
     t = Template(template)
-    return Fuse(tuple(_compile(p, [t], where) for p in patterns), t, int(dim), origin=origin)
+    chain = op_chain(ops, where)
+    return Fuse(tuple(_compile(p, [t], where) for p in patterns), t, int(dim), chain, origin=origin)
 
 
 def transform(
     pattern: str,
     template: str,
-    op: str | Callable[[torch.Tensor], torch.Tensor],
+    op: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
     *,
+    ops: Sequence[OpLike] | None = None,
     origin: str | None = None,
     **params: Any,
 ) -> Rename:
-    """Rename and change the tensor with ``op`` (a registered op or adapter name, or a callable).
+    """Rename and change the tensor with ``op`` (a registered op or adapter name, or a callable)
+    and its ``params``, or with an op chain ``ops``.
 
     Example:
         >>> wp.transform("head.weight", "fc.weight", "select", index=[0, 5, 9])
+        >>> wp.transform("w", "v", ops=["transpose", ("reshape", {"shape": [-1]})])
     """
     where = origin or f"transform({pattern!r}, {template!r})"
     t = Template(template)
-    call = OpCall.make(op, params, where)
-    return Rename(_compile(pattern, [t], where), t, (call,), origin=origin)
+    if (op is None) == (ops is None) or (ops is not None and params):
+        raise MappingError(f"{where}: give either one op (with its parameters) or ops=[...], a chain")
+    chain = (OpCall.make(op, params, where),) if op is not None else op_chain(ops, where)
+    if not chain:
+        raise MappingError(f"{where}: ops=[] is empty; use wp.rename for a plain rename")
+    return Rename(_compile(pattern, [t], where), t, chain, origin=origin)
 
 
 def dropped_captures(pattern: Pattern, templates: Sequence[Template]) -> list[tuple[Template, list[str]]]:

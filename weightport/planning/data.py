@@ -83,7 +83,8 @@ class Recipe(NamedTuple):
 
     def labels(self) -> tuple[str, ...]:
         """The report's description of the ops, in order."""
-        labels = [op.label() for op in (self.inputs[0].ops if len(self.inputs) == 1 else ())]
+        # one input's ops, or a fuse rule's ops: every input carries the same chain
+        labels = [op.label() for op in self.inputs[0].ops]
         if self.fuse_dim is not None:
             labels.append(f"fuse[{len(self.inputs)}]")
         labels.extend(op.label() for op in self.post)

@@ -151,8 +151,9 @@ def _candidates(
 def _split_sizes(
     source: Source, key: str, rule: Split, outputs: tuple[Output, ...], targets: Mapping[str, Target]
 ) -> tuple[Output, ...]:
-    """For a split without sizes, take uneven sizes from the targets when they add up."""
-    if rule.sizes is not None or not all(o.target in targets for o in outputs):
+    """For a split without sizes, take uneven sizes from the targets when they add up (not with
+    an op chain after the split: the targets' shapes are then the chain's, not the parts')."""
+    if rule.sizes is not None or rule.ops or not all(o.target in targets for o in outputs):
         return outputs
     dim = rule.dim
     shape = source.meta(key).shape
