@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,9 +89,11 @@ def replay(
     shapes: Mapping[str, torch.Size | tuple[int, ...]],
     dtypes: Mapping[str, torch.dtype],
     metadata: Mapping[str, Any] | None,
+    held: Container[str] = (),
 ) -> list[Routed]:
     """Return ``routed`` with the renames that modules' loading hooks would perform, and the keys
-    they consume (removed, naming no tensor of the module) ruled by :class:`HookConsumed`.
+    they consume (removed, naming none of the ``held`` target tensors: parameters and persistent
+    buffers by name in ``scope``) ruled by :class:`HookConsumed`.
 
     Only plain entries (no ops, not part of a fuse) are offered to hooks: those are the
     ones a plain ``load_state_dict`` would have seen.
@@ -125,25 +127,13 @@ def replay(
         for i, marker in markers.items():
             new = where.get(id(marker))
             key, _old_rule, out = routed[i]
-            if new is None and not _holds(module, out.target[len(prefix) :]):
+            if new is None and out.target not in held:
                 routed[i] = (key, consumed, out)
             elif new is None:  # torch would leave that tensor missing; the plan still loads it
                 log.debug("%s's loading hook removed %s", type(module).__name__, out.target)
             elif new != out.target:
                 routed[i] = (key, rule, Output(new))
     return routed
-
-
-def _holds(module: nn.Module, name: str) -> bool:
-    """``name`` (relative to ``module``) is one of its parameters or persistent buffers."""
-    owner, _, leaf = name.rpartition(".")
-    try:
-        holder = module.get_submodule(owner) if owner else module
-    except AttributeError:
-        return False
-    if holder._parameters.get(leaf) is not None:
-        return True
-    return holder._buffers.get(leaf) is not None and leaf not in holder._non_persistent_buffers_set
 
 
 def meta_shadow(module: nn.Module) -> nn.Module:

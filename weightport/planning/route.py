@@ -94,7 +94,7 @@ def route(
         _candidates(source, keys, g, targets, cands, dropped)
     consumed: dict[str, str] = {}
     if hooks:
-        cands = _replayed(source, scope, sorted(cands, key=attrgetter("position")))
+        cands = _replayed(source, scope, sorted(cands, key=attrgetter("position")), targets)
         consumed = {c.key: c.rule.text for c in cands if isinstance(c.rule, HookConsumed)}
         if consumed:
             cands = [c for c in cands if not isinstance(c.rule, HookConsumed)]
@@ -169,7 +169,9 @@ def _split_sizes(
     )
 
 
-def _replayed(source: Source, scope: nn.Module, cands: list[Candidate]) -> list[Candidate]:
+def _replayed(
+    source: Source, scope: nn.Module, cands: list[Candidate], targets: Mapping[str, Target]
+) -> list[Candidate]:
     """The candidates with the renames that modules' own loading hooks perform."""
     routed = replay(
         scope,
@@ -177,6 +179,7 @@ def _replayed(source: Source, scope: nn.Module, cands: list[Candidate]) -> list[
         _LazyMeta(source, "shape"),
         _LazyMeta(source, "dtype"),
         source.state_dict_metadata,
+        targets,
     )
     return [Candidate(key, rule, out, c.position) for (key, rule, out), c in zip(routed, cands)]
 
