@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from weightport.checkpoint._format import CheckpointFile, PartSource
+from weightport.checkpoint._format import CheckpointFile
 from weightport.checkpoint._info import CheckpointInfo, info
 from weightport.checkpoint._manager import Manager
 from weightport.checkpoint._optim import OptimizerReport
@@ -25,6 +25,7 @@ from weightport.checkpoint._resume import ResumeState, resume
 from weightport.checkpoint._save import register_wrapper, save, unwrap
 from weightport.errors import CheckpointError
 from weightport.sources import register_scheme
+from weightport.sources.training import PartSource
 
 __all__ = [
     "CheckpointInfo",

@@ -29,7 +29,7 @@ from weightport.sources.base import Source, SourceInfo
 from weightport.sources.safetensors import read_header
 from weightport.sources.training import BODY_KEY, FORMAT, FORMAT_KEY, KIND, PartSource, is_training_checkpoint
 
-__all__ = ["BODY_KEY", "FORMAT", "FORMAT_KEY", "CheckpointFile", "PartSource", "is_checkpoint", "parse_body", "write"]
+__all__ = ["BODY_KEY", "FORMAT", "FORMAT_KEY", "CheckpointFile", "is_checkpoint", "parse_body", "write"]
 
 VERSION = 1
 PARTS = ("model", "optimizer", "scheduler", "scaler", "rng", "extra")

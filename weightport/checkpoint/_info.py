@@ -7,11 +7,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from weightport.checkpoint._format import PARTS, PartSource, is_checkpoint, parse_body
+from weightport.checkpoint._format import PARTS, is_checkpoint, parse_body
 from weightport.checkpoint._tree import decode
 from weightport.errors import CheckpointError, WeightportError
 from weightport.sources import open_source
 from weightport.sources.base import Source
+from weightport.sources.training import PartSource
 
 _SCHEDULER_FIELDS = ("last_epoch", "_last_lr", "_step_count")
 
