@@ -1,8 +1,13 @@
-# `make check` runs exactly what CI runs (after installing with pip install -e ".[test]").
-.PHONY: check lint typecheck test test-fast format bench
+# `make check` runs exactly what CI runs (after `pip install -e ".[test]" && make peers`).
+.PHONY: peers check lint typecheck test test-fast format bench
 SRC := weightport tests $(wildcard benchmarks)
 
 check: lint typecheck test
+
+# litgpt 0.5 pins huggingface-hub<1.4, which transformers 5 cannot use: install it without its dependencies
+# (the ones it imports, lightning and jsonargparse, come with the test extra)
+peers:
+	pip install --no-deps "litgpt>=0.5,<0.6"
 
 lint:
 	ruff check $(SRC)
