@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from weightport._hooks import HookFuse
 from weightport.errors import Collision, CollisionError, Mismatch, OpError, ShapeMismatchError
 from weightport.mapping.ops import OpCall, get_op
 from weightport.mapping.rules import Rule
@@ -177,7 +178,9 @@ class _General:
                 self.out.unused[k] = f"incomplete fuse into {name!r}"
             return None
         inputs = tuple(Input(slots[i].key, slots[i].output.ops) for i in range(count))
-        return Recipe(name, inputs, cands[0].output.dim, (), cands[0].rule, None)
+        rule = cands[0].rule
+        post = rule.post if isinstance(rule, HookFuse) else ()  # the module's own hook merges the parts
+        return Recipe(name, inputs, cands[0].output.dim, post, rule, None)
 
     def _fit(self, recipe: Recipe, target: Target) -> Recipe | None:
         """The recipe with its shape inferred; the mismatch policy where it is not the target's."""
