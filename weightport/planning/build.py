@@ -19,11 +19,12 @@ from weightport.apply import apply_plan
 from weightport.errors import NothingLoadedError, StrictnessError
 from weightport.mapping.core import Mapping
 from weightport.mapping.files import shipped_dir
-from weightport.mapping.rules import Drop, Rule
+from weightport.mapping.rules import Drop, Rule, Tie
 from weightport.options import ApplyOptions, PlanOptions
 from weightport.planning.data import Recipes, Target, TransferPlan
 from weightport.planning.decide import Decisions, decide
 from weightport.planning.diagnose import nothing_loaded
+from weightport.planning.facts import resolve_facts
 from weightport.planning.route import Routes, route
 from weightport.planning.targets import collect_targets, left_on_meta, scope_of, ties
 from weightport.report import EntryTable, LoadedColumns, Row, TransferReport, group_names
@@ -54,8 +55,13 @@ def _build(
     modules = list(scope.modules())
     materialise = left_on_meta(model, scope, options.into, modules)
     keys = list(source)
+    if mapping.facts():
+        names = mapping.name or "rules"
+        mapping = mapping.bind(resolve_facts(mapping.facts(), options.facts or {}, scope, source, names))
     routes = route(source, keys, mapping, targets, scope, hooks=any(map(has_custom_loading, modules)))
-    decided = decide(source, targets, ties(targets), routes, options.on_mismatch, scope, options.adapter_calls())
+    decided = decide(
+        source, targets, ties(targets), routes, options.on_mismatch, scope, options.adapter_calls(), mapping.ties
+    )
     report = _report(source, keys, targets, routes, decided, mapping, options.into)
     if materialise.fresh:
         report = replace(
@@ -106,6 +112,11 @@ def _report(
     fed = set(routes.fed())
     fed.difference_update(decided.unused)
     unused = [k for k in filterfalse(fed.__contains__, keys) if k not in dropped and k not in routes.consumed]
+    consumed = dict(routes.consumed)
+    if unused:
+        aliased = _aliases_of_used(source, unused, fed)
+        consumed.update(aliased)
+        unused = [k for k in unused if k not in aliased]
     reasons = {k: _unused_reason(k, decided, routes) for k in unused}
     warnings = decided.warnings + [f"rule {r.described()} matched no source tensor" for r in _idle(mapping, routes)]
     missing = sum(1 for r in rows if r.reason == "missing")
@@ -123,8 +134,19 @@ def _report(
         applied=False,
         into=into,
         unused_reasons=reasons,
-        consumed=dict(routes.consumed),
+        consumed=consumed,
     )
+
+
+def _aliases_of_used(source: Source, unused: list[str], used: set[str]) -> dict[str, str]:
+    """Unused keys that name a tensor a used key also names (tied weights a file stores once, such
+    as ``lm_head.weight`` sharing ``wte.weight``'s storage): loaded through that key, so used."""
+    out: dict[str, str] = {}
+    for key, others in source.aliases(unused).items():
+        through = next((o for o in others if o in used), None)
+        if through is not None:
+            out[key] = f"the same tensor as {through!r} (one storage in the source), loaded through it"
+    return out
 
 
 def _unused_reason(key: str, decided: Decisions, routes: Routes) -> str:
@@ -182,7 +204,7 @@ def _idle(mapping: Mapping, routes: Routes) -> list[Rule]:
     return [
         r
         for r in mapping.rules
-        if routes.hits[id(r)] == 0 and not isinstance(r, Drop) and not (r.origin or "").startswith(shipped)
+        if routes.hits[id(r)] == 0 and not isinstance(r, (Drop, Tie)) and not (r.origin or "").startswith(shipped)
     ]
 
 
