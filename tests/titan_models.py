@@ -34,7 +34,7 @@ def llama3(*, fuse_qkv: bool = True, tie: bool = False, theta: float = 10000.0, 
     return _finish(Llama3Model, layers, tie, eps, seed)
 
 
-def qwen3(*, fuse_qkv: bool = True, tie: bool = False, theta: float = 1000000.0, eps: float = 1e-6, seed: int = 0):
+def qwen3(*, fuse_qkv: bool = True, tie: bool = False, theta: float = 10000.0, eps: float = 1e-5, seed: int = 0):
     """A randomised torchtitan ``Qwen3Model`` (eval mode, float32) and its config."""
     pytest.importorskip("torchtitan")
     from torchtitan.models.common import CosSinRoPE
@@ -84,3 +84,13 @@ def logits(model, ids):
 
     with torch.no_grad():
         return model(ids)
+
+
+def llama3_model(**kwargs):
+    """:func:`llama3`'s model alone: a target spec for ``weightport verify`` (``tests.titan_models:llama3_model``)."""
+    return llama3(**kwargs)[0]
+
+
+def qwen3_model(**kwargs):
+    """:func:`qwen3`'s model alone: a target spec for ``weightport verify`` (``tests.titan_models:qwen3_model``)."""
+    return qwen3(**kwargs)[0]
