@@ -219,3 +219,19 @@ def test_torchtitan_failure_when_applying_leaves_the_fused_model_unchanged():
     with pytest.raises(wp.WeightportError, match=r"layers\.1\.attention\.qkv_linear\.wk\.weight"):
         wp.transfer(state, model, check_finite=True)
     assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_torchtitan_wqkv_parameter_is_a_target_of_a_grouped_fuse():
+    from tests.titan_models import llama3
+
+    source, _ = llama3(fuse_qkv=False, seed=0)  # separate wq/wk/wv parameters
+    model, _ = llama3(seed=1)
+    parts = [f"layers.{{i}}.attention.qkv_linear.{w}.weight" for w in ("wq", "wk", "wv")]
+    fused = wp.fuse(parts, "layers.{i}.attention.qkv_linear.wqkv.weight", groups="$kv_heads")
+    report = wp.transfer(source, model, rules=[fused], strict=True)  # $kv_heads from the model's attention
+    reference, _ = llama3(seed=1)
+    reference.load_state_dict(source.state_dict())
+    assert _titan_same(model, reference)
+    entry = next(e for e in report.entries if e.target == "layers.0.attention.qkv_linear.wqkv.weight")
+    assert entry.ops == ("fuse[3, groups=2]",) and not any("hook" in op for op in entry.ops)
