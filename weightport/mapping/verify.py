@@ -320,7 +320,10 @@ def _no_source(m: Mapping, where: str) -> str:
 
 
 def _is_file(spec: str) -> bool:
-    return Path(spec).suffix.lower() in _WEIGHT_FILES or Path(spec).is_file()
+    try:
+        return Path(spec).suffix.lower() in _WEIGHT_FILES or Path(spec).is_file()
+    except OSError:  # a spec longer than a file name may be (ENAMETOOLONG) names no file
+        return False
 
 
 def _built(spec: str, origin: str, side: str, *, shapes_only: bool = False) -> torch.nn.Module:
