@@ -169,3 +169,13 @@ def test_verify_reads_a_spec_longer_than_a_file_name_as_an_architecture() -> Non
     source, target = next((s, t) for s, t in pairs(wp.load_mapping(MAPPING)) if "Mistral" in s)
     assert len(target) > 255  # longer than a file name may be: asking the file system raises ENAMETOOLONG
     assert verify(MAPPING, source=source, target=target, numerics=False).loaded == 17
+
+
+def test_a_saved_transformers_folder_ports_into_litgpt(tmp_path) -> None:
+    hf, state = _hf("qwen2")
+    hf.save_pretrained(tmp_path)
+    lit = lit_model("qwen2", hf)
+    report = wp.transfer(tmp_path, lit, mapping=MAPPING, strict=True)
+    assert report["transformer.h.0.attn.qkv.bias"].ops == ("fuse[3]",)
+    want = litgpt_from_hf("qwen2", lit.config, state)
+    assert all(torch.equal(lit.state_dict()[name], t) for name, t in want.items())
