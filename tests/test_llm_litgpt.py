@@ -27,11 +27,6 @@ from litgpt.scripts import convert_hf_checkpoint as lit_in  # noqa: E402
 from litgpt.scripts import convert_lit_checkpoint as lit_out  # noqa: E402
 
 MAPPING = "hf.llama->litgpt.llama"
-# TODO(tie): Gemma's checkpoint has no lm_head; the mapping's tie rule fills it (lands with the tie rule)
-FAMILY_PARAMS = [
-    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="needs the tie rule")) if f == "gemma" else f
-    for f in FAMILIES
-]
 
 # litgpt picks its converter, its RMSNorm (Gemma's adds 1 to the weight) and its MLP by the config's name
 LIT_NAMES = {
@@ -71,10 +66,10 @@ def lit_model(family: str, hf: nn.Module) -> nn.Module:
 
 
 @functools.cache
-def _hf(family: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The family's random transformers model and its checkpoint (what save_pretrained writes: Gemma's
-    tied lm_head is not in it)."""
-    model = hf_model(family)
+def _hf(family: str, tie: bool = False) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The family's random transformers model and its checkpoint (what save_pretrained writes: a tied
+    lm_head, Gemma's, is not in it)."""
+    model = hf_model(family, tie=tie)
     return model, checkpoint_state(model)
 
 
@@ -103,14 +98,14 @@ def hf_from_litgpt(family: str, config: litgpt.Config, state: dict[str, torch.Te
     return out
 
 
-def port(family: str) -> tuple[nn.Module, wp.TransferReport]:
-    hf, state = _hf(family)
+def port(family: str, tie: bool = False) -> tuple[nn.Module, wp.TransferReport]:
+    hf, state = _hf(family, tie)
     lit = lit_model(family, hf)
     report = wp.transfer(state, lit, mapping=MAPPING, strict=True)
     return lit, report
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_port_equals_litgpt_convert_hf_checkpoint_bit_for_bit(family: str) -> None:
     _, state = _hf(family)
     lit, _ = port(family)
@@ -125,7 +120,7 @@ def test_port_equals_litgpt_convert_hf_checkpoint_bit_for_bit(family: str) -> No
     assert all(torch.equal(t, want[name]) for name, t in mapped.items())
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_ported_litgpt_model_gives_the_logits_of_transformers(family: str) -> None:
     hf, _ = _hf(family)
     lit, _ = port(family)
@@ -135,7 +130,7 @@ def test_ported_litgpt_model_gives_the_logits_of_transformers(family: str) -> No
     assert diff < 1e-5
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_to_transformers_is_bit_identical_and_equals_convert_lit_checkpoint(family: str) -> None:
     _, state = _hf(family)
     lit, _ = port(family)
@@ -179,3 +174,40 @@ def test_a_saved_transformers_folder_ports_into_litgpt(tmp_path) -> None:
     assert report["transformer.h.0.attn.qkv.bias"].ops == ("fuse[3]",)
     want = litgpt_from_hf("qwen2", lit.config, state)
     assert all(torch.equal(lit.state_dict()[name], t) for name, t in want.items())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_a_checkpoint_without_its_tied_lm_head_fills_it_from_the_embeddings(family: str) -> None:
+    # Llama 3.2 1B, Qwen2.5 0.5B and every Gemma tie their head to the embeddings and save no lm_head
+    hf, state = _hf(family, True)
+    assert "lm_head.weight" not in state
+    lit, report = port(family, True)
+    entry = report["lm_head.weight"]
+    assert entry.status == "loaded" and entry.sources == ("model.embed_tokens.weight",)
+    assert "tie 'lm_head.weight' like 'transformer.wte.weight'" in (entry.rule or "")
+    assert torch.equal(lit.lm_head.weight, state["model.embed_tokens.weight"])
+    assert torch.equal(litgpt_from_hf(family, lit.config, state)["lm_head.weight"], lit.lm_head.weight)
+    ids = tokens()
+    with torch.no_grad():
+        assert (lit(ids) - hf_logits(hf, ids)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verify_ports_each_listed_pair_with_token_inputs_and_round_trips(family: str) -> None:
+    from weightport.mapping.verify import pairs, verify
+
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma"}[family]
+    source, target = next((s, t) for s, t in pairs(wp.load_mapping(MAPPING)) if s.startswith(f"transformers:{cls}"))
+    result = verify(MAPPING, source=source, target=target)
+    assert result.ok() and result.max_abs_diff is not None and result.max_abs_diff < 1e-5, result
+    assert result.input.startswith("token ids")
+    assert result.round_trip is True, result.round_trip_note
+
+
+def test_map_state_dict_splits_uneven_parts_by_the_targets_it_is_given() -> None:
+    # the inverse of litgpt's qkv fuse has no sizes: q, k and v of a multi-query model are 4, 1 and 1 heads
+    rule = wp.fuse(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}")
+    state = {"q.w": torch.randn(4, 2), "k.w": torch.randn(1, 2), "v.w": torch.randn(1, 2)}
+    fused = map_state_dict(state, wp.Mapping([rule]))
+    back = map_state_dict(fused, wp.Mapping([rule.inverse()]), like=state)
+    assert all(torch.equal(back[k], v) for k, v in state.items())
