@@ -211,3 +211,16 @@ def test_map_state_dict_splits_uneven_parts_by_the_targets_it_is_given() -> None
     fused = map_state_dict(state, wp.Mapping([rule]))
     back = map_state_dict(fused, wp.Mapping([rule.inverse()]), like=state)
     assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_map_state_dict_fuses_by_groups_as_planning_does() -> None:
+    # per kv group: its q heads, its k head, its v head (torchtitan's wqkv, GPT-NeoX's query_key_value)
+    mapping = wp.Mapping([wp.fuse(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}", groups=2)])
+    state = {"q.weight": torch.arange(4.0)[:, None], "k.weight": torch.tensor([[10.0], [11.0]])}
+    state["v.weight"] = torch.tensor([[20.0], [21.0]])
+    model = nn.Module()
+    model.qkv = nn.Linear(1, 8, bias=False)
+    wp.transfer(state, model, mapping=mapping, strict=True)
+    fused = map_state_dict(state, mapping)["qkv.weight"]
+    assert fused.flatten().tolist() == [0.0, 1.0, 10.0, 20.0, 2.0, 3.0, 11.0, 21.0]
+    assert torch.equal(fused, model.qkv.weight.detach())

@@ -382,7 +382,7 @@ def map_state_dict(
         MappingError: two source tensors write one name, or a fuse misses parts.
     """
     out: dict[str, torch.Tensor] = {}
-    parts: dict[str, tuple[int, int, dict[int, torch.Tensor]]] = {}
+    parts: dict[str, tuple[int, int, int, dict[int, torch.Tensor]]] = {}
     for key, tensor in state.items():
         rule, outputs = mapping.resolve(key)
         if like is not None and isinstance(rule, Split):  # uneven parts: the sizes of the targets in ``like``
@@ -396,12 +396,12 @@ def map_state_dict(
             if o.part is None:
                 _put(out, o.target, x, key)
             else:
-                parts.setdefault(o.target, (o.dim, o.part[1], {}))[2][o.part[0]] = x
-    for name, (dim, count, got) in parts.items():
+                parts.setdefault(o.target, (o.dim, o.groups, o.part[1], {}))[3][o.part[0]] = x
+    for name, (dim, groups, count, got) in parts.items():
         missing = [i + 1 for i in range(count) if i not in got]
         if missing:
             raise MappingError(f"fuse into {name!r}: part(s) {missing} of {count} are not in the state dict")
-        _put(out, name, _cat([got[i] for i in range(count)], dim), name)
+        _put(out, name, _cat([got[i] for i in range(count)], dim, groups), name)
     return out
 
 
