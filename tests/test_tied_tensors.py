@@ -109,3 +109,12 @@ def test_equal_values_in_separate_storages_are_not_aliases(tmp_path):
     with wp.open_source(tmp_path / "tied.pt") as src:
         assert src.same_tensor("embed.weight", "head.weight")
         assert src.aliases(["head.weight"]) == {"head.weight": ["embed.weight"]}
+
+
+def test_inspect_counts_a_tied_tensor_once(tmp_path, capsys):
+    from weightport import cli
+
+    torch.save(TiedLM().state_dict(), tmp_path / "tied.pt")  # embed 20x6, norm 6 + 6, head = embed
+    assert cli.main(["inspect", str(tmp_path / "tied.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "4 tensors, 132 elements" in out and "1 name(s) share another's storage" in out
