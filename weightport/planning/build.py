@@ -19,6 +19,7 @@ from weightport.apply import apply_plan
 from weightport.errors import NothingLoadedError, StrictnessError
 from weightport.mapping.core import Mapping
 from weightport.mapping.files import shipped_dir
+from weightport.mapping.hf_conversion import HfLayout, hf_layout
 from weightport.mapping.rules import Drop, Rule
 from weightport.options import ApplyOptions, PlanOptions
 from weightport.planning.data import Recipes, Target, TransferPlan
@@ -54,9 +55,15 @@ def _build(
     modules = list(scope.modules())
     materialise = left_on_meta(model, scope, options.into, modules)
     keys = list(source)
+    mine = [k for k in keys if mapping.match(k) is None] if mapping.rules else keys  # the user's rules come first
+    layout = hf_layout(scope, keys, mine, targets, lambda key: tuple(source.meta(key).shape))
+    if layout is not None:
+        mapping = mapping.with_rules(layout.rules)
     routes = route(source, keys, mapping, targets, scope, hooks=any(map(has_custom_loading, modules)))
     decided = decide(source, targets, ties(targets), routes, options.on_mismatch, scope, options.adapter_calls())
     report = _report(source, keys, targets, routes, decided, mapping, options.into)
+    if layout is not None:
+        report = _with_layout(report, layout)
     if materialise.fresh:
         report = replace(
             report,
@@ -125,6 +132,12 @@ def _report(
         unused_reasons=reasons,
         consumed=dict(routes.consumed),
     )
+
+
+def _with_layout(report: TransferReport, layout: HfLayout) -> TransferReport:
+    """The report with the checkpoint layout among the source's facts, and what could not be converted."""
+    source = report.source.with_(notes=(*report.source.notes, layout.note)) if report.source else None
+    return replace(report, source=source, warnings=(*layout.warnings, *report.warnings))
 
 
 def _unused_reason(key: str, decided: Decisions, routes: Routes) -> str:

@@ -1,0 +1,194 @@
+"""Checkpoints of transformers models in either layout: the classic names ``save_pretrained`` writes
+(and the hub holds) and the transformers 5 module names, loaded into transformers 5 classes with
+transformers' own conversion mapping (weightport.mapping.hf_conversion)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import weightport as wp
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.conversion_mapping", reason="transformers >= 5 converts checkpoint layouts")
+
+CLASSIC = "layout: classic (converted with transformers' conversion mapping for"
+
+
+def _keys(folder) -> list[str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def _vit(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    model = transformers.ViTModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # every tensor distinct: a swapped or missed one shows
+            p.copy_(torch.randn_like(p))
+    return model
+
+
+def _assert_same(source: nn.Module, target: nn.Module) -> None:
+    want, got = source.state_dict(), target.state_dict()
+    assert list(want) == list(got)
+    for name, value in want.items():
+        assert torch.equal(value, got[name]), name
+
+
+def test_save_pretrained_writes_the_classic_layout_and_the_model_uses_the_new_names(tmp_path):
+    model = _vit(0)
+    model.save_pretrained(tmp_path / "classic")
+    model.save_pretrained(tmp_path / "new", save_original_format=False)
+    assert "layers.0.attention.q_proj.weight" in model.state_dict()
+    assert "encoder.layer.0.attention.attention.query.weight" in _keys(tmp_path / "classic")
+    assert "layers.0.attention.q_proj.weight" in _keys(tmp_path / "new")
+
+
+@pytest.mark.parametrize("original_format", [True, False], ids=["classic", "transformers5"])
+def test_vit_folder_of_either_layout_loads_bit_exact_with_output_parity(tmp_path, original_format):
+    source = _vit(0)
+    source.save_pretrained(tmp_path, save_original_format=original_format)
+    target = _vit(1)
+    report = wp.transfer(tmp_path, target, strict=True)
+    _assert_same(source, target)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(source(pixels).last_hidden_state, target(pixels).last_hidden_state)
+    summary = report.summary()
+    if original_format:
+        assert f"{CLASSIC} 'vit', transformers {transformers.__version__}: 32 tensors)" in summary
+        assert report["layers.1.mlp.fc2.weight"].sources == ("encoder.layer.1.output.dense.weight",)
+        assert "transformers' conversion mapping for 'vit'" in (report["layers.1.mlp.fc2.weight"].rule or "")
+    else:
+        assert "layout: transformers 5 (the model's own names; transformers' conversion mapping for 'vit'" in summary
+    assert "layout:" in " ".join(report.to_dict()["source"]["notes"])
+
+
+def test_classic_vit_loads_like_from_pretrained(tmp_path):
+    _vit(0).save_pretrained(tmp_path)
+    reference = transformers.ViTModel.from_pretrained(tmp_path)
+    target = _vit(1)
+    wp.transfer(tmp_path, target, strict=True)
+    _assert_same(reference, target)
+
+
+def _dinov2(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        use_swiglu_ffn=True,
+    )
+    model = transformers.Dinov2Model(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    return model
+
+
+def test_dinov2_classic_fused_swiglu_is_split_with_transformers_chunk(tmp_path):
+    source = _dinov2(0)
+    source.save_pretrained(tmp_path)
+    assert "encoder.layer.0.mlp.weights_in.weight" in _keys(tmp_path)  # fused gate and up, classic layout
+    target = _dinov2(1)
+    report = wp.transfer(tmp_path, target, strict=True)
+    _assert_same(source, target)
+    _assert_same(transformers.Dinov2Model.from_pretrained(tmp_path), target)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(source(pixels).last_hidden_state, target(pixels).last_hidden_state)
+    entry = report["encoder.layer.0.mlp.up_proj.weight"]
+    assert entry.sources == ("encoder.layer.0.mlp.weights_in.weight",)
+    assert entry.ops == ("split[2/2]",)
+    assert f"{CLASSIC} 'dinov2'" in report.summary()
+
+
+def _mixtral(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    model = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    return model
+
+
+def test_mixtral_per_expert_weights_are_stacked_and_gate_up_is_named_as_unsupported(tmp_path):
+    source = _mixtral(0)
+    source.save_pretrained(tmp_path)
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in _keys(tmp_path)
+    target = _mixtral(1)
+    report = wp.transfer(tmp_path, target)
+    want, got = source.state_dict(), target.state_dict()
+    for name in want:
+        if name.endswith("experts.gate_up_proj"):
+            assert report[name].status == "fresh"
+        else:
+            assert torch.equal(want[name], got[name]), name
+    assert report["model.layers.1.mlp.experts.down_proj"].ops == ("reshape(1, 32, 48)", "fuse[4]")
+    assert f"{CLASSIC} 'mixtral'" in report.summary()
+    (warning,) = [w for w in report.warnings if "MergeModulelist(dim=0) then Concatenate(dim=1)" in w]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in warning and "cannot express" in warning
+
+
+def test_without_transformers_conversion_mapping_the_report_says_why_names_stay(tmp_path, monkeypatch):
+    _vit(0).save_pretrained(tmp_path)
+    monkeypatch.setitem(sys.modules, "transformers.conversion_mapping", None)  # transformers 4 has none
+    report = wp.transfer(tmp_path, _vit(1))
+    assert report.counts()["loaded"] == 8
+    (warning,) = [w for w in report.warnings if "conversion mapping" in w]
+    assert "transformers >= 5" in warning and "'vit'" in warning
+    assert "layout: unknown" in report.summary()
+
+
+def test_without_transformers_conversion_mapping_own_names_load_quietly(tmp_path, monkeypatch):
+    _vit(0).save_pretrained(tmp_path, save_original_format=False)
+    monkeypatch.setitem(sys.modules, "transformers.conversion_mapping", None)
+    report = wp.transfer(tmp_path, _vit(1), strict=True)
+    assert "layout:" not in report.summary()
+
+
+class _Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList([nn.Linear(2, 2)])})
+
+
+def test_a_model_outside_transformers_gets_no_conversion(tmp_path):
+    source = {"encoder.layer.0.weight": torch.ones(2, 2), "encoder.layer.0.bias": torch.ones(2)}
+    report = wp.transfer(source, _Plain(), strict=True)
+    assert "layout:" not in report.summary()
+
+
+def test_the_users_rules_come_before_transformers_conversion(tmp_path):
+    source = _vit(0)
+    source.save_pretrained(tmp_path)
+    rule = wp.drop("encoder.layer.1.output.dense.*")
+    report = wp.transfer(tmp_path, _vit(1), rules=[rule])
+    assert report["layers.1.mlp.fc2.weight"].status == "fresh"
+    assert report["layers.0.mlp.fc2.weight"].status == "loaded"
+    assert not [w for w in report.warnings if "matched no source tensor" in w]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "vit"
