@@ -192,3 +192,36 @@ def test_the_users_rules_come_before_transformers_conversion(tmp_path):
     assert not [w for w in report.warnings if "matched no source tensor" in w]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "vit"
+
+
+def test_a_task_model_folder_loads_into_its_base_model_and_into_a_submodule(tmp_path):
+    config = _vit(0).config
+    config.num_labels = 3
+    torch.manual_seed(0)
+    task = transformers.ViTForImageClassification(config)
+    task.save_pretrained(tmp_path / "task")  # classic names under 'vit.'
+    base = _vit(1)
+    report = wp.transfer(tmp_path / "task", base)  # transformers drops the base model prefix too
+    assert report["layers.0.attention.q_proj.weight"].sources == (
+        "vit.encoder.layer.0.attention.attention.query.weight",
+    )
+    assert torch.equal(base.state_dict()["layers.0.mlp.fc1.weight"], task.state_dict()["vit.layers.0.mlp.fc1.weight"])
+    other = transformers.ViTForImageClassification(config)
+    _vit(2).save_pretrained(tmp_path / "base")
+    report = wp.transfer(tmp_path / "base", other, into="vit")
+    assert report["layers.1.mlp.fc2.weight"].status == "loaded"
+    assert CLASSIC in report.summary()
+
+
+def test_rules_are_generalised_over_layers_only_where_that_names_every_key_as_transformers_does():
+    from weightport.mapping.hf_conversion import _rules, _Step
+
+    steps = [_Step("rename", (f"enc.{i}.query.w",), (f"layers.{i}.q.w",)) for i in (0, 1)]
+    (general,) = _rules(steps, ["enc.0.query.w", "enc.1.query.w"], "t")
+    assert general.described() == "t: 'enc.{i}.query.w' -> 'layers.{i}.q.w'"
+    # a key transformers leaves alone that the general rule would rename: one exact rule per key
+    exact = _rules(steps, ["enc.0.query.w", "enc.1.query.w", "enc.2.query.w"], "t")
+    assert [r.described() for r in exact] == [
+        "t: 'enc.0.query.w' -> 'layers.0.q.w'",
+        "t: 'enc.1.query.w' -> 'layers.1.q.w'",
+    ]

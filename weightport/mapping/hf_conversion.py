@@ -140,6 +140,8 @@ def _steps(
     steps: list[_Step] = []
     groups: dict[tuple[int, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for key in sorted(keys, key=tf.dot_natural_key):
+        if "*" in key:
+            continue  # a key a pattern cannot name literally; left as it is
         name, pattern = tf.rename_source_key(key, renamings, converters, prefix, present)
         if pattern is None:
             if name != key and name in targets:
@@ -218,7 +220,7 @@ def _rules(steps: list[_Step], keys: Sequence[str], origin: str) -> list[Rule]:
     for key in keys:
         found = mapping.resolve(key)
         if (tuple(o.target for o in found.outputs) if found.rule is not None else None) != expected.get(key):
-            return [_rule(s, s.sources, s.targets, origin) for s in steps]  # exact rules: right by construction
+            return [_exact(s, origin) for s in steps]  # exact rules: right by construction
     return general
 
 
@@ -251,18 +253,27 @@ def _generalised(cluster: list[_Step], origin: str) -> list[Rule]:
             values = tuple(s[n][p] for s in split_names)
             if len(set(values)) > 1:
                 if values not in placeholders and len(placeholders) == len(_NAMES):
-                    return [_rule(s, s.sources, s.targets, origin) for s in cluster]
+                    return [_exact(s, origin) for s in cluster]
                 at[(n, p)] = placeholders.setdefault(values, _NAMES[len(placeholders)])
     if not at:
-        return [_rule(s, s.sources, s.targets, origin) for s in cluster]
+        return [_exact(s, origin) for s in cluster]
     texts = []
     for n, parts in enumerate(split_names[0]):
-        texts.append(".".join("{" + at[(n, p)] + "}" if (n, p) in at else seg for p, seg in enumerate(parts)))
+        texts.append(".".join("{" + at[(n, p)] + "}" if (n, p) in at else _literal(seg) for p, seg in enumerate(parts)))
     sources, targets = texts[: len(first.sources)], texts[len(first.sources) :]
     used = [{at[(n, p)] for p in range(len(parts)) if (n, p) in at} for n, parts in enumerate(split_names[0])]
     if any(used[n] != set(placeholders.values()) for n in range(len(names))):
-        return [_rule(s, s.sources, s.targets, origin) for s in cluster]  # not one index shared by every name
+        return [_exact(s, origin) for s in cluster]  # not one index shared by every name
     return [_rule(first, tuple(sources), tuple(targets), origin)]
+
+
+def _literal(name: str) -> str:
+    """``name`` as pattern or template text that means exactly it."""
+    return name.replace("{", "{{").replace("}", "}}")
+
+
+def _exact(step: _Step, origin: str) -> Rule:
+    return _rule(step, tuple(map(_literal, step.sources)), tuple(map(_literal, step.targets)), origin)
 
 
 def _rule(step: _Step, sources: Sequence[str], targets: Sequence[str], origin: str) -> Rule:
