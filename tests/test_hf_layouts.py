@@ -4,6 +4,7 @@ transformers' own conversion mapping (weightport.mapping.hf_conversion)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
@@ -116,41 +117,65 @@ def test_dinov2_classic_fused_swiglu_is_split_with_transformers_chunk(tmp_path):
     assert f"{CLASSIC} 'dinov2'" in report.summary()
 
 
-def _mixtral(seed: int) -> nn.Module:
+def _moe(family: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    config = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    model = transformers.MixtralForCausalLM(config).eval()
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    if family == "mixtral":
+        config = transformers.MixtralConfig(**common, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+        model = transformers.MixtralForCausalLM(config)
+    else:
+        config = transformers.Qwen2MoeConfig(
+            **common,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+        model = transformers.Qwen2MoeForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p))
-    return model
+    return model.eval()
 
 
-def test_mixtral_per_expert_weights_are_stacked_and_gate_up_is_named_as_unsupported(tmp_path):
-    source = _mixtral(0)
+@pytest.mark.parametrize(
+    ("family", "expert", "gate_up"),
+    [
+        ("mixtral", "model.layers.0.block_sparse_moe.experts.3.w2.weight", "reshape(4, 96, 32)"),
+        ("qwen2_moe", "model.layers.0.mlp.experts.3.down_proj.weight", "reshape(4, 48, 32)"),
+    ],
+)
+def test_moe_per_expert_weights_are_stacked_and_fused_like_transformers(tmp_path, family, expert, gate_up):
+    source = _moe(family, 0)
     source.save_pretrained(tmp_path)
-    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in _keys(tmp_path)
-    target = _mixtral(1)
-    report = wp.transfer(tmp_path, target)
-    want, got = source.state_dict(), target.state_dict()
-    for name in want:
-        if name.endswith("experts.gate_up_proj"):
-            assert report[name].status == "fresh"
-        else:
-            assert torch.equal(want[name], got[name]), name
-    assert report["model.layers.1.mlp.experts.down_proj"].ops == ("reshape(1, 32, 48)", "fuse[4]")
-    assert f"{CLASSIC} 'mixtral'" in report.summary()
-    (warning,) = [w for w in report.warnings if "MergeModulelist(dim=0) then Concatenate(dim=1)" in w]
-    assert "model.layers.0.mlp.experts.gate_up_proj" in warning and "cannot express" in warning
+    assert expert in _keys(tmp_path)  # one tensor per expert, classic layout
+    target = _moe(family, 1)
+    report = wp.transfer(tmp_path, target, strict=True)
+    _assert_same(source, target)
+    tokens = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(source(tokens).logits, target(tokens).logits)
+    assert report["model.layers.1.mlp.experts.gate_up_proj"].ops == ("fuse[8]", gate_up)
+    assert report["model.layers.1.mlp.experts.down_proj"].ops[-1] == "fuse[4]"
+    assert f"{CLASSIC} {family!r}" in report.summary()
+
+
+def test_a_converter_without_an_exact_weightport_equivalent_is_named_in_a_warning(tmp_path, monkeypatch):
+    source = _vit(0)
+    source.save_pretrained(tmp_path)
+    conversion_mapping = importlib.import_module("transformers.conversion_mapping")
+    loading = importlib.import_module("transformers.core_model_loading")
+    vit = conversion_mapping.get_checkpoint_conversion_mapping("ViTModel")  # also builds transformers' cache
+    odd = loading.WeightConverter("pooler.odd.weight", "pooler.dense.weight", operations=[loading.Interleave(dim=0)])
+    monkeypatch.setitem(conversion_mapping._checkpoint_conversion_mapping_cache, "ViTModel", [*vit, odd])
+    state = dict(wp.open_source(tmp_path).items())
+    state["pooler.odd.weight"] = state.pop("pooler.dense.weight")
+    report = wp.transfer(state, _vit(1))
+    assert report["pooler.dense.weight"].status == "fresh"
+    assert report["layers.1.mlp.fc2.weight"].status == "loaded"
+    (warning,) = [w for w in report.warnings if "Interleave" in w]
+    assert "pooler.dense.weight" in warning and "cannot express exactly" in warning
 
 
 def test_without_transformers_conversion_mapping_the_report_says_why_names_stay(tmp_path, monkeypatch):

@@ -9,8 +9,10 @@ with its conversion mapping (``transformers.conversion_mapping``).
 When the target is a transformers ``PreTrainedModel``, :func:`hf_layout` asks transformers how it
 would rename every source key (``get_model_conversion_mapping`` and ``rename_source_key``, not a copy of
 them) and turns the answer into weightport rules: renamings into renames, converters into split and
-fuse rules where their ops are exact layout changes. The rules are generalised over layer indices
-where that reproduces transformers' names exactly, and checked against them key by key.
+fuse rules where their ops are exact layout changes (experts stacked, then concatenated, are a fuse
+followed by a reshape: :class:`_FuseThen`, whose ``post`` ops planning runs after the fuse). The rules
+are generalised over layer indices where that reproduces transformers' names exactly, and checked
+against them key by key.
 
 transformers stays optional: nothing here imports it unless the model already is one of its classes.
 """
@@ -27,9 +29,11 @@ from typing import Any
 
 from torch import nn
 
+from weightport.errors import MappingError
 from weightport.mapping import fuse, rename, split, transform
 from weightport.mapping.core import Mapping
-from weightport.mapping.rules import Rule
+from weightport.mapping.ops import OpCall
+from weightport.mapping.rules import Fuse, Rule
 
 __all__ = ["HfLayout", "hf_layout"]
 
@@ -161,13 +165,11 @@ def _steps(
 
 
 def _unsupported(chain: str, targets: list[str]) -> str:
-    why = " (stacking experts, then concatenating along a later dimension, needs a reshape after the fuse)"
     shown = ", ".join(targets[:3]) + (" …" if len(targets) > 3 else "")
     return (
-        f"transformers makes {len(targets)} target tensor(s) ({shown}) "
-        f"with {chain}, which weightport's rules cannot express exactly yet"
-        f"{why if chain.startswith('MergeModulelist(dim=0) then Concatenate') else ''}: they are not loaded from "
-        "this checkpoint; load them with transformers' from_pretrained, or write a Python rule for them"
+        f"transformers makes {len(targets)} target tensor(s) ({shown}) with {chain}, which weightport's rules "
+        "cannot express exactly yet: they are not loaded from this checkpoint; load them with transformers' "
+        "from_pretrained, or write a Python rule for them"
     )
 
 
@@ -196,6 +198,13 @@ def _converted(converter: Any, name: str, inputs: dict[str, list[str]], shape_of
         return _Step("fuse", keys, targets, (("dim", 0), ("stack", (1, *shape_of(keys[0])))))
     if ops == [("MergeModulelist", 0), ("Concatenate", 0)] and len(keys) > 1:
         return _Step("fuse", keys, targets, (("dim", 0), ("stack", (1, *shape_of(keys[0])))))
+    experts = {len(part) for part in ordered}
+    if ops == [("MergeModulelist", 0), ("Concatenate", 1)] and len(experts) == 1 and len(ordered) > 1:
+        # expert e's parts one after another, for every e, fused along 0, then cut into the experts
+        interleaved = tuple(k for parts in zip(*ordered) for k in parts)
+        rows = sum(shape_of(part[0])[0] for part in ordered)
+        shape = (experts.pop(), rows, *shape_of(keys[0])[1:])
+        return _Step("fuse", interleaved, targets, (("dim", 0), ("then", shape)))
     return " then ".join(f"{op}(dim={dim})" if dim is not None else op for op, dim in ops)
 
 
@@ -286,4 +295,25 @@ def _rule(step: _Step, sources: Sequence[str], targets: Sequence[str], origin: s
         return transform(sources[0], targets[0], ops=[("transpose", params)], origin=origin)
     stack = params.get("stack")
     ops = [("reshape", {"shape": list(stack)})] if stack else None
-    return fuse(list(sources), targets[0], dim=params["dim"], ops=ops, origin=origin)
+    rule = fuse(list(sources), targets[0], dim=params["dim"], ops=ops, origin=origin)
+    then = params.get("then")
+    if then is None:
+        return rule
+    return _FuseThen(
+        rule.sources, rule.template, rule.dim, origin=origin, post=(OpCall("reshape", {"shape": list(then)}),)
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _FuseThen(Fuse):
+    """A fuse followed by ``post`` ops on the fused tensor (planning applies them after the
+    concatenation): experts' parts fused one expert after another, then reshaped to the stack."""
+
+    post: tuple[OpCall, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return f"{super().text}, then {', '.join(op.label() for op in self.post)}"
+
+    def inverse(self) -> Rule:
+        raise MappingError(f"{self._where()}: cannot invert a fuse followed by {self.post[0].label()}")

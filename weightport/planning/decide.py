@@ -195,7 +195,8 @@ class _General:
             return None
         inputs = tuple(Input(slots[i].key, slots[i].output.ops) for i in range(count))
         out = cands[0].output
-        return Recipe(name, inputs, out.dim, (), cands[0].rule, None, out.groups)
+        post = getattr(cands[0].rule, "post", ())  # ops after the fuse: mapping.hf_conversion's stacked experts
+        return Recipe(name, inputs, out.dim, post, cands[0].rule, None, out.groups)
 
     def _fit(self, recipe: Recipe, target: Target) -> Recipe | None:
         """The recipe with its shape inferred; the mismatch policy where it is not the target's."""
