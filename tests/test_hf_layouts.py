@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import sys
 
 import pytest
@@ -250,3 +251,14 @@ def test_rules_are_generalised_over_layers_only_where_that_names_every_key_as_tr
         "t: 'enc.0.query.w' -> 'layers.0.q.w'",
         "t: 'enc.1.query.w' -> 'layers.1.q.w'",
     ]
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers
+def test_a_transfer_into_another_model_imports_nothing_of_transformers_modeling():
+    code = (
+        "import sys, torch, transformers, weightport as wp\n"
+        "wp.transfer({'weight': torch.ones(2, 2), 'bias': torch.ones(2)}, torch.nn.Linear(2, 2), strict=True)\n"
+        "print('transformers.modeling_utils' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"

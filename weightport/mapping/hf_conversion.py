@@ -69,9 +69,9 @@ class _Step:
 def hf_layout(
     model: nn.Module,
     keys: Sequence[str],
-    free: Sequence[str],
     targets: Collection[str],
     shape_of: Callable[[str], tuple[int, ...]],
+    claimed: Callable[[str], bool] | None = None,
 ) -> HfLayout | None:
     """The layout of a source's ``keys`` for a transformers ``model``, and the rules that convert it.
 
@@ -79,17 +79,18 @@ def hf_layout(
         model: The target module (the ``into`` scope); nothing is done unless it is a transformers
             ``PreTrainedModel``.
         keys: The source's keys.
-        free: The keys no rule of the user's mapping matches: the ones to convert.
         targets: The model's state-dict names.
         shape_of: A source key's shape (converters that stack experts need it).
+        claimed: Whether a rule of the user's mapping matches a key: such keys are left to it.
 
     Returns:
         ``None`` when the model is not a transformers model, or transformers has no conversion for it.
     """
-    transformers = sys.modules.get("transformers")
-    base = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
+    # a transformers model has imported modeling_utils; asking the package would import it (seconds)
+    base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
     if base is None or not isinstance(model, base):
         return None
+    transformers = sys.modules["transformers"]
     model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     try:  # by module name: a package attribute would hide a submodule that cannot be imported
         conversion_mapping = importlib.import_module("transformers.conversion_mapping")
@@ -101,7 +102,7 @@ def hf_layout(
         return None
     conversions = [*conversions, *(conversion_mapping.get_checkpoint_conversion_mapping("legacy") or ())]
     target_set = set(targets)
-    foreign = [k for k in free if k not in target_set]
+    foreign = [k for k in keys if k not in target_set and not (claimed and claimed(k))]
     found = f"transformers' conversion mapping for {model_type!r}"
     if not foreign:
         return HfLayout(f"layout: transformers 5 (the model's own names; {found} not needed)")

@@ -59,8 +59,8 @@ def _build(
     if mapping.facts():
         names = mapping.name or "rules"
         mapping = mapping.bind(resolve_facts(mapping.facts(), options.facts or {}, scope, source, names))
-    mine = [k for k in keys if mapping.match(k) is None] if mapping.rules else keys  # the user's rules come first
-    layout = hf_layout(scope, keys, mine, targets, lambda key: tuple(source.meta(key).shape))
+    claimed = (lambda key: mapping.match(key) is not None) if mapping.rules else None  # the user's rules first
+    layout = hf_layout(scope, keys, targets, lambda key: tuple(source.meta(key).shape), claimed)
     if layout is not None:
         mapping = mapping.with_rules(layout.rules)
     routes = route(source, keys, mapping, targets, scope, hooks=any(map(has_custom_loading, modules)))
