@@ -158,7 +158,9 @@ def test_moe_per_expert_weights_are_stacked_and_fused_like_transformers(tmp_path
     with torch.no_grad():
         assert torch.equal(source(tokens).logits, target(tokens).logits)
     assert report["model.layers.1.mlp.experts.gate_up_proj"].ops == ("fuse[8]", gate_up)
-    assert report["model.layers.1.mlp.experts.down_proj"].ops[-1] == "fuse[4]"
+    down = report["model.layers.1.mlp.experts.down_proj"]
+    assert down.ops == ("unsqueeze(0)", "fuse[4]")
+    assert f"stack '{expert.replace('layers.0', 'layers.{i}').replace('.3.', '.{e}.')}' over {{e}}" in down.rule
     assert f"{CLASSIC} {family!r}" in report.summary()
 
 

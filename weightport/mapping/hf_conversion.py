@@ -8,8 +8,8 @@ with its conversion mapping (``transformers.conversion_mapping``).
 
 When the target is a transformers ``PreTrainedModel``, :func:`hf_layout` asks transformers how it
 would rename every source key (``get_model_conversion_mapping`` and ``rename_source_key``, not a copy of
-them) and turns the answer into weightport rules: renamings into renames, converters into split and
-fuse rules where their ops are exact layout changes (experts stacked, then concatenated, are a fuse
+them) and turns the answer into weightport rules: renamings into renames, converters into split, fuse
+and stack rules where their ops are exact layout changes (experts stacked, then concatenated, are a fuse
 followed by a reshape: :class:`_FuseThen`, whose ``post`` ops planning runs after the fuse). The rules
 are generalised over layer indices where that reproduces transformers' names exactly, and checked
 against them key by key.
@@ -30,7 +30,7 @@ from typing import Any
 from torch import nn
 
 from weightport.errors import MappingError
-from weightport.mapping import fuse, rename, split, transform
+from weightport.mapping import fuse, rename, split, stack, transform
 from weightport.mapping.core import Mapping
 from weightport.mapping.ops import OpCall
 from weightport.mapping.rules import Fuse, Rule
@@ -195,10 +195,9 @@ def _converted(converter: Any, name: str, inputs: dict[str, list[str]], shape_of
     if len(ops) == 1 and ops[0][0] == "Transpose" and len(keys) == 1:
         op = converter.operations[0]
         return _Step("transform", keys, targets, (("dim0", op.dim0), ("dim1", op.dim1)))
-    if ops == [("MergeModulelist", 0)] and len(ordered) == 1 and len(keys) > 1:
-        return _Step("fuse", keys, targets, (("dim", 0), ("stack", (1, *shape_of(keys[0])))))
-    if ops == [("MergeModulelist", 0), ("Concatenate", 0)] and len(keys) > 1:
-        return _Step("fuse", keys, targets, (("dim", 0), ("stack", (1, *shape_of(keys[0])))))
+    index = _expert_index(keys)
+    if ops == [("MergeModulelist", 0)] and len(ordered) == 1 and index is not None:
+        return _Step("stack", keys, targets, (("over", index),))
     experts = {len(part) for part in ordered}
     if ops == [("MergeModulelist", 0), ("Concatenate", 1)] and len(experts) == 1 and len(ordered) > 1:
         # expert e's parts one after another, for every e, fused along 0, then cut into the experts
@@ -207,6 +206,17 @@ def _converted(converter: Any, name: str, inputs: dict[str, list[str]], shape_of
         shape = (experts.pop(), rows, *shape_of(keys[0])[1:])
         return _Step("fuse", interleaved, targets, (("dim", 0), ("then", shape)))
     return " then ".join(f"{op}(dim={dim})" if dim is not None else op for op, dim in ops)
+
+
+def _expert_index(keys: Sequence[str]) -> int | None:
+    """The one dotted segment in which ``keys`` differ, when it counts 0, 1, … in their order."""
+    parts = [k.split(".") for k in keys]
+    if len(parts) < 2 or len({len(p) for p in parts}) != 1:
+        return None
+    differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+    if len(differ) != 1 or [p[differ[0]] for p in parts] != [str(e) for e in range(len(parts))]:
+        return None
+    return differ[0]
 
 
 def _expand(name: str, patterns: Sequence[str]) -> list[str]:
@@ -294,9 +304,11 @@ def _rule(step: _Step, sources: Sequence[str], targets: Sequence[str], origin: s
         return split(sources[0], list(targets), dim=params["dim"], origin=origin)
     if step.kind == "transform":
         return transform(sources[0], targets[0], ops=[("transpose", params)], origin=origin)
-    stack = params.get("stack")
-    ops = [("reshape", {"shape": list(stack)})] if stack else None
-    rule = fuse(list(sources), targets[0], dim=params["dim"], ops=ops, origin=origin)
+    if step.kind == "stack":
+        segments = sources[0].split(".")
+        segments[params["over"]] = "{e}"
+        return stack(".".join(segments), targets[0], over="e", origin=origin)
+    rule = fuse(list(sources), targets[0], dim=params["dim"], origin=origin)
     then = params.get("then")
     if then is None:
         return rule
