@@ -60,7 +60,7 @@ class HfLayout:
 class _Step:
     """One concrete conversion: source keys to target names, as one weightport rule would do it."""
 
-    kind: str  # "rename", "split", "fuse" or "transform"
+    kind: str  # "rename", "split", "fuse", "stack" or "transform"
     sources: tuple[str, ...]
     targets: tuple[str, ...]
     params: tuple[tuple[str, Any], ...] = ()
