@@ -18,7 +18,6 @@ from typing import Any
 
 from torch import nn
 
-from weightport._hooks import HookFuse
 from weightport.errors import Collision, CollisionError, Mismatch, OpError, ShapeMismatchError
 from weightport.mapping.ops import OpCall, get_op
 from weightport.mapping.rules import Rule, Tie
@@ -199,9 +198,10 @@ class _General:
             return None
         inputs = tuple(Input(slots[i].key, slots[i].output.ops) for i in range(count))
         out = cands[0].output
-        rule = cands[0].rule
-        post = rule.post if isinstance(rule, HookFuse) else ()  # the module's own hook merges the parts
-        return Recipe(name, inputs, out.dim, post, rule, None, out.groups)
+        # ops on the fused tensor: a module's own loading hook merging the parts (HookFuse), or
+        # transformers' stacked-then-concatenated experts (mapping.hf_conversion)
+        post = getattr(cands[0].rule, "post", ())
+        return Recipe(name, inputs, out.dim, post, cands[0].rule, None, out.groups)
 
     def _fit(self, recipe: Recipe, target: Target) -> Recipe | None:
         """The recipe with its shape inferred; the mismatch policy where it is not the target's."""
