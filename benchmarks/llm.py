@@ -7,12 +7,13 @@ The checkpoint (about 0.5B parameters in bf16, random values, written tensor by 
 needs one tensor's memory) is a Hugging Face folder: ``config.json`` and ``model.safetensors``.
 Each case ports it into a model of the target codebase, in bf16, the way that codebase does it,
 then makes one pass over the loaded tensors. ``check`` (run once per benchmark, outside the
-timings) ports it both ways in one process and compares the two state dicts bit for bit.
+timings) ports it with every case and compares each state dict with weightport's, bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -27,12 +28,10 @@ from typing import Any, NamedTuple
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.environ.get("BENCH_ROOT_TMP", os.path.dirname(HERE)))
+sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from cases import measure, one_pass  # noqa: E402
-
-sys.path.insert(0, os.environ.get("BENCH_ROOT_TMP", os.path.dirname(HERE)))  # TMP
 
 
 class Size(NamedTuple):
@@ -106,22 +105,12 @@ def write_checkpoint(path: str, size: Size, seed: int = 0) -> None:
             f.write(memoryview(values.to(DTYPE).view(torch.uint8).numpy()))  # type: ignore[attr-defined]
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": size.hidden,
-        "intermediate_size": size.ffn,
-        "num_hidden_layers": size.layers,
-        "num_attention_heads": size.heads,
-        "num_key_value_heads": size.kv_heads,
-        "head_dim": size.head_dim,
-        "vocab_size": size.vocab,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-        "torch_dtype": "bfloat16",
-    }
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
+        "hidden_size": size.hidden, "intermediate_size": size.ffn, "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads, "num_key_value_heads": size.kv_heads, "head_dim": size.head_dim,
+        "vocab_size": size.vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "hidden_act": "silu",
+    }  # fmt: skip
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -141,23 +130,11 @@ def prepare(work: str, size: str = "0.5b") -> str:
 def lit_settings(size: Size) -> dict[str, Any]:
     """litgpt ``Config`` arguments of ``size``."""
     return dict(
-        name="bench-llama",
-        block_size=2048,
-        vocab_size=size.vocab,
-        padded_vocab_size=size.vocab,
-        n_layer=size.layers,
-        n_head=size.heads,
-        n_query_groups=size.kv_heads,
-        n_embd=size.hidden,
-        head_size=size.head_dim,
-        rotary_percentage=1.0,
-        parallel_residual=False,
-        bias=False,
-        norm_class_name="RMSNorm",
-        norm_eps=1e-5,
-        mlp_class_name="LLaMAMLP",
-        intermediate_size=size.ffn,
-    )
+        name="bench-llama", block_size=2048, vocab_size=size.vocab, padded_vocab_size=size.vocab,
+        n_layer=size.layers, n_head=size.heads, n_query_groups=size.kv_heads, n_embd=size.hidden,
+        head_size=size.head_dim, rotary_percentage=1.0, parallel_residual=False, bias=False,
+        norm_class_name="RMSNorm", norm_eps=1e-5, mlp_class_name="LLaMAMLP", intermediate_size=size.ffn,
+    )  # fmt: skip
 
 
 def lit_config(size: Size) -> Any:
@@ -236,54 +213,48 @@ TITAN_MAPPING = "hf.llama->torchtitan.llama"
 def _shipped(name: str) -> bool:
     import weightport as wp
 
-    return any(name in str(m) for m in wp.list_mappings())
+    return name in wp.list_mappings()
+
+
+_LAYER = "model.layers.{i}."
+# the Hugging Face names each codebase renames plainly: (HF name, litgpt name, torchtitan name)
+_RENAMES = [
+    ("model.embed_tokens.weight", "transformer.wte.weight", "tok_embeddings.weight"),
+    (_LAYER + "self_attn.o_proj.weight", "transformer.h.{i}.attn.proj.weight", "layers.{i}.attention.wo.weight"),
+    (_LAYER + "mlp.gate_proj.weight", "transformer.h.{i}.mlp.fc_1.weight", "layers.{i}.feed_forward.w1.weight"),
+    (_LAYER + "mlp.up_proj.weight", "transformer.h.{i}.mlp.fc_2.weight", "layers.{i}.feed_forward.w3.weight"),
+    (_LAYER + "mlp.down_proj.weight", "transformer.h.{i}.mlp.proj.weight", "layers.{i}.feed_forward.w2.weight"),
+    (_LAYER + "input_layernorm.weight", "transformer.h.{i}.norm_1.weight", "layers.{i}.attention_norm.weight"),
+    (_LAYER + "post_attention_layernorm.weight", "transformer.h.{i}.norm_2.weight", "layers.{i}.ffn_norm.weight"),
+    ("model.norm.weight", "transformer.ln_f.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight", "lm_head.weight"),
+]
 
 
 def lit_rules() -> list[Any]:
-    """The Hugging Face -> litgpt rules (what the shipped mapping says, for a checkout without it)."""
+    """The Hugging Face -> litgpt rules (what the shipped mapping says, for a checkout without it):
+    renames, and q, k, v fused into ``attn.qkv`` one after the other."""
     import weightport as wp
 
-    L, H = "model.layers.{i}.", "transformer.h.{i}."
-    return [
-        wp.rename("model.embed_tokens.weight", "transformer.wte.weight"),
-        wp.fuse([L + f"self_attn.{x}_proj.weight" for x in "qkv"], H + "attn.qkv.weight"),
-        wp.rename(L + "self_attn.o_proj.weight", H + "attn.proj.weight"),
-        wp.rename(L + "mlp.gate_proj.weight", H + "mlp.fc_1.weight"),
-        wp.rename(L + "mlp.up_proj.weight", H + "mlp.fc_2.weight"),
-        wp.rename(L + "mlp.down_proj.weight", H + "mlp.proj.weight"),
-        wp.rename(L + "input_layernorm.weight", H + "norm_1.weight"),
-        wp.rename(L + "post_attention_layernorm.weight", H + "norm_2.weight"),
-        wp.rename("model.norm.weight", "transformer.ln_f.weight"),
-        wp.rename("lm_head.weight", "lm_head.weight"),
-    ]
+    qkv = [_LAYER + f"self_attn.{x}_proj.weight" for x in "qkv"]
+    return [wp.rename(hf, lit) for hf, lit, _ in _RENAMES] + [wp.fuse(qkv, "transformer.h.{i}.attn.qkv.weight")]
 
 
-def titan_rules(size: Size) -> list[Any]:
-    """The Hugging Face -> torchtitan rules (what the shipped mapping says, for a checkout without it)."""
+def titan_rules() -> list[Any]:
+    """The Hugging Face -> torchtitan rules (what the shipped mapping says, for a checkout without it):
+    renames, q and k to the interleaved rotary layout, all three to the names torchtitan's
+    ``FusedQKVLinear`` loads through its state-dict hook into its fused ``wqkv``."""
     import weightport as wp
 
-    L, T = "model.layers.{i}.", "layers.{i}."
-    return [
-        wp.rename("model.embed_tokens.weight", "tok_embeddings.weight"),
+    attn = "layers.{i}.attention.qkv_linear.w"
+    rope = {"q": "$heads", "k": "$kv_heads"}
+    return [wp.rename(hf, titan) for hf, _, titan in _RENAMES] + [
         wp.rename(
-            L + "self_attn.q_proj.weight",
-            T + "attention.qkv_linear.wq.weight",
-            ops=[("rope_permute", {"heads": size.heads, "to": "interleaved"})],
-        ),
-        wp.rename(
-            L + "self_attn.k_proj.weight",
-            T + "attention.qkv_linear.wk.weight",
-            ops=[("rope_permute", {"heads": size.kv_heads, "to": "interleaved"})],
-        ),
-        wp.rename(L + "self_attn.v_proj.weight", T + "attention.qkv_linear.wv.weight"),
-        wp.rename(L + "self_attn.o_proj.weight", T + "attention.wo.weight"),
-        wp.rename(L + "mlp.gate_proj.weight", T + "feed_forward.w1.weight"),
-        wp.rename(L + "mlp.up_proj.weight", T + "feed_forward.w3.weight"),
-        wp.rename(L + "mlp.down_proj.weight", T + "feed_forward.w2.weight"),
-        wp.rename(L + "input_layernorm.weight", T + "attention_norm.weight"),
-        wp.rename(L + "post_attention_layernorm.weight", T + "ffn_norm.weight"),
-        wp.rename("model.norm.weight", "norm.weight"),
-        wp.rename("lm_head.weight", "lm_head.weight"),
+            _LAYER + f"self_attn.{x}_proj.weight",
+            f"{attn}{x}.weight",
+            ops=[("rope_permute", {"heads": rope[x], "to": "interleaved"})] if x in rope else None,
+        )
+        for x in "qkv"
     ]
 
 
@@ -304,8 +275,7 @@ def weightport_titan(path: str, size: Size, zero_copy: bool = False) -> torch.nn
     import weightport as wp
 
     model, _ = titan_meta(size, ours=True)
-    rules = how(TITAN_MAPPING, lambda: titan_rules(size))
-    wp.transfer(path, model, strict=True, progress=False, zero_copy=zero_copy, **rules)
+    wp.transfer(path, model, strict=True, progress=False, zero_copy=zero_copy, **how(TITAN_MAPPING, titan_rules))
     return model
 
 
@@ -351,12 +321,10 @@ def litgpt_two_step(path: str, size: Size) -> torch.nn.Module:
 
 def lit_folder(path: str) -> str:
     """litgpt writes its converted checkpoint beside the source: a folder that links to it."""
-    out = path + "-litgpt"
+    out, link = path + "-litgpt", os.path.join(path + "-litgpt", "model.safetensors")
     os.makedirs(out, exist_ok=True)
-    for name in ("model.safetensors", "config.json"):
-        link = os.path.join(out, name)
-        if not os.path.exists(link):
-            os.symlink(os.path.abspath(os.path.join(path, name)), link)
+    if not os.path.exists(link):
+        os.symlink(os.path.abspath(os.path.join(path, "model.safetensors")), link)
     return out
 
 
@@ -403,23 +371,15 @@ def floor(path: str, size: Size) -> None:
     one_pass([buf[: buf.numel() // 2 * 2].view(DTYPE)])
 
 
-def _zero_copy(port: Callable[..., torch.nn.Module]) -> Port:
-    def run(path: str, size: Size) -> torch.nn.Module:
-        return port(path, size, zero_copy=True)
-
-    run.__name__ = f"{port.__name__}_zero_copy"
-    return run
-
-
 FLOOR = "floor: read the file into fresh memory (one thread)"
 # (target, case name, port); each target's first case is weightport's, the one the others are compared to
 CASES: list[tuple[str, str, Port]] = [
     ("litgpt", "weightport.transfer into an init_empty GPT", weightport_lit),
-    ("litgpt", "weightport.transfer, zero_copy=True", _zero_copy(weightport_lit)),
+    ("litgpt", "weightport.transfer, zero_copy=True", functools.partial(weightport_lit, zero_copy=True)),
     ("litgpt", "litgpt copy_weights_hf_llama over load_file, load_state_dict(assign=True) into meta", litgpt_in_memory),
     ("litgpt", "litgpt convert_hf_checkpoint to lit_model.pth, then load_checkpoint (its own flow)", litgpt_two_step),
     ("torchtitan", "weightport.transfer into an init_empty Llama3Model", weightport_titan),
-    ("torchtitan", "weightport.transfer, zero_copy=True", _zero_copy(weightport_titan)),
+    ("torchtitan", "weightport.transfer, zero_copy=True", functools.partial(weightport_titan, zero_copy=True)),
     ("torchtitan", "torchtitan from_hf over load_file, load_state_dict(assign=True) into meta", torchtitan_in_memory),
     (
         "torchtitan",
@@ -430,20 +390,20 @@ CASES: list[tuple[str, str, Port]] = [
 TARGETS = ("litgpt", "torchtitan")
 
 
-def check(path: str, size: Size) -> dict[str, int]:
+def check(path: str, size: Size, targets: tuple[str, ...] = TARGETS) -> dict[str, int]:
     """Port with every case of each target; every state dict must equal weightport's, bit for bit
     (keys, dtypes, values). Returns the number of tensors compared per target."""
     out: dict[str, int] = {}
-    for target in TARGETS:
-        ours_fn, *others = [fn for t, _, fn in CASES if t == target]
+    for target in targets:
+        (_, ours_fn), *others = [(n, fn) for t, n, fn in CASES if t == target]
         ours = ours_fn(path, size).state_dict()
-        for other in others:
+        for name, other in others:
             theirs = other(path, size).state_dict()
             if ours.keys() != theirs.keys():
-                raise AssertionError(f"{other.__name__}: keys differ: {sorted(ours.keys() ^ theirs.keys())[:5]}")
+                raise AssertionError(f"{name}: keys differ: {sorted(ours.keys() ^ theirs.keys())[:5]}")
             for key, value in ours.items():
                 if value.dtype != theirs[key].dtype or not torch.equal(value, theirs[key]):
-                    raise AssertionError(f"{other.__name__}: {key} differs from weightport's")
+                    raise AssertionError(f"{name}: {key} differs from weightport's")
             del theirs
         out[target] = len(ours)
     return out
@@ -468,8 +428,7 @@ def preload(target: str) -> None:
 
 
 def _subprocess(name: str, target: str, work: str, size: str) -> dict[str, Any]:
-    root = os.environ.get("BENCH_ROOT_TMP", os.path.dirname(HERE))
-    env = dict(os.environ, PYTHONPATH=root, TQDM_DISABLE="1")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), TQDM_DISABLE="1")
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), target, name, work, size], capture_output=True, text=True, env=env
     )
@@ -478,24 +437,31 @@ def _subprocess(name: str, target: str, work: str, size: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def run_all(work: str, runs: int, only: str = "", size: str = "0.5b", say: Callable[[str], None] = print) -> str:
-    """Measure every case ``runs`` times (each in a fresh process) and check the state dicts once;
-    return the Markdown tables, one per target."""
+def run_all(
+    work: str,
+    runs: int,
+    only: str = "",
+    size: str = "0.5b",
+    targets: tuple[str, ...] = TARGETS,
+    say: Callable[[str], None] = print,
+) -> str:
+    """Measure the cases of ``targets`` ``runs`` times each (each in a fresh process, round robin)
+    and check the state dicts once; return the Markdown tables, one per target."""
     path = prepare(work, size)
-    checked = _subprocess("check", "", work, size)
+    checked = _subprocess("check", ",".join(targets), work, size)
     say(f"llm   state dicts equal, bit for bit: {checked['tensors']}")
-    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for target, name in [("", FLOOR)] + [(t, n) for t, n, _ in CASES]:
-        if only and only not in name and name != FLOOR and not name.startswith("weightport"):
-            continue
-        runs_ = results[target, name] = [_subprocess(name, target, work, size) for _ in range(runs)]
-        wall = statistics.median(r["wall_s"] for r in runs_)
-        peak = statistics.median(r["peak_mib"] for r in runs_)
-        say(f"llm   {target:10s} {name:90s} {wall:7.3f} s {peak:7.0f} MiB")
+    chosen = [(t, n) for t, n, _ in CASES if t in targets and (not only or only in n or n.startswith("weightport"))]
+    cases = [("", FLOOR), *chosen]
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {case: [] for case in cases}
+    for run in range(runs):  # round robin: a change in the machine's load falls on every case alike
+        for target, name in cases:
+            result = _subprocess(name, target, work, size)
+            results[target, name].append(result)
+            say(f"llm   run {run + 1} {target:10s} {name:90s} {result['wall_s']:7.3f} s {result['peak_mib']:7.0f} MiB")
     nbytes = os.path.getsize(os.path.join(path, "model.safetensors"))
     params = SIZES[size].parameters()
     out = []
-    for target in TARGETS:
+    for target in targets:
         rows = [(FLOOR, results["", FLOOR])]
         rows += [(n, results[t, n]) for t, n, _ in CASES if t == target and (t, n) in results]
         out.append(table(target, rows, nbytes, params, checked["tensors"][target]))
@@ -534,7 +500,8 @@ def main(argv: list[str]) -> None:
     if name == "check":
         preload("check")
         start = time.perf_counter()
-        print(json.dumps({"tensors": check(path, SIZES[size]), "wall_s": time.perf_counter() - start}))
+        checked = check(path, SIZES[size], tuple(target.split(",")))
+        print(json.dumps({"tensors": checked, "wall_s": time.perf_counter() - start}))
         return
     if name == FLOOR:
         preload("floor")

@@ -11,7 +11,7 @@ peak RSS (absolute and over the interpreter baseline after imports).
 and torchtitan models beside each project's own converter (``benchmarks/llm.py``).
 
 Options: ``--runs N`` (default 3), ``--models vit,bert,plan,llm``, ``--only SUBSTRING``,
-``--work DIR``, ``--llm-size 0.5b|toy``.
+``--work DIR``, ``--llm-size 0.5b|toy``, ``--llm-targets litgpt,torchtitan``.
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only cases whose name contains this")
     parser.add_argument("--work", default=os.path.join(HERE, "_work"))
     parser.add_argument("--llm-size", default="0.5b", choices=sorted(llm.SIZES))
+    parser.add_argument("--llm-targets", default=",".join(llm.TARGETS), help="of " + ",".join(llm.TARGETS))
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     prepare(args.work, models)
@@ -221,7 +222,8 @@ def main() -> None:
     started = time.perf_counter()
     for model in models:
         if model == "llm":
-            out += [llm.run_all(args.work, args.runs, args.only, args.llm_size, _say), ""]
+            targets = tuple(t for t in args.llm_targets.split(",") if t)
+            out += [llm.run_all(args.work, args.runs, args.only, args.llm_size, targets, _say), ""]
             continue
         rows = []
         for name in CASES[model]:
