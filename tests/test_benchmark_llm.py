@@ -17,8 +17,6 @@ sys.path.insert(0, BENCH)
 
 import llm  # noqa: E402
 
-from weightport.errors import WeightportError  # noqa: E402
-
 TOY = llm.SIZES["toy"]
 
 
@@ -46,11 +44,6 @@ def test_llm_benchmark_litgpt_cases_agree_bit_for_bit(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    raises=WeightportError,
-    strict=False,
-    reason="weightport loads torchtitan's wq/wk/wv only once it plans through state-dict hooks (the titan branch)",
-)
 def test_llm_benchmark_torchtitan_cases_agree_bit_for_bit(tmp_path):
     pytest.importorskip("torchtitan")
     path = llm.prepare(str(tmp_path), "toy")
