@@ -246,7 +246,14 @@ def _prepare_recipe(
     if plain and not in_place and not check_finite and device.type in ("cpu", "cuda"):
         return _swap(target, _read_later(prepared, recipe, target, dtype, device, nbytes), owners)
     keys = tuple(i.key for i in recipe.inputs)
-    value = evaluate(recipe, source.view, init if init is not None else target)
+    views: list[torch.Tensor] = []
+
+    def read(key: str) -> torch.Tensor:
+        views.append(source.view(key))
+        return views[-1]
+
+    base = init if init is not None else target
+    value = evaluate(recipe, read, base)
     if tuple(value.shape) != tuple(target.shape):
         raise ShapeMismatchError(
             f"{recipe.target!r}: the ops produced shape {tuple(value.shape)} but the target is "
@@ -264,16 +271,40 @@ def _prepare_recipe(
             )
     if in_place and _disjoint(target, value):
         return _Copy(target, value, keys, nbytes)
-    new = torch.empty(target.shape, dtype=dtype, device=device)
-    if device.type == "cuda":
-        prepared.stager = prepared.stager or Stager()
-        prepared.stager.copy(new, value.to(dtype))
+    if _made_by_ops(recipe, value, dtype, device, [*views, base]):
+        new = value  # a fuse or a permutation already made a new tensor: no second copy
     else:
-        new.copy_(value)
+        new = torch.empty(target.shape, dtype=dtype, device=device)
+        _fill(new, value, device, prepared)
     for k in keys:
         source.release(k)
     bar.update(nbytes)
     return _swap(target, new, owners)
+
+
+def _made_by_ops(
+    recipe: Recipe, value: torch.Tensor, dtype: torch.dtype, device: torch.device, inputs: list[torch.Tensor]
+) -> bool:
+    """Whether ``value`` is a tensor weightport's own ops just allocated, in the final dtype, device and
+    layout, sharing memory with none of ``inputs`` (the source's views, the target): then it can be
+    the new tensor itself. A user's callable may return anything (a cached constant), so not then."""
+    if any(op.fn is not None for op in recipe.ops) or value.dtype != dtype or value.device != device:
+        return False
+    if not value.is_contiguous() or value.requires_grad:
+        return False
+    storage = value.untyped_storage()
+    if storage.nbytes() != value.numel() * value.element_size() or value.storage_offset():
+        return False
+    return all(t.untyped_storage().data_ptr() != storage.data_ptr() for t in inputs if t.device == value.device)
+
+
+def _fill(new: torch.Tensor, value: torch.Tensor, device: torch.device, prepared: _Prepared) -> None:
+    """``new.copy_(value)``, through the pinned stager for CUDA."""
+    if device.type == "cuda":
+        prepared.stager = prepared.stager or Stager()
+        prepared.stager.copy(new, value.to(new.dtype))
+    else:
+        new.copy_(value)
 
 
 def writable_in_place(t: torch.Tensor) -> bool:
