@@ -141,6 +141,8 @@ NUMBERS_OUTSIDE_THE_SUITE = {
     "hf.bert->weightport.bert",
     "torchvision.vgg->timm.vgg",
     "torchvision.densenet->timm.densenet",
+    "hf.gpt2->nanogpt.gpt2",  # and against nanoGPT's from_pretrained and transformers: tests/test_llm_gpt2.py
+    "hf.gpt2->weightport.gpt2",
 }
 
 

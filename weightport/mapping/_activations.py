@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightport.errors import TargetError
 from weightport.mapping.core import Mapping
 
 __all__ = ["MAX_ELEMENTS", "MAX_MODULES", "ModuleDiff", "compare_modules", "corresponding", "eps_differences"]
@@ -194,7 +195,7 @@ def compare_modules(
     a, b = _Recorder(source, [s for s, _ in pairs]), _Recorder(target, [t for _, t in pairs])
     try:
         with torch.no_grad():
-            ya, yb = source(x), target(x)
+            ya, yb = _run(source, x, "source"), _run(target, x, "target")
     finally:
         a.close()
         b.close()
@@ -211,6 +212,17 @@ def compare_modules(
         scale = mine.views[0].scale
         table.append(ModuleDiff(name, partner[name], inp, out, scale, out <= atol * max(1.0, scale)))
     return ya, yb, table
+
+
+def _run(model: nn.Module, x: torch.Tensor, side: str) -> Any:
+    try:
+        return model(x)
+    except Exception as e:
+        shape = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+        raise TargetError(
+            f"the {side} model ({type(model).__name__}) fails on the input {shape}: {type(e).__name__}: {e}; "
+            "give it an input it takes with --input FILE (input= in Python)"
+        ) from e
 
 
 def _eps(module: nn.Module) -> tuple[str, float] | None:

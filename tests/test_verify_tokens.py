@@ -1,0 +1,123 @@
+"""``verify`` on language models: token ids in, logits compared (a tensor, an output object's ``logits``,
+or only the last position's, as nanoGPT gives them), tied embeddings compared as the embedding they are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import weightport as wp
+from weightport.cli import main as cli
+from weightport.errors import TargetError
+from weightport.mapping._verify_models import outputs, vocabulary
+from weightport.mapping.verify import pairs, verify
+
+pytest.importorskip("transformers")
+
+IDENTITY = wp.Mapping([], name="identity")
+GPT2 = (
+    "transformers:GPT2LMHeadModel(n_layer=2, n_embd=64, n_head=4, vocab_size=96, n_positions=64, bos_token_id=0, "
+    "eos_token_id=0)"
+)
+LLAMA = (
+    "transformers:LlamaForCausalLM(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, "
+    "head_dim=16, intermediate_size=112, vocab_size=96, max_position_embeddings=128"
+)
+
+
+@pytest.mark.parametrize("name", ["hf.gpt2->nanogpt.gpt2", "hf.gpt2->weightport.gpt2"])
+def test_the_gpt2_mappings_verify_on_token_ids(name: str) -> None:
+    source, target = pairs(wp.load_mapping(name))[0]
+    result = verify(name, source=source, target=target, input_size=(12,))
+    assert result.ok(), result
+    assert result.input == "token ids below 96, 12 long"
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-5
+    assert result.round_trip is True
+    compared = {(m.source, m.target) for m in result.modules}
+    assert (
+        "transformer.h.1.mlp.c_fc",
+        "transformer.h.1.mlp.c_fc" if "nanogpt" in name else "blocks.1.mlp.fc1",
+    ) in compared
+    # the token embedding is compared as an embedding, though GPT-2's lm_head shares its tensor
+    assert ("transformer.wte", "transformer.wte" if "nanogpt" in name else "embed.tokens") in compared
+
+
+def test_a_wrong_gpt2_mapping_fails_at_the_module_that_takes_the_wrong_tensor() -> None:
+    m = wp.load_mapping("hf.gpt2->weightport.gpt2")
+    swapped = wp.Mapping(
+        [wp.rename("h.{i}.ln_1.{p}", "blocks.{i}.norm2.{p}"), wp.rename("h.{i}.ln_2.{p}", "blocks.{i}.norm1.{p}"), *m],
+        name="swapped",
+        source_prefix="transformer.",
+    )
+    source, target = pairs(m)[0]
+    result = verify(swapped, source=source, target=target)
+    assert not result.ok()
+    assert result.first_divergence is not None and result.first_divergence.source == "transformer.h.0.ln_1"
+
+
+def test_nanogpt_gives_the_last_positions_logits_and_those_are_compared() -> None:
+    every = torch.randn(2, 7, 11)
+    a, b = outputs(type("Out", (), {"logits": every})(), (every[:, [-1], :], None))
+    assert torch.equal(a, every[:, -1:]) and torch.equal(b, every[:, -1:])
+    with pytest.raises(wp.errors.OpError, match="differ in shape"):
+        outputs(every, torch.randn(2, 7, 12))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_hf_llama_verifies_through_an_identity_mapping(tie: bool) -> None:
+    spec = f"{LLAMA}, tie_word_embeddings={tie})"
+    result = verify(IDENTITY, source=spec, target=spec)
+    assert result.ok() and result.max_abs_diff == 0 and result.round_trip is True
+    assert result.input == "token ids below 96, 16 long"
+    compared = {m.source for m in result.modules}
+    assert {"model.embed_tokens", "model.layers.1.self_attn.k_proj", "model.norm"} <= compared
+
+
+def test_hf_gpt2_verifies_through_an_identity_mapping() -> None:
+    result = verify(IDENTITY, source=GPT2, target=GPT2)
+    assert result.ok() and result.max_abs_diff == 0 and result.round_trip is True
+    assert "transformer.wte" in {m.source for m in result.modules}
+
+
+class HeadFirstLM(nn.Module):
+    """Registers its output head before its embedding, as litgpt's GPT does."""
+
+    def __init__(self, vocab: int = 40, dim: int = 8) -> None:
+        super().__init__()
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.wte = nn.Embedding(vocab, dim)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.wte(idx))
+
+
+def test_a_model_whose_head_comes_first_still_takes_token_ids() -> None:
+    assert vocabulary(HeadFirstLM()) == 40
+    assert vocabulary(nn.Sequential(nn.Linear(4, 40), nn.Embedding(30, 4))) is None  # a head onto no vocabulary
+    result = verify(IDENTITY, source="test_verify_tokens:HeadFirstLM", target="test_verify_tokens:HeadFirstLM")
+    assert result.ok() and result.input == "token ids below 40, 16 long"
+
+
+def test_a_model_that_fails_on_the_input_is_named_with_the_input() -> None:
+    with pytest.raises(TargetError, match=r"the source model \(TinyNet\) fails on the input \(2, 5\) int64.*--input"):
+        verify(
+            IDENTITY, source="conftest:TinyNet", target="conftest:TinyNet", input=torch.zeros(2, 5, dtype=torch.long)
+        )
+
+
+@pytest.mark.slow
+def test_litgpt_verifies_on_token_ids() -> None:
+    pytest.importorskip("litgpt")
+    spec = "litgpt.model:GPT.from_name('pythia-14m', n_layer=2)"
+    result = verify(IDENTITY, source=spec, target=spec, input_size=(8,))
+    assert result.ok() and result.input.startswith("token ids below") and result.round_trip is True
+
+
+def test_the_cli_verifies_the_nanogpt_pair_on_token_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    source, target = pairs(wp.load_mapping("hf.gpt2->nanogpt.gpt2"))[0]
+    assert cli(["verify", "hf.gpt2->nanogpt.gpt2", "--source", source, "--target", target, "-v"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ok") and "round trip exact" in out and "input: token ids below 96, 16 long" in out
+    assert cli(["verify", "hf.gpt2->nanogpt.gpt2", "--source", source, "--target", target, "--input-size", "8,8"]) == 2
+    assert "sequence length" in capsys.readouterr().err
