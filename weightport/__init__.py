@@ -19,6 +19,7 @@ from weightport.mapping import (
     rename,
     split,
     strip_prefix,
+    tie,
     transform,
 )
 from weightport.mapping.files import list_mappings, load_mapping
@@ -59,6 +60,7 @@ __all__ = [
     "split",
     "strip_prefix",
     "suggest",
+    "tie",
     "transfer",
     "transform",
 ]

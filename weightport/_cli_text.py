@@ -26,7 +26,7 @@ _MISSING = object()
 # name=value, optionally followed by the CLI form the library already wrote: "check_hash=False (CLI: --no-check-hash)"
 _KEYWORD = re.compile(
     r"(?<![\w.])(?P<name>[a-z][a-z0-9_]*)="
-    r"(?P<value>'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\([^)]*\)|True|False|None|-?\d[\w.]*)?"
+    r"(?P<value>'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\([^)]*\)|\{[^}]*\}|True|False|None|-?\d[\w.]*)?"
     r"(?P<cli>\s*\(CLI: (?P<cli_text>[^)]*)\))?"
 )
 # the rule makers --rule can express, as the library names them in messages: rules=[weightport.strip_prefix('x.')]

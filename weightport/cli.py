@@ -198,6 +198,15 @@ def _parser() -> argparse.ArgumentParser:
         help="also try this shape adapter on a mismatch (head, vocab: a resized classifier or vocabulary keeps "
         "the first rows; it is fresh otherwise)",
     )
+    port.add_argument(
+        "--fact",
+        dest="facts",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a model fact a mapping's parameters name ($heads, $kv_heads, $head_dim, $hidden, $vocab), when "
+        "neither the target's config nor the source's config.json/params.json states it (repeatable)",
+    )
     port.add_argument("--strict", action="store_true", help="every target loads, every source is used")
     port.add_argument("--require", action="append", default=[], metavar="GLOB")
     port.add_argument("--allow-empty", action="store_true", help="allow a transfer that loads no tensor at all")
@@ -375,6 +384,7 @@ def _port(args: argparse.Namespace) -> int:
         into=args.into,
         on_mismatch=args.on_mismatch,
         adapters=args.adapters,
+        facts=_cli_facts(args.facts),
         strict=args.strict,
         require=args.require,
         allow_empty=args.allow_empty,
@@ -394,6 +404,16 @@ def _port(args: argparse.Namespace) -> int:
         if args.out and not args.dry_run:
             say(f"saved to {args.out}")
     return EXIT_OK
+
+
+def _cli_facts(texts: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for text in texts:
+        name, _, value = text.partition("=")
+        if not name.strip() or not value.strip().isdigit():
+            raise WeightportError(f"--fact {text!r}: expected NAME=N with N a positive integer, e.g. --fact heads=32")
+        out[name.strip()] = int(value)
+    return out
 
 
 def _cli_rule(text: str) -> Any:

@@ -108,6 +108,15 @@ class PlanOptions:
             "class (``-1``: keep the fresh init). Names or ``{name: params}``."
         ),
     )
+    facts: dict[str, int] | None = field(
+        default=None,
+        metadata=_doc(
+            "Model facts that a mapping's op parameters name (``'$heads'``, ``'$kv_heads'``, ``'$head_dim'``, "
+            "``'$hidden'``, ``'$vocab'``), e.g. ``{'heads': 32, 'kv_heads': 8}``. Facts not given here are "
+            "read from the target model's config or attention modules, then from the source's "
+            "``config.json``/``params.json``."
+        ),
+    )
     strict: bool = field(
         default=False,
         metadata=_doc(
@@ -145,6 +154,7 @@ class PlanOptions:
                 raise OptionError(f"rules must be rules (wp.rename, wp.drop …), not {r!r}")
         if self.into is not None and not isinstance(self.into, str):
             raise OptionError(f"into must be a submodule's dotted name, not {self.into!r}")
+        object.__setattr__(self, "facts", _facts(self.facts))
         object.__setattr__(self, "require", require)
         object.__setattr__(self, "rules", rules)
         object.__setattr__(self, "adapters", _adapters(self.adapters))
@@ -275,6 +285,19 @@ def _adapters(value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
             raise OptionError(f"adapters: the parameters of {name!r} must be a dict, not {params!r}")
         out.append((name, dict(params)))
     return tuple(out)
+
+
+def _facts(value: Any) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise OptionError(f"facts must be a dict of model facts such as {{'heads': 32}}, not {value!r}")
+    for name, number in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise OptionError(f"facts: {name!r} is not a fact name (an identifier such as 'heads')")
+        if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
+            raise OptionError(f"facts: {name}={number!r} must be a positive integer")
+    return dict(value)
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -1,23 +1,10 @@
 """How names and tensors change between source and target: patterns, rules, ops, mappings."""
 
 from weightport.mapping import adapters as adapters  # registers the shape adapters
+from weightport.mapping.builders import add_prefix, drop, fuse, rename, split, strip_prefix, tie, transform
 from weightport.mapping.core import Mapping, Resolution
 from weightport.mapping.ops import OpCall, OpSpec, get_op, list_adapters, list_ops, register_op
-from weightport.mapping.rules import (
-    Drop,
-    Fuse,
-    Output,
-    Rename,
-    Rule,
-    Split,
-    add_prefix,
-    drop,
-    fuse,
-    rename,
-    split,
-    strip_prefix,
-    transform,
-)
+from weightport.mapping.rules import Drop, Fuse, Output, Rename, Rule, Split, Tie
 
 __all__ = [
     "Drop",
@@ -30,6 +17,7 @@ __all__ = [
     "Resolution",
     "Rule",
     "Split",
+    "Tie",
     "add_prefix",
     "drop",
     "fuse",
@@ -40,5 +28,6 @@ __all__ = [
     "rename",
     "split",
     "strip_prefix",
+    "tie",
     "transform",
 ]

@@ -98,7 +98,7 @@ def resolve_all(mapping: _Mapping, keys: Sequence[str]) -> list[Resolution]:
         else:
             rule, o = group.rule, group.output
             assert group.names is not None and o is not None
-            outputs = rows(Output, group.names, repeat(o.ops), repeat(o.part), repeat(o.dim))
+            outputs = rows(Output, group.names, repeat(o.ops), repeat(o.part), repeat(o.dim), repeat(o.groups))
             resolutions = list(rows(Resolution, repeat(rule), zip(outputs)))
         for i, res in zip(group.positions, resolutions):
             out[i] = res
@@ -168,8 +168,7 @@ def _resolve_group(mapping: _Mapping, positions: list[int], keys: list[str]) -> 
             return Group(positions, rule, targets[0], outputs[0], None)
         if targets is not None:
             resolutions = [
-                Resolution(rule, tuple(Output(t[j], o.ops, o.part, o.dim) for j, o in enumerate(outputs)))
-                for t in zip(*targets)
+                Resolution(rule, tuple(o._replace(target=t[j]) for j, o in enumerate(outputs))) for t in zip(*targets)
             ]
             return Group(positions, rule, None, None, resolutions)
     rest = [mapping.resolve_stripped(k) for k in keys[1:]]

@@ -16,7 +16,7 @@ from typing import Any
 from weightport.errors import MappingError
 from weightport.mapping._bulk import Group, resolve_all, resolve_groups, shape_regex
 from weightport.mapping.pattern import captures
-from weightport.mapping.rules import Output, Resolution, Rule
+from weightport.mapping.rules import Output, Resolution, Rule, Tie
 
 __all__ = ["Mapping", "Resolution"]
 
@@ -195,6 +195,25 @@ class Mapping:
             if m is not None:
                 return index, rule, m
         return None
+
+    @cached_property
+    def ties(self) -> dict[str, Tie]:
+        """The tie rules by the target they fill (the first for a target wins)."""
+        out: dict[str, Tie] = {}
+        for r in self.rules:
+            if isinstance(r, Tie):
+                out.setdefault(r.target, r)
+        return out
+
+    def facts(self) -> frozenset[str]:
+        """The model facts (``"$heads"`` …) the rules' parameters name."""
+        return frozenset().union(*(r.facts() for r in self.rules)) if self.rules else frozenset()
+
+    def bind(self, facts: dict[str, int]) -> Mapping:
+        """This mapping with every model fact in its rules replaced by its value."""
+        if not self.facts():
+            return self
+        return Mapping([r.bind(facts) for r in self.rules], **self._fields())
 
     def with_rules(self, rules: Iterable[Rule]) -> Mapping:
         """A mapping whose ``rules`` come before this mapping's own."""

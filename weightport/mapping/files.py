@@ -43,6 +43,20 @@ Format::
     [[rule]]
     strip_prefix = "backbone."               # also: add_prefix
 
+    [[rule]]
+    fuse = ["a.{i}.wq.weight", "a.{i}.wk.weight", "a.{i}.wv.weight"]
+    to = "a.{i}.wqkv.weight"
+    groups = "$kv_heads"                     # per kv group: its q heads, its k head, its v head
+
+    [[rule]]
+    rename = "a.{i}.q_proj.weight"           # op parameters may name model facts
+    to = "a.{i}.wq.weight"                   # ($heads, $kv_heads, $head_dim, $hidden, $vocab),
+    ops = [{op = "rope_permute", heads = "$heads"}]   # read from the configs (facts= overrides)
+
+    [[rule]]
+    tie = "lm_head.weight"                   # a target the source lacks, filled with what
+    like = "embed_tokens.weight"             # feeds another target (both target names)
+
 Errors name the file, the rule number and the field.
 """
 
@@ -60,20 +74,11 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from weightport.errors import MappingError, PatternError
+from weightport.mapping.builders import add_prefix, drop, fuse, rename, split, strip_prefix, tie, transform
 from weightport.mapping.core import Mapping
 from weightport.mapping.ops import get_op
 from weightport.mapping.pattern import Pattern, Placeholder, Template
-from weightport.mapping.rules import (
-    Rule,
-    add_prefix,
-    drop,
-    dropped_captures,
-    fuse,
-    rename,
-    split,
-    strip_prefix,
-    transform,
-)
+from weightport.mapping.rules import Rule, dropped_captures
 
 __all__ = ["list_mappings", "load_mapping", "mapping_files", "parse_mapping"]
 
@@ -89,12 +94,13 @@ TOP_FIELDS = {
     "extends",
     "rule",
 }
-KINDS = ("rename", "drop", "split", "fuse", "transform", "strip_prefix", "add_prefix")
+KINDS = ("rename", "drop", "split", "fuse", "transform", "strip_prefix", "add_prefix", "tie")
 FIELDS = {
     "rename": {"to", "ops"},
     "drop": set(),
-    "split": {"to", "dim", "sizes", "ops"},
-    "fuse": {"to", "dim", "ops"},
+    "split": {"to", "dim", "sizes", "ops", "groups"},
+    "fuse": {"to", "dim", "ops", "groups"},
+    "tie": {"like"},
     "transform": {"to", "op", "params", "ops"},
     "strip_prefix": set(),
     "add_prefix": set(),
@@ -300,13 +306,20 @@ def _build(kind: str, raw: dict[str, Any], where: str) -> Rule:
         return strip_prefix(_field(raw, kind, str, where), origin=where)
     if kind == "add_prefix":
         return add_prefix(_field(raw, kind, str, where), origin=where)
+    if kind == "tie":
+        return tie(_field(raw, kind, str, where), like=_field(raw, "like", str, where), origin=where)
+    groups = _field(raw, "groups", (int, str), where) if "groups" in raw else 1
     if kind == "split":
         sizes = raw.get("sizes")
-        if sizes is not None and not (isinstance(sizes, list) and all(type(s) is int for s in sizes)):
-            raise MappingError(f"{where}: field 'sizes' must be a list of integers")
-        return split(_field(raw, kind, str, where), _strings(raw, "to", where), dim, sizes, ops=ops, origin=where)
+        if sizes is not None and not (isinstance(sizes, list) and all(type(s) in (int, str) for s in sizes)):
+            raise MappingError(
+                f"{where}: field 'sizes' must be a list of integers or model facts ('$heads * $head_dim')"
+            )
+        pattern, targets = _field(raw, kind, str, where), _strings(raw, "to", where)
+        return split(pattern, targets, dim, sizes, ops=ops, groups=groups, origin=where)
     if kind == "fuse":
-        return fuse(_strings(raw, kind, where), _field(raw, "to", str, where), dim, ops=ops, origin=where)
+        patterns, target = _strings(raw, kind, where), _field(raw, "to", str, where)
+        return fuse(patterns, target, dim, ops=ops, groups=groups, origin=where)
     if ops is not None:
         return transform(_field(raw, kind, str, where), _field(raw, "to", str, where), ops=ops, origin=where)
     params = raw.get("params", {})

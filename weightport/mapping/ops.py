@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from weightport.errors import MappingError, OpError
+from weightport.mapping import facts as _facts
 
 __all__ = ["OpCall", "OpSpec", "get_op", "list_adapters", "list_ops", "register_op"]
 
@@ -151,7 +152,19 @@ class OpCall:
         missing = sorted(spec.required - set(params))
         if missing:
             raise MappingError(f"{where}: op {op!r} needs parameter(s) {', '.join(map(repr, missing))}")
+        for name, value in params.items():
+            _facts.check(value, f"{where}: op {op!r} parameter {name!r}")
         return cls(op, dict(params))
+
+    def facts(self) -> frozenset[str]:
+        """The model facts (``"$heads"`` …) its parameters name."""
+        return _facts.refs(self.params)
+
+    def bind(self, facts: Mapping[str, int]) -> OpCall:
+        """This op with every fact in its parameters replaced by its value."""
+        if not self.facts():
+            return self
+        return OpCall(self.op, _facts.bind(dict(self.params), facts), self.fn)
 
     @property
     def spec(self) -> OpSpec | None:
@@ -226,10 +239,42 @@ def split_bounds(length: int, count: int, index: int, sizes: list[int] | None) -
     return index * step, step
 
 
-@register_op("split", label=lambda p: f"split[{p['index'] + 1}/{p['count']}]", exact=True)
-def _split(x: torch.Tensor, *, index: int, count: int, dim: int = 0, sizes: list[int] | None = None) -> torch.Tensor:
-    start, length = split_bounds(x.shape[dim], count, index, sizes)
-    return x.narrow(dim, start, length)
+def _split_label(p: Mapping[str, Any]) -> str:
+    groups = p.get("groups", 1)
+    return f"split[{p['index'] + 1}/{p['count']}" + (f", groups={groups}]" if groups != 1 else "]")
+
+
+@register_op("split", label=_split_label, exact=True)
+def _split(
+    x: torch.Tensor, *, index: int, count: int, dim: int = 0, sizes: list[int] | None = None, groups: int = 1
+) -> torch.Tensor:
+    """Part ``index`` of ``count`` along ``dim`` (equal parts, or ``sizes``). With ``groups``, the
+    dimension is ``groups`` equal blocks, each holding every part's share in order (a fused
+    grouped-query ``wqkv``: per kv group, its q heads, its k head, its v head); ``sizes`` are then
+    the parts' totals, and each block holds ``size // groups`` of each."""
+    if groups == 1:
+        start, length = split_bounds(x.shape[dim], count, index, sizes)
+        return x.narrow(dim, start, length)
+    blocks = _grouped(x, dim, groups, "split")
+    shares = None if sizes is None else [_share(s, groups, "split") for s in sizes]
+    start, length = split_bounds(blocks.shape[dim + 1], count, index, shares)
+    return blocks.narrow(dim + 1, start, length).flatten(dim, dim + 1)
+
+
+def _grouped(x: torch.Tensor, dim: int, groups: int, what: str) -> torch.Tensor:
+    """``x`` with ``dim`` unflattened into ``(groups, -1)``."""
+    dim = dim % max(x.dim(), 1)
+    if not isinstance(groups, int) or groups < 1 or x.dim() == 0 or x.shape[dim] % groups:
+        raise OpError(
+            f"{what} by groups={groups}: a dimension of {x.shape[dim] if x.dim() else 0} is not {groups} equal groups"
+        )
+    return x.unflatten(dim, (groups, -1))
+
+
+def _share(size: int, groups: int, what: str) -> int:
+    if size % groups:
+        raise OpError(f"{what} by groups={groups}: a part of {size} is not {groups} equal shares")
+    return size // groups
 
 
 @register_op(
@@ -401,10 +446,17 @@ def _gqa_split(x: torch.Tensor, *, heads: int, kv_heads: int, head_dim: int, par
     return groups.narrow(1, start, count).reshape(kv_heads * count * head_dim, *rest)
 
 
-def fuse(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """Concatenate ``parts`` along ``dim`` (the op behind ``fuse`` rules)."""
+def fuse(parts: list[torch.Tensor], dim: int, groups: int = 1) -> torch.Tensor:
+    """Concatenate ``parts`` along ``dim`` (the op behind ``fuse`` rules). With ``groups``, each part is
+    cut into ``groups`` equal blocks along ``dim`` and the result holds, block by block, every
+    part's block in order: the inverse of :func:`_split` with ``groups``."""
     try:
-        return torch.cat(parts, dim)
+        if groups == 1:
+            return torch.cat(parts, dim)
+        dim = dim % max(parts[0].dim(), 1)
+        return torch.cat([_grouped(p, dim, groups, "fuse") for p in parts], dim + 1).flatten(dim, dim + 1)
+    except OpError:
+        raise
     except Exception as e:
         shapes = ", ".join(str(tuple(p.shape)) for p in parts)
         raise OpError(f"fuse along dim {dim} failed for parts of shapes {shapes}: {e}") from e

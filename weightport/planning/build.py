@@ -19,11 +19,12 @@ from weightport.apply import apply_plan
 from weightport.errors import NothingLoadedError, StrictnessError
 from weightport.mapping.core import Mapping
 from weightport.mapping.files import shipped_dir
-from weightport.mapping.rules import Drop, Rule
+from weightport.mapping.rules import Drop, Rule, Tie
 from weightport.options import ApplyOptions, PlanOptions
 from weightport.planning.data import Recipes, Target, TransferPlan
 from weightport.planning.decide import Decisions, decide
 from weightport.planning.diagnose import nothing_loaded
+from weightport.planning.facts import resolve_facts
 from weightport.planning.route import Routes, route
 from weightport.planning.targets import collect_targets, left_on_meta, scope_of, ties
 from weightport.report import EntryTable, LoadedColumns, Row, TransferReport, group_names
@@ -54,8 +55,13 @@ def _build(
     modules = list(scope.modules())
     materialise = left_on_meta(model, scope, options.into, modules)
     keys = list(source)
+    if mapping.facts():
+        names = mapping.name or "rules"
+        mapping = mapping.bind(resolve_facts(mapping.facts(), options.facts or {}, scope, source, names))
     routes = route(source, keys, mapping, targets, scope, hooks=any(map(has_custom_loading, modules)))
-    decided = decide(source, targets, ties(targets), routes, options.on_mismatch, scope, options.adapter_calls())
+    decided = decide(
+        source, targets, ties(targets), routes, options.on_mismatch, scope, options.adapter_calls(), mapping.ties
+    )
     report = _report(source, keys, targets, routes, decided, mapping, options.into)
     if materialise.fresh:
         report = replace(
@@ -182,7 +188,7 @@ def _idle(mapping: Mapping, routes: Routes) -> list[Rule]:
     return [
         r
         for r in mapping.rules
-        if routes.hits[id(r)] == 0 and not isinstance(r, Drop) and not (r.origin or "").startswith(shipped)
+        if routes.hits[id(r)] == 0 and not isinstance(r, (Drop, Tie)) and not (r.origin or "").startswith(shipped)
     ]
 
 

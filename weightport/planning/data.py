@@ -65,6 +65,7 @@ class Recipe(NamedTuple):
     post: tuple[OpCall, ...]
     rule: Rule | None
     shape: tuple[int, ...] | None  # None: produced by a callable that could not run on meta
+    fuse_groups: int = 1  # the fuse interleaves this many blocks of each input (grouped-query layouts)
 
     @property
     def ops(self) -> tuple[OpCall, ...]:
@@ -86,7 +87,8 @@ class Recipe(NamedTuple):
         # one input's ops, or a fuse rule's ops: every input carries the same chain
         labels = [op.label() for op in self.inputs[0].ops]
         if self.fuse_dim is not None:
-            labels.append(f"fuse[{len(self.inputs)}]")
+            groups = f", groups={self.fuse_groups}" if self.fuse_groups != 1 else ""
+            labels.append(f"fuse[{len(self.inputs)}{groups}]")
         labels.extend(op.label() for op in self.post)
         return tuple(labels)
 
@@ -108,7 +110,7 @@ def evaluate(recipe: Recipe, read: Callable[[str], torch.Tensor], target: torch.
         for op in inp.ops:
             x = op.run(x, target)
         xs.append(x)
-    out = fuse(xs, recipe.fuse_dim) if recipe.fuse_dim is not None else xs[0]
+    out = fuse(xs, recipe.fuse_dim, recipe.fuse_groups) if recipe.fuse_dim is not None else xs[0]
     for op in recipe.post:
         out = op.run(out, target)
     return out
@@ -144,7 +146,7 @@ class LoadedLane(NamedTuple):
 
     def recipes(self) -> Iterator[Recipe]:
         inputs = zip(rows(Input, self.keys, repeat(())))
-        return rows(Recipe, self.names, inputs, repeat(None), repeat(()), self.rules, self.shapes)
+        return rows(Recipe, self.names, inputs, repeat(None), repeat(()), self.rules, self.shapes, repeat(1))
 
 
 class Recipes(abc.Mapping):  # type: ignore[type-arg]  # Mapping[str, Recipe]

@@ -12,6 +12,7 @@ the objects the general decision needs.
 
 from __future__ import annotations
 
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from weightport.errors import Collision, CollisionError, Mismatch, OpError, ShapeMismatchError
 from weightport.mapping.ops import OpCall, get_op
-from weightport.mapping.rules import Rule
+from weightport.mapping.rules import Rule, Tie
 from weightport.options import OnMismatch
 from weightport.planning.data import Input, LoadedLane, Recipe, Target, infer_shape
 from weightport.planning.route import Candidate, Routes
@@ -59,6 +60,7 @@ def decide(
     on_mismatch: OnMismatch,
     scope: nn.Module,
     adapters: tuple[tuple[str, dict[str, Any]], ...] = (),
+    fallbacks: abc.Mapping[str, Tie] | None = None,
 ) -> Decisions:
     """Every canonical target's recipe or fresh reason; ``adapters`` (name, fixed params) are
     tried in order on a shape mismatch.
@@ -69,7 +71,7 @@ def decide(
     """
     out = Decisions(LoadedLane([], [], [], []))
     cheap = _as_is(source, routes.single, set(ties).union(*ties.values()) if ties else set())
-    general = _General(source, targets, ties, routes, on_mismatch, scope, out, adapters)
+    general = _General(source, targets, ties, routes, on_mismatch, scope, out, adapters, dict(fallbacks or {}))
     loaded: list[str] = []
     taken: list[Cheap] = []
     for name, target in targets.items():
@@ -107,6 +109,7 @@ class _General:
     scope: nn.Module
     out: Decisions
     adapters: tuple[tuple[str, dict[str, Any]], ...] = ()
+    fallbacks: dict[str, Tie] = field(default_factory=dict)  # tie rules by target name
     collisions: list[Collision] = field(default_factory=list)
     mismatches: list[Mismatch] = field(default_factory=list)
 
@@ -117,6 +120,8 @@ class _General:
         group = [canonical, *self.ties.get(canonical, ())]
         found = [(n, c) for n in group if (c := self.routes.candidates(n)) is not None]
         if not found:
+            found = self._tied_by_rule(group)
+        if not found:
             reason = "dropped" if any(n in self.dropped for n in group) else "missing"
             self.out.fresh[canonical] = (reason, None)
             return
@@ -124,6 +129,9 @@ class _General:
         for other, other_cands in found[1:]:
             self._tied(chosen, cands[0].key, other, other_cands)
         recipe = self._recipe(chosen, cands)
+        tie = self.fallbacks.get(chosen)
+        if recipe is not None and tie is not None and self.routes.candidates(chosen) is None:
+            recipe = recipe._replace(rule=tie)  # the report names the tie that filled it
         if recipe is None:
             self.out.fresh[canonical] = ("missing", None)
             return
@@ -134,6 +142,15 @@ class _General:
                 self.out.unused[inp.key] = f"shape mismatch with {chosen!r}"
             return
         self.out.recipes[canonical] = fitted._replace(target=canonical)
+
+    def _tied_by_rule(self, group: list[str]) -> list[tuple[str, list[Candidate]]]:
+        """For a target the source does not feed: the candidates of the target a tie rule names."""
+        for name in group:
+            tie = self.fallbacks.get(name)
+            like = self.routes.candidates(tie.like) if tie is not None else None
+            if like:
+                return [(name, like)]
+        return []
 
     def _tied(self, chosen: str, chosen_key: str, other: str, cands: list[Candidate]) -> None:
         keys = [c.key for c in cands if not self.source.same_tensor(c.key, chosen_key)]
@@ -177,7 +194,8 @@ class _General:
                 self.out.unused[k] = f"incomplete fuse into {name!r}"
             return None
         inputs = tuple(Input(slots[i].key, slots[i].output.ops) for i in range(count))
-        return Recipe(name, inputs, cands[0].output.dim, (), cands[0].rule, None)
+        out = cands[0].output
+        return Recipe(name, inputs, out.dim, (), cands[0].rule, None, out.groups)
 
     def _fit(self, recipe: Recipe, target: Target) -> Recipe | None:
         """The recipe with its shape inferred; the mismatch policy where it is not the target's."""

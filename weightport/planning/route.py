@@ -134,7 +134,7 @@ def _candidates(
     if g.names is not None:
         o = g.output
         assert o is not None
-        outs = rows(Output, g.names, repeat(o.ops), repeat(o.part), repeat(o.dim))
+        outs = rows(Output, g.names, repeat(o.ops), repeat(o.part), repeat(o.dim), repeat(o.groups))
         out.extend(rows(Candidate, map(keys.__getitem__, g.positions), repeat(g.rule), outs, g.positions))
         return
     assert g.resolutions is not None
@@ -163,10 +163,7 @@ def _split_sizes(
         return outputs
     if not shape or dim >= len(shape) or sum(sizes) != shape[dim] or len(set(sizes)) == 1:
         return outputs
-    return tuple(
-        Output(o.target, tuple(OpCall(op.op, {**op.params, "sizes": sizes}) for op in o.ops), o.part, o.dim)
-        for o in outputs
-    )
+    return tuple(o._replace(ops=tuple(OpCall(op.op, {**op.params, "sizes": sizes}) for op in o.ops)) for o in outputs)
 
 
 def _replayed(
