@@ -121,3 +121,71 @@ def test_the_cli_verifies_the_nanogpt_pair_on_token_ids(capsys: pytest.CaptureFi
     assert out.startswith("ok") and "round trip exact" in out and "input: token ids below 96, 16 long" in out
     assert cli(["verify", "hf.gpt2->nanogpt.gpt2", "--source", source, "--target", target, "--input-size", "8,8"]) == 2
     assert "sequence length" in capsys.readouterr().err
+
+
+# -- model facts ($heads …) in the mapping: the port and the round trip both bind them --------------------
+
+
+def _reshape_through(*shape: object) -> list[tuple[str, dict[str, object]]]:
+    """A chain that changes nothing but names facts: reshape to ``shape``, then back to 2-d."""
+    return [("reshape", {"shape": list(shape)}), ("reshape", {"shape": ["$kv_heads * $head_dim", "$hidden"]})]
+
+
+def test_a_mapping_that_names_model_facts_is_round_tripped_with_them() -> None:
+    spec = f"{LLAMA}, tie_word_embeddings=False)"
+    k_proj = "model.layers.{i}.self_attn.k_proj.weight"
+    m = wp.Mapping([wp.rename(k_proj, k_proj, ops=_reshape_through("$kv_heads", "$head_dim", "$hidden"))], name="f")
+    result = verify(m, source=spec, target=spec)
+    assert result.ok() and result.max_abs_diff == 0
+    assert result.round_trip is True and result.round_trip_note is None
+    assert result.facts == {"head_dim": 16, "hidden": 64, "kv_heads": 2}
+
+
+class Heads(nn.Module):
+    """A tiny token model; with ``heads``, its attention states its head count as torchtune's modules do."""
+
+    def __init__(self, heads: int = 0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.attn = nn.Linear(4, 4)
+        if heads:
+            self.attn.num_heads = heads
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.embed(ids))
+
+
+def two_heads() -> Heads:
+    return Heads(2)
+
+
+def test_facts_come_from_the_option_else_the_target_else_the_source_model(capsys: pytest.CaptureFixture[str]) -> None:
+    ops = [("reshape", {"shape": ["$heads", -1]}), ("reshape", {"shape": [4, 4]})]
+    m = wp.Mapping([wp.rename("attn.weight", "attn.weight", ops=ops)], name="heads")
+    here = "test_verify_tokens"
+    result = verify(m, source=f"{here}:two_heads", target=f"{here}:Heads")
+    assert result.ok() and result.round_trip is True and result.facts == {"heads": 2}
+    with pytest.raises(wp.errors.MappingError, match=r"needs model fact\(s\) 'heads'.*facts="):
+        verify(m, source=f"{here}:Heads", target=f"{here}:Heads")
+    result = verify(m, source=f"{here}:Heads", target=f"{here}:Heads", facts={"heads": 4})
+    assert result.ok() and result.round_trip is True and result.facts == {"heads": 4}
+    assert verify(m, source=f"{here}:Heads", target=f"{here}:Heads", numerics=False, facts={"heads": 1}).ok()
+
+    from weightport._cli_verify import lines
+
+    assert "       model facts: heads=4" in lines(result, verbose=True)
+
+
+def test_the_cli_takes_facts_for_verify(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "heads.toml"
+    path.write_text(
+        'name = "heads"\nsource = "test_verify_tokens:Heads"\ntarget = "test_verify_tokens:Heads"\n'
+        '[[rule]]\nrename = "attn.weight"\nto = "attn.weight"\n'
+        'ops = [{op = "reshape", shape = ["$heads", -1]}, {op = "reshape", shape = [4, 4]}]\n'
+    )
+    assert cli(["verify", str(path), "--fact", "heads=2", "-v"]) == 0
+    assert "model facts: heads=2" in capsys.readouterr().out
+    assert cli(["verify", str(path)]) == 2
+    assert "--fact heads=N" in capsys.readouterr().err
+    assert cli(["verify", str(path), "--fact", "heads"]) == 2
+    assert "expected NAME=N" in capsys.readouterr().err
