@@ -189,3 +189,54 @@ def test_the_cli_takes_facts_for_verify(tmp_path, capsys: pytest.CaptureFixture[
     assert "--fact heads=N" in capsys.readouterr().err
     assert cli(["verify", str(path), "--fact", "heads"]) == 2
     assert "expected NAME=N" in capsys.readouterr().err
+
+
+# -- rotary layouts: q and k come out in another order, the model's output does not -------------------------
+
+_HF_TO_TUNE = [
+    wp.rename("model.embed_tokens.weight", "tok_embeddings.weight"),
+    *(
+        wp.rename(f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"layers.{{i}}.attn.{p}_proj.weight", ops=[op])
+        for p, op in (
+            ("q", ("rope_permute", {"heads": "$heads", "to": "interleaved"})),
+            ("k", ("rope_permute", {"heads": "$kv_heads", "to": "interleaved"})),
+        )
+    ),
+    wp.rename("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v_proj.weight"),
+    wp.rename("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.output_proj.weight"),
+    wp.rename("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.w1.weight"),
+    wp.rename("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.w3.weight"),
+    wp.rename("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.w2.weight"),
+    wp.rename("model.layers.{i}.input_layernorm.weight", "layers.{i}.sa_norm.scale"),
+    wp.rename("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.scale"),
+    wp.rename("model.norm.weight", "norm.scale"),
+    wp.rename("lm_head.weight", "output.weight"),
+]
+
+
+def test_modules_whose_outputs_a_rotary_permutation_reorders_are_not_compared() -> None:
+    from weightport.mapping._activations import corresponding
+
+    m = wp.Mapping(_HF_TO_TUNE, name="hf->tune")
+    names = {k: k for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight")}
+    qv = lambda: nn.ModuleDict({"q_proj": nn.Linear(2, 2), "v_proj": nn.Linear(2, 2)})  # noqa: E731
+    source = nn.ModuleDict({"model": nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"self_attn": qv()})])})})
+    target = nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"attn": qv()})])})
+    assert corresponding(m, names, source, target) == [("model.layers.0.self_attn.v_proj", "layers.0.attn.v_proj")]
+
+
+@pytest.mark.slow
+def test_hf_llama_verifies_into_torchtune_with_rotary_permutations() -> None:
+    pytest.importorskip("torchtune")
+    tune = (
+        "torchtune.models.llama3:llama3(vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, "
+        "max_seq_len=128, intermediate_dim=112, rope_base=10000)"
+    )
+    # kv_heads given: torchtune's decoder states num_heads and head_dim at its top, num_kv_heads only in attention
+    result = verify(wp.Mapping(_HF_TO_TUNE, name="hf->tune"), source=f"{LLAMA})", target=tune, facts={"kv_heads": 2})
+    assert result.ok(), result
+    assert result.round_trip is True and result.facts == {"heads": 4, "kv_heads": 2}
+    assert result.cause == "LlamaRMSNorm eps 1e-06 (source) vs 1e-05 (target) on 5 modules"
+    assert result.explained_diff is not None and result.explained_diff < 1e-5
+    compared = {m.source for m in result.modules}
+    assert "model.layers.0.self_attn.v_proj" in compared and "model.layers.0.self_attn.q_proj" not in compared
