@@ -240,3 +240,28 @@ def test_hf_llama_verifies_into_torchtune_with_rotary_permutations() -> None:
     assert result.explained_diff is not None and result.explained_diff < 1e-5
     compared = {m.source for m in result.modules}
     assert "model.layers.0.self_attn.v_proj" in compared and "model.layers.0.self_attn.q_proj" not in compared
+
+
+# -- grouped-query layouts in the round trip -------------------------------------------------------------
+
+_QKV = ["q.{p}", "k.{p}", "v.{p}"]
+
+
+def _parts() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {f"{p}.weight": torch.randn(8, 4, generator=g) for p in "qkv"}
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_map_state_dict_fuses_and_splits_by_groups_as_planning_does(groups: int) -> None:
+    from weightport.mapping.verify import map_state_dict
+
+    parts = _parts()
+    fuse = wp.Mapping([wp.fuse(_QKV, "qkv.{p}", groups=groups)], name="fuse")
+    model = nn.Module()
+    model.qkv = nn.Linear(4, 24, bias=False)
+    wp.transfer(parts, model, mapping=fuse, strict=True)
+    fused = map_state_dict(parts, fuse)
+    assert torch.equal(fused["qkv.weight"], model.qkv.weight.detach())  # groups=2: q0 k0 v0 q1 k1 v1
+    back = map_state_dict(fused, fuse.inverse())
+    assert back.keys() == parts.keys() and all(torch.equal(back[k], v) for k, v in parts.items())

@@ -61,7 +61,6 @@ from weightport.mapping._verify_models import (
 )
 from weightport.mapping.core import Mapping
 from weightport.mapping.ops import fuse as _cat
-from weightport.planning.facts import model_facts
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -293,6 +292,8 @@ def _facts(
     names = m.facts()
     if not names:
         return {}
+    from weightport.planning.facts import model_facts
+
     known = {**model_facts(source), **model_facts(target), **(given or {})}
     return {n: known[n] for n in sorted(names) if n in known}
 
@@ -405,7 +406,7 @@ def map_state_dict(
         MappingError: two source tensors write one name, or a fuse misses parts.
     """
     out: dict[str, torch.Tensor] = {}
-    parts: dict[str, tuple[int, int, dict[int, torch.Tensor]]] = {}
+    parts: dict[str, tuple[int, int, int, dict[int, torch.Tensor]]] = {}
     for key, tensor in state.items():
         for o in mapping.resolve(key).outputs:
             x = tensor
@@ -414,12 +415,12 @@ def map_state_dict(
             if o.part is None:
                 _put(out, o.target, x, key)
             else:
-                parts.setdefault(o.target, (o.dim, o.part[1], {}))[2][o.part[0]] = x
-    for name, (dim, count, got) in parts.items():
+                parts.setdefault(o.target, (o.dim, o.groups, o.part[1], {}))[3][o.part[0]] = x
+    for name, (dim, groups, count, got) in parts.items():
         missing = [i + 1 for i in range(count) if i not in got]
         if missing:
             raise MappingError(f"fuse into {name!r}: part(s) {missing} of {count} are not in the state dict")
-        _put(out, name, _cat([got[i] for i in range(count)], dim), name)
+        _put(out, name, _cat([got[i] for i in range(count)], dim, groups), name)
     return out
 
 
