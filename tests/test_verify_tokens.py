@@ -265,3 +265,18 @@ def test_map_state_dict_fuses_and_splits_by_groups_as_planning_does(groups: int)
     assert torch.equal(fused["qkv.weight"], model.qkv.weight.detach())  # groups=2: q0 k0 v0 q1 k1 v1
     back = map_state_dict(fused, fuse.inverse())
     assert back.keys() == parts.keys() and all(torch.equal(back[k], v) for k, v in parts.items())
+
+
+@pytest.mark.parametrize("name", ["hf.gpt2->nanogpt.gpt2", "hf.gpt2->weightport.gpt2"])
+def test_names_and_shapes_of_a_tied_model_built_on_meta_count_its_shared_tensor_once(name: str) -> None:
+    from weightport.mapping._verify_models import build_light, meta_state
+
+    source, target = pairs(wp.load_mapping(name))[0]
+    assert verify(name, source=source, target=target, numerics=False).ok()
+    names = meta_state(build_light(source, shapes_only=True))
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names
+    kept, tied = (
+        ("transformer.wte.weight", "lm_head.weight") if "nanogpt" in name else ("embed.tokens.weight", "head.weight")
+    )
+    back = meta_state(build_light(target, shapes_only=True))  # state_dict names, the tied tensor once
+    assert kept in back and tied not in back

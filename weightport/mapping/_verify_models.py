@@ -102,11 +102,20 @@ def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
 
 
 def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Checkpoint names and shapes of a meta-built model (no data)."""
+    """Checkpoint names and shapes of a meta-built model (no data).
+
+    A tensor several names share (GPT-2's ``lm_head`` is its ``wte``) is listed once, under its first
+    name, as a checkpoint stores it: on meta, two names of one tensor cannot be told apart by storage."""
+    seen: set[int] = set()
+    state: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            state[k] = v.detach()
     if not callable(getattr(model, "save_pretrained", None)):
-        return dict(model.state_dict())
+        return state
     # transformers: build the checkpoint names from a state dict converted on meta
-    state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
+    state = {k: torch.empty_like(v, device="meta") for k, v in state.items()}
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
