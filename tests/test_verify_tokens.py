@@ -280,3 +280,22 @@ def test_names_and_shapes_of_a_tied_model_built_on_meta_count_its_shared_tensor_
     )
     back = meta_state(build_light(target, shapes_only=True))  # state_dict names, the tied tensor once
     assert kept in back and tied not in back
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """An embedding that scales its lookup (Gemma's), where other codebases scale after the embedding."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) * 8.0
+
+
+def test_an_embedding_that_scales_is_not_compared_with_a_plain_one() -> None:
+    from weightport.mapping._activations import corresponding
+
+    m = wp.Mapping([wp.rename("embed.weight", "wte.weight"), wp.rename("norm.{p}", "ln.{p}")], name="scaled")
+    names = {"embed.weight": "embed.weight", "norm.weight": "norm.weight"}
+    scaled = nn.ModuleDict({"embed": _ScaledEmbedding(10, 4), "norm": nn.LayerNorm(4)})
+    plain = nn.ModuleDict({"wte": nn.Embedding(10, 4), "ln": nn.LayerNorm(4)})
+    assert corresponding(m, names, scaled, plain) == [("norm", "ln")]
+    both = nn.ModuleDict({"wte": _ScaledEmbedding(10, 4), "ln": nn.LayerNorm(4)})
+    assert corresponding(m, names, scaled, both) == [("embed", "wte"), ("norm", "ln")]

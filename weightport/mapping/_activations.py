@@ -5,10 +5,12 @@ last layer by 1e-7. So :func:`compare_modules` hooks every pair of *correspondin
 compares what each computes. Correspondence comes from the mapping's tensor names: a source module
 ``a.b`` whose tensors (``a.b.weight``, ``a.b.bias`` …) all go to target module ``x.y``, which gets
 tensors from no other source module, corresponds to it (fused or split modules have no single
-partner and are left out, and so is a module whose tensors go through an op that reorders its outputs,
-a rotary permutation or a ``select``). A module is compared as its output and as the inputs of its
-parameter-free children (timm's ``BatchNormAct2d`` applies its activation inside: its ``act`` child's input is the
-plain BatchNorm output torchvision's ``BatchNorm2d`` gives).
+partner and are left out, and so is a module whose tensors go through an op that reorders its
+outputs, a rotary permutation or a ``select``, and an embedding that computes more than its lookup,
+such as Gemma's, which scales, paired with a plain one whose model scales elsewhere). A module is
+compared as its output and as the inputs of its parameter-free children (timm's ``BatchNormAct2d``
+applies its activation inside: its ``act`` child's input is the plain BatchNorm output torchvision's
+``BatchNorm2d`` gives).
 
 Memory is bounded: at most :data:`MAX_MODULES` pairs (evenly sampled beyond that) and at most
 :data:`MAX_ELEMENTS` values kept per activation (a strided sample that still meets every channel).
@@ -94,7 +96,15 @@ def corresponding(
         (module, into)
         for module, (into, whole) in primary.items()
         if whole and count[into] == 1 and module in src and into in dst and into and module not in reordered
+        if _lookup_only(src[module]) == _lookup_only(dst[into])
     ]
+
+
+def _lookup_only(module: nn.Module) -> bool | None:
+    """For an embedding: whether its forward is ``nn.Embedding``'s own lookup (``None``: not an embedding)."""
+    if not isinstance(module, nn.Embedding):
+        return None
+    return type(module).forward is nn.Embedding.forward
 
 
 @dataclass
