@@ -144,6 +144,8 @@ NUMBERS_OUTSIDE_THE_SUITE = {
     "hf.qwen3->torchtitan.qwen3",
     "torchvision.vgg->timm.vgg",
     "torchvision.densenet->timm.densenet",
+    "hf.gpt2->nanogpt.gpt2",  # and against nanoGPT's from_pretrained and transformers: tests/test_llm_gpt2.py
+    "hf.gpt2->weightport.gpt2",
 }
 
 

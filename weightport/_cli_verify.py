@@ -15,8 +15,9 @@ from weightport.mapping.verify import Verification
 __all__ = ["run"]
 
 
-def run(args: argparse.Namespace) -> list[Verification]:
-    """Verify what the arguments name and print it; the results (the caller picks the exit code)."""
+def run(args: argparse.Namespace, facts: dict[str, int] | None = None) -> list[Verification]:
+    """Verify what the arguments name and print it; the results (the caller picks the exit code).
+    ``facts``: the ``--fact NAME=N`` values, parsed."""
     from weightport.mapping.verify import verify, verify_all
 
     if args.input and args.input_size:
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> list[Verification]:
         "input_size": _input_size(args.input_size),
         "atol": args.atol,
         "input": args.input,
+        "facts": facts,
     }
     if args.source or args.target:
         results = [verify(args.mapping, source=args.source, target=args.target, **options)]
@@ -67,6 +69,8 @@ def lines(r: Verification, *, verbose: bool = False) -> list[str]:
         out.append(f"       mapping {r.mapping}, max rel diff {rel}, accepted up to {r.atol:g} (--atol)")
         if r.input:
             out.append(f"       input: {r.input}")
+        if r.facts:
+            out.append("       model facts: " + ", ".join(f"{k}={v}" for k, v in r.facts.items()))
     return out
 
 

@@ -264,6 +264,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="largest output difference accepted (default: the mapping's atol, else 1e-4)",
     )
+    ver.add_argument(
+        "--fact",
+        dest="facts",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a model fact the mapping's parameters name ($heads …), when neither architecture states it (repeatable)",
+    )
     ver.add_argument("--json", action="store_true", help="print the results, per-module table included, as JSON")
     _verbosity(ver, "also the mapping, relative difference and tolerance", quiet="print only the pairs that failed")
     ver.set_defaults(run=_verify)
@@ -460,7 +468,7 @@ def _verify(args: argparse.Namespace) -> int:
     from weightport._cli_verify import run
 
     with _importable_here():
-        results = run(args)
+        results = run(args, facts=_cli_facts(args.facts))
     return EXIT_OK if all(r.ok() for r in results) else EXIT_REFUSED
 
 

@@ -5,9 +5,12 @@ last layer by 1e-7. So :func:`compare_modules` hooks every pair of *correspondin
 compares what each computes. Correspondence comes from the mapping's tensor names: a source module
 ``a.b`` whose tensors (``a.b.weight``, ``a.b.bias`` …) all go to target module ``x.y``, which gets
 tensors from no other source module, corresponds to it (fused or split modules have no single
-partner and are left out). A module is compared as its output and as the inputs of its parameter-free
-children (timm's ``BatchNormAct2d`` applies its activation inside: its ``act`` child's input is the
-plain BatchNorm output torchvision's ``BatchNorm2d`` gives).
+partner and are left out, and so is a module whose tensors go through an op that reorders its
+outputs, a rotary permutation or a ``select``, and an embedding that computes more than its lookup,
+such as Gemma's, which scales, paired with a plain one whose model scales elsewhere). A module is
+compared as its output and as the inputs of its parameter-free children (timm's ``BatchNormAct2d``
+applies its activation inside: its ``act`` child's input is the plain BatchNorm output torchvision's
+``BatchNorm2d`` gives).
 
 Memory is bounded: at most :data:`MAX_MODULES` pairs (evenly sampled beyond that) and at most
 :data:`MAX_ELEMENTS` values kept per activation (a strided sample that still meets every channel).
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightport.errors import TargetError
 from weightport.mapping.core import Mapping
 
 __all__ = ["MAX_ELEMENTS", "MAX_MODULES", "ModuleDiff", "compare_modules", "corresponding", "eps_differences"]
@@ -35,6 +39,8 @@ __all__ = ["MAX_ELEMENTS", "MAX_MODULES", "ModuleDiff", "compare_modules", "corr
 MAX_MODULES = 1000
 MAX_ELEMENTS = 1 << 16
 _EPS_ATTRS = ("eps", "variance_epsilon")
+# ops after which a module computes its outputs in another order (rotary layouts: the q/k rows of each head)
+_REORDERING = frozenset({"rope_permute", "select"})
 
 
 @dataclass(frozen=True)
@@ -66,15 +72,19 @@ def corresponding(
 
     A source module goes with the target module its ``weight`` goes to (its first routed tensor
     when it has no weight), so a mapping that misroutes a bias still pairs the modules and the
-    misrouted bias shows in their outputs. A tensor that becomes part of a fused target, or a target
-    module two source modules go with, gives no pair. ``names``: checkpoint name -> the source
-    model's in-memory name of each tensor (they differ for transformers models)."""
+    misrouted bias shows in their outputs. A tensor that becomes part of a fused target, a target
+    module two source modules go with, or a module whose tensors are reordered gives no pair.
+    ``names``: checkpoint name -> the source model's in-memory name of each tensor (they differ for
+    transformers models)."""
     primary: dict[str, tuple[str, bool]] = {}
+    reordered: set[str] = set()
     keys = list(names)
     for key, res in zip(keys, mapping.resolve_all(keys), strict=True):
         if res.dropped or "." not in names[key] or not res.outputs:
             continue
         module, _, leaf = names[key].rpartition(".")
+        if any(op.op in _REORDERING for out in res.outputs for op in out.ops):
+            reordered.add(module)
         o = res.outputs[0]
         if module not in primary or leaf == "weight":
             primary[module] = (o.target.rpartition(".")[0], o.part is None and len(res.outputs) == 1)
@@ -85,8 +95,16 @@ def corresponding(
     return [
         (module, into)
         for module, (into, whole) in primary.items()
-        if whole and count[into] == 1 and module in src and into in dst and into
+        if whole and count[into] == 1 and module in src and into in dst and into and module not in reordered
+        if _lookup_only(src[module]) == _lookup_only(dst[into])
     ]
+
+
+def _lookup_only(module: nn.Module) -> bool | None:
+    """For an embedding: whether its forward is ``nn.Embedding``'s own lookup (``None``: not an embedding)."""
+    if not isinstance(module, nn.Embedding):
+        return None
+    return type(module).forward is nn.Embedding.forward
 
 
 @dataclass
@@ -194,7 +212,7 @@ def compare_modules(
     a, b = _Recorder(source, [s for s, _ in pairs]), _Recorder(target, [t for _, t in pairs])
     try:
         with torch.no_grad():
-            ya, yb = source(x), target(x)
+            ya, yb = _run(source, x, "source"), _run(target, x, "target")
     finally:
         a.close()
         b.close()
@@ -211,6 +229,17 @@ def compare_modules(
         scale = mine.views[0].scale
         table.append(ModuleDiff(name, partner[name], inp, out, scale, out <= atol * max(1.0, scale)))
     return ya, yb, table
+
+
+def _run(model: nn.Module, x: torch.Tensor, side: str) -> Any:
+    try:
+        return model(x)
+    except Exception as e:
+        shape = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+        raise TargetError(
+            f"the {side} model ({type(model).__name__}) fails on the input {shape}: {type(e).__name__}: {e}; "
+            "give it an input it takes with --input FILE (input= in Python)"
+        ) from e
 
 
 def _eps(module: nn.Module) -> tuple[str, float] | None:

@@ -86,16 +86,36 @@ def memory_names(model: nn.Module) -> dict[str, str]:
         saved = dict(revert_weight_conversion(model, dict(state)))  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - older or newer transformers: names as in memory
         return {k: k for k in state}
-    held = {(t.data_ptr(), tuple(t.shape)): k for k, t in state.items() if not t.is_meta}
-    return {k: held[key] for k, t in saved.items() if (key := (t.data_ptr(), tuple(t.shape))) in held}
+    held: dict[tuple[int, tuple[int, ...]], str] = {}
+    for k, t in state.items():  # of tied tensors (GPT-2's lm_head is wte) the first name, where it is saved
+        if not t.is_meta:
+            held.setdefault((t.data_ptr(), tuple(t.shape)), k)
+    return {
+        k: k if _same(state.get(k), t) else held[key]
+        for k, t in saved.items()
+        if (key := (t.data_ptr(), tuple(t.shape))) in held
+    }
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is not None and not a.is_meta and a.data_ptr() == b.data_ptr() and a.shape == b.shape
 
 
 def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Checkpoint names and shapes of a meta-built model (no data)."""
+    """Checkpoint names and shapes of a meta-built model (no data).
+
+    A tensor several names share (GPT-2's ``lm_head`` is its ``wte``) is listed once, under its first
+    name, as a checkpoint stores it: on meta, two names of one tensor cannot be told apart by storage."""
+    seen: set[int] = set()
+    state: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            state[k] = v.detach()
     if not callable(getattr(model, "save_pretrained", None)):
-        return dict(model.state_dict())
+        return state
     # transformers: build the checkpoint names from a state dict converted on meta
-    state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
+    state = {k: torch.empty_like(v, device="meta") for k, v in state.items()}
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
@@ -146,7 +166,9 @@ def vocabulary(model: nn.Module) -> int | None:
     """The vocabulary size when the model's input is an embedding of token ids, else ``None``.
 
     Read from transformers' ``get_input_embeddings()``, else from the first module that holds
-    parameters (an ``nn.Embedding`` there means token ids; a conv or a class token, images)."""
+    parameters: an ``nn.Embedding`` there means token ids, and so does an ``nn.Linear`` onto the
+    vocabulary of an embedding further on (an output head registered first, as litgpt's ``GPT``
+    does); anything else (a conv, a class token) means images."""
     get = getattr(model, "get_input_embeddings", None)
     if callable(get):
         try:
@@ -155,9 +177,12 @@ def vocabulary(model: nn.Module) -> int | None:
             found = None
         if isinstance(found, nn.Embedding):
             return int(found.num_embeddings)
-    for module in model.modules():
-        if next(module.parameters(recurse=False), None) is not None:
-            return int(module.num_embeddings) if isinstance(module, nn.Embedding) else None
+    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    if isinstance(first, nn.Embedding):
+        return int(first.num_embeddings)
+    if isinstance(first, nn.Linear):
+        sizes = {int(m.num_embeddings) for m in model.modules() if isinstance(m, nn.Embedding)}
+        return first.out_features if first.out_features in sizes else None
     return None
 
 
@@ -250,8 +275,10 @@ def outputs(a: Any, b: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if not ca or not cb:
         kind = type(a if not ca else b).__name__
         raise OpError(f"cannot compare outputs of type {kind}")
-    for x in ca:
-        for y in cb:
+    # a language model may give the last position's logits only (nanoGPT without targets): compare those
+    last = [[t[:, -1:] for t in c if t.dim() == 3] for c in (ca, cb)]
+    for x in ca + last[0]:
+        for y in cb + last[1]:
             if x.shape == y.shape:
                 return x, y
     raise OpError(f"outputs differ in shape: {tuple(ca[0].shape)} vs {tuple(cb[0].shape)}")

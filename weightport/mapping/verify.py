@@ -19,6 +19,10 @@
 5. maps the ported weights back through ``mapping.inverse()`` and checks that every
    source tensor comes back bit for bit (where the mapping inverts; otherwise it says why).
 
+Model facts a mapping's parameters name (``"$heads"``) come from ``facts=``, else the target
+model, else the source model (where a port reads the source's config file), for the port and
+for the round trip alike.
+
 ``numerics=False`` stops after planning: both models are built on the meta device and
 only names and shapes are checked (cheap even for ViT-H).
 
@@ -102,6 +106,7 @@ class Verification:
         explained_diff: The final output difference with that cause removed.
         round_trip_note: Why the round trip was not checked, when it was not.
         input: What both models were run on.
+        facts: The model facts the mapping's parameters name, with the values used.
     """
 
     mapping: str
@@ -119,6 +124,7 @@ class Verification:
     explained_diff: float | None = None
     round_trip_note: str | None = None
     input: str | None = None
+    facts: dict[str, int] = field(default_factory=dict)
 
     def ok(self, atol: float | None = None) -> bool:
         """Names line up and (where run) outputs and module activations agree within ``atol``
@@ -165,6 +171,7 @@ def verify(
     seed: int = 0,
     atol: float | None = None,
     input: torch.Tensor | str | None = None,
+    facts: dict[str, int] | None = None,
 ) -> Verification:
     """Port a randomly initialised ``source`` architecture into ``target`` and measure the difference.
 
@@ -183,6 +190,7 @@ def verify(
         atol: Largest output difference accepted; default the mapping's ``atol``, else 1e-4.
         input: The input to run instead of a random one: a tensor (with its batch dimension) or
             a .pt/.safetensors/.npy file holding one.
+        facts: Model facts the mapping's parameters name (``{"heads": 4}``) where neither model states them.
 
     Returns:
         A :class:`Verification`.
@@ -205,6 +213,7 @@ def verify(
         seed=seed,
         atol=atol,
         input=input,
+        facts=facts,
     )
 
 
@@ -220,6 +229,7 @@ def _verify(
     seed: int = 0,
     atol: float | None = None,
     input: torch.Tensor | str | None = None,
+    facts: dict[str, int] | None = None,
 ) -> Verification:
     start = time.perf_counter()
     tol = atol if atol is not None else (m.atol if m.atol is not None else DEFAULT_ATOL)
@@ -231,14 +241,17 @@ def _verify(
         dst_model = _built(target, origins[1], "target", shapes_only=True)
         from weightport.api import plan
 
-        planned = plan(meta_state(src_model), dst_model, mapping=m, strict=True)
+        known = _facts(m, src_model, dst_model, facts)
+        planned = plan(meta_state(src_model), dst_model, mapping=m, strict=True, facts=known)
         loaded = len(planned.recipes)
-        return Verification(m.name or "?", source, target, loaded, None, None, None, time.perf_counter() - start, tol)
+        seconds = time.perf_counter() - start
+        return Verification(m.name or "?", source, target, loaded, None, None, None, seconds, tol, facts=known)
     # no costly initialisation: the source gets random values, the target is all loaded
     src_model, dst_model = _built(source, origins[0], "source").eval(), _built(target, origins[1], "target").eval()
     randomize(src_model, seed)
     state = checkpoint_state(src_model)
-    report = transfer(state, dst_model, mapping=m, strict=True)
+    known = _facts(m, src_model, dst_model, facts)
+    report = transfer(state, dst_model, mapping=m, strict=True, facts=known)
     x, described = make_input(src_model, dst_model, input_size=input_size, batch=batch, seed=seed, given=input)
     modules = corresponding(m, memory_names(src_model), src_model, dst_model)
     diff, rel, table = _compare(src_model, dst_model, x, modules, tol)
@@ -250,7 +263,8 @@ def _verify(
             again, _, rows = _compare(src_model, dst_model, x, modules, tol)
         if again <= tol and all(row.ok for row in rows):
             cause, explained = describe_eps(found), again
-    trip, note = _round_trip(state, m, checkpoint_state(dst_model))
+    # the port bound the facts for itself; the round trip maps without a plan, so it binds them here
+    trip, note = _round_trip(state, m.bind(known) if known else m, checkpoint_state(dst_model))
     return Verification(
         m.name or "?",
         source,
@@ -267,7 +281,22 @@ def _verify(
         explained,
         note,
         described,
+        known,
     )
+
+
+def _facts(
+    m: Mapping, source: torch.nn.Module, target: torch.nn.Module, given: dict[str, int] | None
+) -> dict[str, int]:
+    """The facts ``m`` names that ``given``, the target model or the source model state (in that order);
+    one nobody states is left out, for planning to name in its error."""
+    names = m.facts()
+    if not names:
+        return {}
+    from weightport.planning.facts import model_facts
+
+    known = {**model_facts(source), **model_facts(target), **(given or {})}
+    return {n: known[n] for n in sorted(names) if n in known}
 
 
 def _compare(
