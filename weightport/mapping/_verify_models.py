@@ -94,8 +94,14 @@ def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint names and shapes of a meta-built model (no data)."""
     if not callable(getattr(model, "save_pretrained", None)):
         return dict(model.state_dict())
-    # transformers: build the checkpoint names from a state dict converted on meta
-    state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
+    # transformers: build the checkpoint names from a state dict converted on meta; a tied name
+    # (lm_head.weight of a tied model) is left out, as save_pretrained leaves it out
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            state[k] = torch.empty_like(v, device="meta")
     try:
         from transformers.core_model_loading import revert_weight_conversion
 

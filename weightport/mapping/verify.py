@@ -249,7 +249,10 @@ def _verify(
             again, _, rows = _compare(src_model, dst_model, x, modules, tol)
         if again <= tol and all(row.ok for row in rows):
             cause, explained = describe_eps(found), again
-    trip, note = _round_trip(state, m, checkpoint_state(dst_model))
+    from weightport.planning.facts import model_facts
+
+    bound = m.bind(model_facts(dst_model)) if m.facts() else m  # the facts the port above resolved
+    trip, note = _round_trip(state, bound, checkpoint_state(dst_model))
     return Verification(
         m.name or "?",
         source,
