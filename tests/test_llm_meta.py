@@ -233,6 +233,7 @@ def test_reference_model_sizes():
     assert model(tokens()).shape == (2, 12, VOCAB)
 
 
+@pytest.mark.slow  # about 1 s a pair; the first pair of each mapping also runs in tests/test_verify_inputs.py
 @pytest.mark.parametrize(
     ("name", "source", "target"),
     [(n, s, t) for n in (HF_TO_META, META_TO_TUNE) for s, t in pairs(wp.load_mapping(n))],

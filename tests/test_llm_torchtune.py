@@ -207,6 +207,7 @@ def test_a_live_gemma_whose_lm_head_aliases_its_embeddings_ports_strictly():
     assert (tune_logits(model, ids) - hf_logits(hf, ids)).abs().max().item() < ATOL
 
 
+@pytest.mark.slow  # about 1 s a pair; the first pair of each mapping also runs in tests/test_verify_inputs.py
 @pytest.mark.parametrize(
     ("name", "source", "target"),
     [
