@@ -21,6 +21,12 @@ CASES = [
     ("split", {"index": 1, "count": 3}, X, None, X[2:4]),
     ("split", {"index": 2, "count": 3, "sizes": [4, 1, 1]}, X, None, X[5:6]),
     ("split", {"index": 0, "count": 2, "dim": 1}, X, None, X[:, :2]),
+    # groups: rows (a a b | a a b), parts a (4 rows) and b (2 rows): b is rows 2 and 5
+    ("split", {"index": 1, "count": 2, "sizes": [4, 2], "groups": 2}, X, None, X[[2, 5]]),
+    ("unsqueeze", {"dim": 1}, X, None, X[:, None]),
+    ("squeeze", {"dim": 0}, X[None], None, X),
+    ("take", {"index": 4}, X, None, X[4]),
+    ("take", {"index": 1, "dim": 1}, X, None, X[:, 1]),
     ("transpose", {}, X, None, X.t()),
     ("permute", {"dims": [1, 0]}, X, None, X.t()),
     ("reshape", {"shape": [4, 6]}, X, None, X.reshape(4, 6)),

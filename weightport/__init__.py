@@ -18,9 +18,11 @@ from weightport.mapping import (
     register_op,
     rename,
     split,
+    stack,
     strip_prefix,
     tie,
     transform,
+    unstack,
 )
 from weightport.mapping.files import list_mappings, load_mapping
 from weightport.mapping.suggest import Suggestion, suggest
@@ -58,9 +60,11 @@ __all__ = [
     "rename",
     "save",
     "split",
+    "stack",
     "strip_prefix",
     "suggest",
     "tie",
     "transfer",
     "transform",
+    "unstack",
 ]

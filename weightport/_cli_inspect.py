@@ -70,7 +70,14 @@ def show(src: Source, args: argparse.Namespace, speak: Callable[[str], str]) -> 
     entries = checkpoint_entries(src, trust_pickle=args.trust_pickle)
     whole = getattr(src, "whole", src) if ckpt is not None else src  # a training checkpoint: every part
     rows = [_row(name, whole) for name in whole]
-    total = {"tensors": len(rows), "numel": sum(r["numel"] for r in rows), "nbytes": sum(r["nbytes"] for r in rows)}
+    aliases = whole.aliases(list(whole))  # tied weights a file stores once are counted once
+    order = {name: i for i, name in enumerate(whole)} if aliases else {}
+    counted = [r for r in rows if not any(order[o] < order[r["name"]] for o in aliases.get(r["name"], ()))]
+    total = {
+        "tensors": len(rows),
+        "numel": sum(r["numel"] for r in counted),
+        "nbytes": sum(r["nbytes"] for r in counted),
+    }
     if args.json:
         payload = {"source": src.info.to_dict(), "tensors": rows, "total": total, "entries": entries.to_dict()}
         if ckpt is not None:
@@ -91,7 +98,9 @@ def show(src: Source, args: argparse.Namespace, speak: Callable[[str], str]) -> 
     for r in shown:
         shape = str(tuple(r["shape"]))
         say(f"{r['name'].ljust(width)}  {shape:<22} {r['dtype']:<9} {r['numel']:>12,}")
-    say(f"\n{total['tensors']} tensors, {total['numel']:,} elements, {size(total['nbytes'])}")
+    shared = len(rows) - len(counted)
+    note = f" ({shared} name(s) share another's storage: tied weights, counted once)" if shared else ""
+    say(f"\n{total['tensors']} tensors, {total['numel']:,} elements, {size(total['nbytes'])}{note}")
     if len(shown) < len(rows):
         say(f"({len(rows) - len(shown)} optimizer, RNG and other tensors not listed; -v lists every tensor)")
 

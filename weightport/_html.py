@@ -67,7 +67,7 @@ def render(report: TransferReport, title: str) -> str:
     for name, what, keys in (
         ("unused", "source tensor(s) that fed no target", unused),
         ("dropped", "source tensor(s) dropped by rules", [(k, "") for k in report.dropped]),
-        ("consumed", "source tensor(s) the model's own loading code consumed", list(report.consumed.items())),
+        ("consumed", "source tensor(s) used without a target of their own", list(report.consumed.items())),
     ):
         if keys:
             parts.append(_section(name, f"{len(keys)} {what}", _lines(keys), name != "consumed"))

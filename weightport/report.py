@@ -252,9 +252,10 @@ class TransferReport:
         unused_reasons: Why each unused key was not used.
         outside: Tensors of the model outside ``into=`` that were on meta and are initialised
             fresh (names in the whole model); they have no entry.
-        consumed: Source keys a target module's own ``_load_from_state_dict`` consumes, as torch's
-            ``load_state_dict`` does (``FrozenBatchNorm2d`` drops ``num_batches_tracked``), each with
-            the module: neither unused nor loaded.
+        consumed: Source keys used without a target of their own, each with why: those a target
+            module's own ``_load_from_state_dict`` consumes, as torch's ``load_state_dict`` does
+            (``FrozenBatchNorm2d`` drops ``num_batches_tracked``), and aliases of a loaded tensor
+            (tied weights a file stores once). Neither unused nor loaded.
     """
 
     entries: Sequence[Entry]
@@ -374,7 +375,7 @@ class TransferReport:
         if self.dropped:
             lines.append(f"dropped by rules ({len(self.dropped)}): {_grouped(self.dropped)}")
         if self.consumed:
-            lines.append(f"consumed by the model's own loading code ({len(self.consumed)}): {_grouped(self.consumed)}")
+            lines.append(f"used without a target of their own ({len(self.consumed)}): {_grouped(self.consumed)}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(map(printable, lines))  # names come from files: never terminal commands
 

@@ -1,10 +1,21 @@
 """How names and tensors change between source and target: patterns, rules, ops, mappings."""
 
 from weightport.mapping import adapters as adapters  # registers the shape adapters
-from weightport.mapping.builders import add_prefix, drop, fuse, rename, split, strip_prefix, tie, transform
+from weightport.mapping.builders import (
+    add_prefix,
+    drop,
+    fuse,
+    rename,
+    split,
+    stack,
+    strip_prefix,
+    tie,
+    transform,
+    unstack,
+)
 from weightport.mapping.core import Mapping, Resolution
 from weightport.mapping.ops import OpCall, OpSpec, get_op, list_adapters, list_ops, register_op
-from weightport.mapping.rules import Drop, Fuse, Output, Rename, Rule, Split, Tie
+from weightport.mapping.rules import Drop, Fuse, Output, Rename, Rule, Split, Stack, Tie, Unstack
 
 __all__ = [
     "Drop",
@@ -17,7 +28,9 @@ __all__ = [
     "Resolution",
     "Rule",
     "Split",
+    "Stack",
     "Tie",
+    "Unstack",
     "add_prefix",
     "drop",
     "fuse",
@@ -27,7 +40,9 @@ __all__ = [
     "register_op",
     "rename",
     "split",
+    "stack",
     "strip_prefix",
     "tie",
     "transform",
+    "unstack",
 ]

@@ -161,6 +161,8 @@ def _resolve_group(mapping: _Mapping, positions: list[int], keys: list[str]) -> 
     index, rule, m = hit
     if isinstance(rule, Drop):
         return Group(positions, rule, None, None, [Resolution(rule, ())] * len(keys))
+    if rule.per_key:
+        return Group(positions, rule, None, None, [mapping.resolve_stripped(k) for k in keys])
     outputs = rule.outputs(index, captures(m))
     if len(keys) > 1:
         targets = _renamed(rule.patterns[index], rule, outputs, keys)

@@ -14,10 +14,23 @@ from weightport.errors import MappingError
 from weightport.mapping import facts as _facts
 from weightport.mapping.ops import OpCall
 from weightport.mapping.pattern import Pattern, Template
-from weightport.mapping.rules import Drop, Fuse, Rename, Split, Tie
+from weightport.mapping.rules import Drop, Fuse, Rename, Split, Stack, Tie, Unstack
 from weightport.mapping.rules import compile_rule_pattern as _compile
 
-__all__ = ["OpLike", "add_prefix", "drop", "fuse", "op_chain", "rename", "split", "strip_prefix", "tie", "transform"]
+__all__ = [
+    "OpLike",
+    "add_prefix",
+    "drop",
+    "fuse",
+    "op_chain",
+    "rename",
+    "split",
+    "stack",
+    "strip_prefix",
+    "tie",
+    "transform",
+    "unstack",
+]
 
 
 def _check_prefix(prefix: str, what: str) -> str:
@@ -204,3 +217,59 @@ def transform(
     if not chain:
         raise MappingError(f"{where}: ops=[] is empty; use wp.rename for a plain rename")
     return Rename(_compile(pattern, [t], where), t, chain, origin=origin)
+
+
+def stack(
+    pattern: str,
+    template: str,
+    *,
+    over: str,
+    dim: int = 0,
+    ops: Sequence[OpLike] | None = None,
+    origin: str | None = None,
+) -> Stack:
+    """Stack the tensors whose keys differ only in the integer placeholder ``over`` into one target,
+    in index order along a new dimension ``dim`` (experts stored one by one → one stacked weight).
+    Every index from 0 to the largest must be present. ``ops`` apply to each input first.
+
+    Example:
+        >>> wp.stack("layers.{i}.experts.{e}.w1.weight", "layers.{i}.moe.w1", over="e")
+    """
+    where = origin or f"stack({pattern!r})"
+    t = Template(template)
+    if over in t.names:
+        raise MappingError(f"{where}: the template must not use {{{over}}}: the stacked index becomes a dimension")
+    compiled = _compile(pattern, [t], where, frozenset({over}))
+    if over not in compiled.names:
+        raise MappingError(f"{where}: the pattern has no placeholder {{{over}}} to stack over")
+    return Stack(compiled, t, over, int(dim), op_chain(ops, where), origin=origin)
+
+
+def unstack(
+    pattern: str,
+    template: str,
+    *,
+    over: str,
+    dim: int = 0,
+    ops: Sequence[OpLike] | None = None,
+    origin: str | None = None,
+) -> Unstack:
+    """Cut one tensor along ``dim`` into one target per index, named by the template's placeholder
+    ``over`` (a stacked expert weight → one tensor per expert); the inverse of :func:`stack`.
+
+    Example:
+        >>> wp.unstack("layers.{i}.moe.w1", "layers.{i}.experts.{e}.w1.weight", over="e")
+    """
+    where = origin or f"unstack({pattern!r})"
+    t = Template(template)
+    if over not in t.names:
+        raise MappingError(f"{where}: the template has no placeholder {{{over}}} to name each part")
+    compiled = Pattern(pattern)
+    if over in compiled.names:
+        raise MappingError(f"{where}: the pattern must not capture {{{over}}}: it names the parts")
+    extra = sorted(set(t.names) - set(compiled.names) - {over})
+    if extra:
+        raise MappingError(
+            f"{where}: the template uses {', '.join('{' + n + '}' for n in extra)}, which the pattern does not capture"
+        )
+    return Unstack(compiled, t, over, int(dim), op_chain(ops, where), origin=origin)

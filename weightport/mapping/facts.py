@@ -2,7 +2,7 @@
 
 A mapping written once for a family (every Llama size) cannot spell the head count of the
 rotary permutation or the group count of a fused attention as numbers. Such a parameter names
-a *fact* of the model instead: a string starting with ``$``, a fact name or integer arithmetic
+a *fact* of the model instead: a string naming facts with ``$``, a fact name or integer arithmetic
 on fact names (``+ - * //``, parentheses). Planning resolves the facts (from the ``facts=``
 option, the target model, the source's config: :mod:`weightport.planning.facts`) and binds
 every rule's parameters before routing (:meth:`Rule.bind`), so ops only ever see integers.
@@ -43,8 +43,8 @@ _OPS = {
 
 
 def is_fact(value: Any) -> bool:
-    """Whether ``value`` is a fact expression (a string starting with ``$``)."""
-    return isinstance(value, str) and value.lstrip().startswith("$")
+    """Whether ``value`` is a fact expression (a string naming a fact with ``$``)."""
+    return isinstance(value, str) and "$" in value
 
 
 @lru_cache(maxsize=512)

@@ -54,6 +54,11 @@ Format::
     ops = [{op = "rope_permute", heads = "$heads"}]   # read from the configs (facts= overrides)
 
     [[rule]]
+    stack = "layers.{i}.experts.{e}.w1.weight"   # experts one by one -> one stacked tensor
+    to = "layers.{i}.moe.w1"                 # (unstack: the inverse, the template names {e})
+    over = "e"
+
+    [[rule]]
     tie = "lm_head.weight"                   # a target the source lacks, filled with what
     like = "embed_tokens.weight"             # feeds another target (both target names)
 
@@ -74,11 +79,22 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from weightport.errors import MappingError, PatternError
-from weightport.mapping.builders import add_prefix, drop, fuse, rename, split, strip_prefix, tie, transform
+from weightport.mapping.builders import (
+    add_prefix,
+    drop,
+    fuse,
+    rename,
+    split,
+    stack,
+    strip_prefix,
+    tie,
+    transform,
+    unstack,
+)
 from weightport.mapping.core import Mapping
 from weightport.mapping.ops import get_op
 from weightport.mapping.pattern import Pattern, Placeholder, Template
-from weightport.mapping.rules import Rule, dropped_captures
+from weightport.mapping.rules import Rule, Stack, dropped_captures
 
 __all__ = ["list_mappings", "load_mapping", "mapping_files", "parse_mapping"]
 
@@ -94,13 +110,15 @@ TOP_FIELDS = {
     "extends",
     "rule",
 }
-KINDS = ("rename", "drop", "split", "fuse", "transform", "strip_prefix", "add_prefix", "tie")
+KINDS = ("rename", "drop", "split", "fuse", "transform", "strip_prefix", "add_prefix", "tie", "stack", "unstack")
 FIELDS = {
     "rename": {"to", "ops"},
     "drop": set(),
     "split": {"to", "dim", "sizes", "ops", "groups"},
     "fuse": {"to", "dim", "ops", "groups"},
     "tie": {"like"},
+    "stack": {"to", "over", "dim", "ops"},
+    "unstack": {"to", "over", "dim", "ops"},
     "transform": {"to", "op", "params", "ops"},
     "strip_prefix": set(),
     "add_prefix": set(),
@@ -251,7 +269,7 @@ def _rule(raw: dict[str, Any], where: str) -> Rule:
 
 def _check_field_syntax(kind: str, raw: dict[str, Any], where: str) -> None:
     """Parse every pattern and template on its own, so an error names its field."""
-    pattern_field = kind if kind in ("rename", "drop", "split", "fuse", "transform") else None
+    pattern_field = kind if kind in ("rename", "drop", "split", "fuse", "transform", "stack") else None
     if pattern_field is None:
         return
     patterns = [Pattern(v) for v in _field_texts(raw, pattern_field, where, Pattern)]
@@ -308,6 +326,10 @@ def _build(kind: str, raw: dict[str, Any], where: str) -> Rule:
         return add_prefix(_field(raw, kind, str, where), origin=where)
     if kind == "tie":
         return tie(_field(raw, kind, str, where), like=_field(raw, "like", str, where), origin=where)
+    if kind in ("stack", "unstack"):
+        make = stack if kind == "stack" else unstack
+        pattern, target, over = (_field(raw, f, str, where) for f in (kind, "to", "over"))
+        return make(pattern, target, over=over, dim=dim, ops=ops, origin=where)
     groups = _field(raw, "groups", (int, str), where) if "groups" in raw else 1
     if kind == "split":
         sizes = raw.get("sizes")
@@ -349,7 +371,8 @@ def _check_captures_used(rule: Rule, where: str) -> None:
     for pattern in rule.patterns:
         if pattern.text.startswith("re:"):
             continue
-        for t, unused in dropped_captures(pattern, templates):
+        stacked = {rule.over} if isinstance(rule, Stack) else set()
+        for t, unused in dropped_captures(pattern, templates, stacked):
             raise MappingError(
                 f"{where}: field 'to': placeholder(s) {', '.join('{' + n + '}' for n in unused)} captured "
                 f"by {pattern.text!r} are not used in {t.text!r}; use them, or '*' to match without capturing"

@@ -335,6 +335,38 @@ def _select(x: torch.Tensor, *, index: list[int], dim: int = 0) -> torch.Tensor:
     return x.index_select(dim, torch.tensor(index, dtype=torch.long, device=x.device))
 
 
+@register_op(
+    "unsqueeze",
+    label=lambda p: f"unsqueeze({p.get('dim', 0)})",
+    inverse=lambda p: ("squeeze", dict(p)),
+    exact=True,
+)
+def _unsqueeze(x: torch.Tensor, *, dim: int = 0) -> torch.Tensor:
+    return x.unsqueeze(dim)
+
+
+@register_op(
+    "squeeze",
+    label=lambda p: f"squeeze({p.get('dim', 0)})",
+    inverse=lambda p: ("unsqueeze", dict(p)),
+    exact=True,
+)
+def _squeeze(x: torch.Tensor, *, dim: int = 0) -> torch.Tensor:
+    if x.dim() == 0 or x.shape[dim] != 1:
+        raise OpError(f"squeeze: dimension {dim} of {tuple(x.shape)} is not of size 1")
+    return x.squeeze(dim)
+
+
+@register_op(
+    "take", label=lambda p: f"take[{p['index']}]" + (f"(dim={p['dim']})" if p.get("dim", 0) else ""), exact=True
+)
+def _take(x: torch.Tensor, *, index: int, dim: int = 0) -> torch.Tensor:
+    """Entry ``index`` along ``dim``, which goes away (one expert of a stacked weight)."""
+    if x.dim() == 0 or not -x.shape[dim] <= index < x.shape[dim]:
+        raise OpError(f"take: index {index} out of range for {tuple(x.shape)} along dim {dim}")
+    return x.select(dim, index)
+
+
 @register_op("narrow", label=lambda p: f"narrow(dim={p.get('dim', 0)},{p['start']}:+{p['length']})", exact=True)
 def _narrow(x: torch.Tensor, *, start: int, length: int, dim: int = 0) -> torch.Tensor:
     return x.narrow(dim, start, length)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from weightport.errors import MappingError
 from weightport.mapping import facts as _facts
@@ -18,6 +18,7 @@ from weightport.mapping.ops import OpCall
 from weightport.mapping.pattern import Pattern, Template
 
 __all__ = [
+    "UNSTACK_MARK",
     "Drop",
     "Fuse",
     "Output",
@@ -25,7 +26,9 @@ __all__ = [
     "Resolution",
     "Rule",
     "Split",
+    "Stack",
     "Tie",
+    "Unstack",
     "compile_rule_pattern",
     "dropped_captures",
 ]
@@ -67,9 +70,14 @@ class Resolution(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class Rule:
-    """Base of all rules. ``origin`` says where the rule was written (file and number)."""
+    """Base of all rules. ``origin`` says where the rule was written (file and number).
+
+    ``per_key``: the outputs depend on the values of integer captures (a stack's expert index),
+    so keys of one shape cannot be resolved in bulk.
+    """
 
     origin: str | None = field(default=None, kw_only=True)
+    per_key: ClassVar[bool] = False
 
     @property
     def patterns(self) -> tuple[Pattern, ...]:
@@ -123,13 +131,15 @@ class Rule:
             out.append(inv)
         return tuple(out)
 
-    def _need_invertible(self, pattern: Pattern, templates: Sequence[Template]) -> None:
+    def _need_invertible(
+        self, pattern: Pattern, templates: Sequence[Template], ignore: frozenset[str] | set[str] = frozenset()
+    ) -> None:
         if not pattern.invertible:
             raise MappingError(
                 f"{self._where()}: cannot invert {pattern.text!r}: anonymous wildcards and 're:' "
                 "patterns lose what they matched; name the parts, e.g. '{rest*}' instead of '**'"
             )
-        for t, unused in dropped_captures(pattern, templates):
+        for t, unused in dropped_captures(pattern, templates, ignore):
             raise MappingError(
                 f"{self._where()}: cannot invert: template {t.text!r} drops "
                 f"{', '.join('{' + n + '}' for n in unused)} captured by {pattern.text!r}"
@@ -151,8 +161,12 @@ def _via(ops: Sequence[OpCall]) -> str:
     return f" via {', '.join(op.label() for op in ops)}" if ops else ""
 
 
-def compile_rule_pattern(pattern: str, templates: Sequence[Template], where: str) -> Pattern:
-    ints = frozenset().union(*(t.int_names for t in templates)) if templates else frozenset()
+def compile_rule_pattern(
+    pattern: str, templates: Sequence[Template], where: str, ints: frozenset[str] = frozenset()
+) -> Pattern:
+    """``pattern`` compiled, its placeholders in ``ints`` or offset by a template (``{i+1}``) matching
+    integers only; each template checked to use only what it captures."""
+    ints = ints.union(*(t.int_names for t in templates)) if templates else ints
     compiled = Pattern(pattern, int_names=ints)
     for t in templates:
         t.check_against(compiled, where)
@@ -332,6 +346,104 @@ class Fuse(Rule):
         )
 
 
+UNSTACK_MARK = "\ue001"  # stands for the index in an unstack's target names until routing knows the count
+
+
+@dataclass(frozen=True, eq=False)
+class Stack(Rule):
+    """Keys that differ only in the integer placeholder ``over`` (``experts.{e}.w1``), stacked in its
+    order along a new dimension ``dim`` into one target; every index from 0 up must be present."""
+
+    pattern: Pattern
+    template: Template
+    over: str
+    dim: int = 0
+    ops: tuple[OpCall, ...] = ()  # applied to each input before the stack
+    per_key: ClassVar[bool] = True
+
+    @property
+    def patterns(self) -> tuple[Pattern, ...]:
+        return (self.pattern,)
+
+    @property
+    def output_templates(self) -> tuple[Template, ...]:
+        return (self.template,)
+
+    @property
+    def text(self) -> str:
+        over = "{" + self.over + "}"
+        return f"stack {self.pattern.text!r} over {over} -> {self.template.text!r} (dim={self.dim}){_via(self.ops)}"
+
+    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
+        target = self.template.render(captures, self._where)
+        ops = (*self.ops, OpCall("unsqueeze", {"dim": self.dim}))
+        return (Output(target, ops, (int(captures[self.over]), 0), self.dim),)
+
+    def facts(self) -> frozenset[str]:
+        return _chain_facts(self.ops)
+
+    def bind(self, facts: Mapping[str, int]) -> Rule:
+        return replace(self, ops=_bind_chain(self.ops, facts)) if self.facts() else self
+
+    def inverse(self) -> Rule:
+        self._need_invertible(self.pattern, [self.template], ignore={self.over})
+        back = Template(self.template.inverse_text(self.pattern))
+        pattern = self.template.inverse_pattern_text(self.pattern.multi_names)
+        compiled = compile_rule_pattern(pattern, [], self._where())
+        return Unstack(compiled, back, self.over, self.dim, self._inverse_ops(self.ops), origin=self.origin)
+
+
+@dataclass(frozen=True, eq=False)
+class Unstack(Rule):
+    """One tensor into one target per index along ``dim``, named by the placeholder ``over`` of the
+    template (``experts.{e}.w1``): the inverse of :class:`Stack`. The count is the tensor's size."""
+
+    pattern: Pattern
+    template: Template
+    over: str
+    dim: int = 0
+    ops: tuple[OpCall, ...] = ()  # applied to each part after the unstack
+
+    @property
+    def patterns(self) -> tuple[Pattern, ...]:
+        return (self.pattern,)
+
+    @property
+    def output_templates(self) -> tuple[Template, ...]:
+        return (self.template,)
+
+    @property
+    def text(self) -> str:
+        over = "{" + self.over + "}"
+        return f"unstack {self.pattern.text!r} over {over} -> {self.template.text!r} (dim={self.dim}){_via(self.ops)}"
+
+    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
+        """One output whose name holds :data:`UNSTACK_MARK` for the index: routing makes one per
+        index once it knows the tensor's size (:meth:`expand`)."""
+        return (Output(self.template.render({**captures, self.over: UNSTACK_MARK}, self._where), self.ops),)
+
+    def expand(self, output: Output, count: int) -> tuple[Output, ...]:
+        return tuple(
+            Output(
+                output.target.replace(UNSTACK_MARK, str(i)), (OpCall("take", {"index": i, "dim": self.dim}), *self.ops)
+            )
+            for i in range(count)
+        )
+
+    def facts(self) -> frozenset[str]:
+        return _chain_facts(self.ops)
+
+    def bind(self, facts: Mapping[str, int]) -> Rule:
+        return replace(self, ops=_bind_chain(self.ops, facts)) if self.facts() else self
+
+    def inverse(self) -> Rule:
+        self._need_invertible(self.pattern, [self.template])
+        back = Template(self.template.inverse_text(self.pattern))
+        pattern = self.template.inverse_pattern_text(self.pattern.multi_names)
+        compiled = compile_rule_pattern(pattern, [back], self._where(), frozenset({self.over}))
+        return Stack(compiled, back, self.over, self.dim, self._inverse_ops(self.ops), origin=self.origin)
+
+
 @dataclass(frozen=True, eq=False)
 class Tie(Rule):
     """Target ``target``, when nothing in the source feeds it, takes what feeds target ``like``:
@@ -355,8 +467,11 @@ class Tie(Rule):
         return None
 
 
-def dropped_captures(pattern: Pattern, templates: Sequence[Template]) -> list[tuple[Template, list[str]]]:
-    """Each template that leaves out placeholders ``pattern`` captures, with them: such a rule
-    sends many keys to one name, and its inverse could not restore them."""
-    found = [(t, [n for n in pattern.names if n not in t.names]) for t in templates]
+def dropped_captures(
+    pattern: Pattern, templates: Sequence[Template], ignore: frozenset[str] | set[str] = frozenset()
+) -> list[tuple[Template, list[str]]]:
+    """Each template that leaves out placeholders ``pattern`` captures (but those in ``ignore``: a
+    stack's index), with them: such a rule sends many keys to one name, and its inverse could not
+    restore them."""
+    found = [(t, [n for n in pattern.names if n not in t.names and n not in ignore]) for t in templates]
     return [(t, names) for t, names in found if names]

@@ -112,6 +112,11 @@ def _report(
     fed = set(routes.fed())
     fed.difference_update(decided.unused)
     unused = [k for k in filterfalse(fed.__contains__, keys) if k not in dropped and k not in routes.consumed]
+    consumed = dict(routes.consumed)
+    if unused:
+        aliased = _aliases_of_used(source, unused, fed)
+        consumed.update(aliased)
+        unused = [k for k in unused if k not in aliased]
     reasons = {k: _unused_reason(k, decided, routes) for k in unused}
     warnings = decided.warnings + [f"rule {r.described()} matched no source tensor" for r in _idle(mapping, routes)]
     missing = sum(1 for r in rows if r.reason == "missing")
@@ -129,8 +134,19 @@ def _report(
         applied=False,
         into=into,
         unused_reasons=reasons,
-        consumed=dict(routes.consumed),
+        consumed=consumed,
     )
+
+
+def _aliases_of_used(source: Source, unused: list[str], used: set[str]) -> dict[str, str]:
+    """Unused keys that name a tensor a used key also names (tied weights a file stores once, such
+    as ``lm_head.weight`` sharing ``wte.weight``'s storage): loaded through that key, so used."""
+    out: dict[str, str] = {}
+    for key, others in source.aliases(unused).items():
+        through = next((o for o in others if o in used), None)
+        if through is not None:
+            out[key] = f"the same tensor as {through!r} (one storage in the source), loaded through it"
+    return out
 
 
 def _unused_reason(key: str, decided: Decisions, routes: Routes) -> str:

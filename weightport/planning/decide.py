@@ -175,6 +175,9 @@ class _General:
         return Recipe(name, (Input(first.key, first.output.ops),), None, (), first.rule, None)
 
     def _fused(self, name: str, cands: list[Candidate], count: int) -> Recipe | None:
+        """A fuse of ``count`` parts, or a stack (``count`` 0) of as many as its indices say."""
+        if count == 0:
+            count = 1 + max(c.output.part[0] for c in cands)  # type: ignore[index]
         slots: dict[int, Candidate] = {}
         for c in cands:
             index = c.output.part[0]  # type: ignore[index]

@@ -23,7 +23,7 @@ from weightport._tuples import rows
 from weightport.mapping._bulk import Group
 from weightport.mapping.core import Mapping as WeightMapping
 from weightport.mapping.ops import OpCall
-from weightport.mapping.rules import Drop, Output, Rule, Split
+from weightport.mapping.rules import Drop, Output, Rule, Split, Unstack
 from weightport.planning.data import Target
 from weightport.sources.base import Source
 
@@ -145,6 +145,9 @@ def _candidates(
             continue
         if isinstance(rule, Split):
             outputs = _split_sizes(source, key, rule, outputs, targets)
+        elif isinstance(rule, Unstack):
+            shape = source.meta(key).shape
+            outputs = rule.expand(outputs[0], shape[rule.dim] if rule.dim < len(shape) else 0)
         out.extend(Candidate(key, rule, o, position) for o in outputs)
 
 

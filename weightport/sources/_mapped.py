@@ -13,6 +13,7 @@ import math
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
@@ -128,12 +129,13 @@ class MappedFile:
                 return
             self._mm = None
 
-    def __del__(self) -> None:
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # os.close is bound at definition: at interpreter exit the os module may already be gone
         fd = getattr(self, "_fd", None)  # absent when __init__ failed
         if fd is not None:
             self._fd = None
             try:
-                os.close(fd)
+                _close(fd)
             except OSError:  # already closed at interpreter exit; nothing left to release
                 pass
 

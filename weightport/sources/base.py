@@ -182,10 +182,28 @@ class Source(Mapping[str, torch.Tensor]):
 
     def same_tensor(self, a: str, b: str) -> bool:
         """Whether names ``a`` and ``b`` hold one shared tensor (tied weights saved once)."""
-        return self._same(self._handle(a), self._handle(b))
+        ha, hb = self._handle(a), self._handle(b)
+        if ha is hb:
+            return True
+        key = self._alias_key(ha)
+        return key is not None and key == self._alias_key(hb)
 
-    def _same(self, a: Any, b: Any) -> bool:
-        return a is b
+    def aliases(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """For each of ``names`` that shares its tensor with other keys of the source (tied weights
+        saved once: ``wte.weight`` and ``lm_head.weight`` of one storage), those other keys."""
+        wanted = set(names)
+        groups: dict[Any, list[str]] = {}
+        for name, handle in self._handles.items():
+            key = self._alias_key(handle)
+            if key is not None:
+                groups.setdefault(key, []).append(name)
+        return {
+            n: [o for o in group if o != n] for group in groups.values() if len(group) > 1 for n in group if n in wanted
+        }
+
+    def _alias_key(self, handle: Any) -> Any:
+        """What identifies the tensor ``handle`` reads (equal for two names of one tensor), or ``None``."""
+        return None
 
     def release(self, name: str) -> None:
         """Hint that the caller is done with ``name``: its pages may leave memory."""

@@ -36,15 +36,10 @@ class TensorSource(Source):
     def _read_into(self, handle: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(handle.detach())
 
-    def _same(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        return a is b or (
-            a.device == b.device
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and a.stride() == b.stride()
-            and a.numel() > 0
-            and a.data_ptr() == b.data_ptr()
-        )
+    def _alias_key(self, handle: torch.Tensor) -> Any:
+        if handle.numel() == 0 or handle.device.type == "meta":
+            return None
+        return (handle.device, handle.dtype, tuple(handle.shape), handle.stride(), handle.data_ptr())
 
 
 class FileSource(Source):
@@ -90,6 +85,11 @@ class FileSource(Source):
 
     def _release(self, handle: TensorRef) -> None:
         handle.release()
+
+    def _alias_key(self, handle: TensorRef) -> Any:
+        if handle.numel == 0:
+            return None
+        return (id(handle.file), handle.offset, handle.storage_offset, handle.dtype, handle.shape, handle.stride)
 
     def _mapped_view_of(self, handle: TensorRef) -> torch.Tensor | None:
         if not handle.contiguous or handle.byteswap or handle.numel == 0:

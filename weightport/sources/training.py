@@ -61,8 +61,9 @@ class PartSource(Source):
     def _read_many(self, handles: list[str], outs: list[torch.Tensor]) -> None:
         self._inner.read_into_many(handles, outs)
 
-    def _same(self, a: str, b: str) -> bool:
-        return self._inner.same_tensor(a, b)
+    def _alias_key(self, handle: str) -> Any:
+        inner = self._inner
+        return inner._alias_key(inner._handle(handle))
 
     def _release(self, handle: str) -> None:
         self._inner.release(handle)
