@@ -181,6 +181,36 @@ def test_a_tied_checkpoint_fills_an_untied_torchtune_output_from_the_embeddings(
     assert (tune_logits(model, ids) - hf_logits(hf, ids)).abs().max().item() < ATOL
 
 
+def test_a_tied_llama_3_2_ports_into_torchtunes_llama3_2_with_its_scaled_rope():
+    from torchtune.models.llama3_2 import llama3_2
+
+    rope = {  # Llama 3.2's rope scaling, which torchtune's llama3_2 builds in (scale_factor=32)
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    hf = hf_model("llama", tie=True, rope_parameters=rope, max_position_embeddings=8192)
+    c = hf.config
+    model = llama3_2(
+        vocab_size=c.vocab_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads,
+        embed_dim=c.hidden_size,
+        intermediate_dim=c.intermediate_size,
+        max_seq_len=128,
+    ).eval()
+    assert "output.weight" not in model.state_dict()  # tied: the output is the embeddings
+    state = hf_state(hf)
+    wp.transfer(state, model, mapping="hf.llama->torchtune.llama", strict=True)
+    assert_same_tensors(model.state_dict(), torchtunes_converter(hf, state))
+    ids = tokens()
+    assert (tune_logits(model, ids) - hf_logits(hf, ids)).abs().max().item() < ATOL
+
+
 def test_a_tied_qwen2_ports_into_torchtunes_tied_qwen2_and_back():
     hf = hf_model("qwen2", tie=True)
     model = tune_model(hf)
@@ -193,10 +223,6 @@ def test_a_tied_qwen2_ports_into_torchtunes_tied_qwen2_and_back():
     assert_same_tensors(back.state_dict(), hf.state_dict())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source aliases of one storage are not yet counted once (issue part 4): lm_head.weight is reported unused",
-)
 def test_a_live_gemma_whose_lm_head_aliases_its_embeddings_ports_strictly():
     # transformers' state dict lists the tied lm_head.weight; it is the embeddings' storage, counted once
     hf = hf_model("gemma")
