@@ -275,6 +275,24 @@ class Split(Rule):
             for i, t in enumerate(self.templates)
         )
 
+    def fit(
+        self, outputs: tuple[Output, ...], shape: Sequence[int], target_shapes: Sequence[Sequence[int] | None]
+    ) -> tuple[Output, ...]:
+        """``outputs`` of a ``shape``-d tensor, split by the targets' sizes along ``dim`` when this split
+        gives none and they are uneven and add up; not with an op chain after the split (the targets'
+        shapes are then the chain's, not the parts')."""
+        dim = self.dim
+        if self.sizes is not None or self.ops or dim >= len(shape):
+            return outputs
+        if any(s is None or dim >= len(s) for s in target_shapes):
+            return outputs
+        sizes = [s[dim] for s in target_shapes if s is not None]
+        if sum(sizes) != shape[dim] or len(set(sizes)) == 1:
+            return outputs
+        return tuple(
+            o._replace(ops=tuple(OpCall(op.op, {**op.params, "sizes": sizes}) for op in o.ops)) for o in outputs
+        )
+
     def facts(self) -> frozenset[str]:
         return _chain_facts(self.ops) | _facts.refs(self.sizes or ()) | _facts.refs(self.groups)
 

@@ -57,6 +57,7 @@ from weightport.mapping._verify_models import (
 )
 from weightport.mapping.core import Mapping
 from weightport.mapping.ops import fuse as _cat
+from weightport.mapping.rules import Split
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -323,7 +324,10 @@ def _no_source(m: Mapping, where: str) -> str:
 
 
 def _is_file(spec: str) -> bool:
-    return Path(spec).suffix.lower() in _WEIGHT_FILES or Path(spec).is_file()
+    try:
+        return Path(spec).suffix.lower() in _WEIGHT_FILES or Path(spec).is_file()
+    except OSError:  # a spec longer than a file name may be (ENAMETOOLONG) names no file
+        return False
 
 
 def _built(spec: str, origin: str, side: str, *, shapes_only: bool = False) -> torch.nn.Module:
@@ -374,27 +378,33 @@ def map_state_dict(
         state: Source tensors by name.
         mapping: The mapping to apply.
         like: Target tensors by name, for ops that need the target (``reshape`` to the target's
-            shape, adapters, ``pad``); without it such ops raise :class:`OpError`.
+            shape, adapters, ``pad``); without it such ops raise :class:`OpError`. A split without
+            sizes takes uneven ones from these targets, as planning does (q, k, v under GQA).
 
     Raises:
         MappingError: two source tensors write one name, or a fuse misses parts.
     """
     out: dict[str, torch.Tensor] = {}
-    parts: dict[str, tuple[int, int, dict[int, torch.Tensor]]] = {}
+    parts: dict[str, tuple[int, int, int, dict[int, torch.Tensor]]] = {}
     for key, tensor in state.items():
-        for o in mapping.resolve(key).outputs:
+        rule, outputs = mapping.resolve(key)
+        if like is not None and isinstance(rule, Split):  # uneven parts: the sizes of the targets in ``like``
+            outputs = rule.fit(
+                outputs, tensor.shape, [like[o.target].shape if o.target in like else None for o in outputs]
+            )
+        for o in outputs:
             x = tensor
             for op in o.ops:
                 x = op.run(x, like.get(o.target) if like is not None else None)
             if o.part is None:
                 _put(out, o.target, x, key)
             else:
-                parts.setdefault(o.target, (o.dim, o.part[1], {}))[2][o.part[0]] = x
-    for name, (dim, count, got) in parts.items():
+                parts.setdefault(o.target, (o.dim, o.groups, o.part[1], {}))[3][o.part[0]] = x
+    for name, (dim, groups, count, got) in parts.items():
         missing = [i + 1 for i in range(count) if i not in got]
         if missing:
             raise MappingError(f"fuse into {name!r}: part(s) {missing} of {count} are not in the state dict")
-        _put(out, name, _cat([got[i] for i in range(count)], dim), name)
+        _put(out, name, _cat([got[i] for i in range(count)], dim, groups), name)
     return out
 
 

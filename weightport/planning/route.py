@@ -22,7 +22,6 @@ from weightport._hooks import HookConsumed, replay
 from weightport._tuples import rows
 from weightport.mapping._bulk import Group
 from weightport.mapping.core import Mapping as WeightMapping
-from weightport.mapping.ops import OpCall
 from weightport.mapping.rules import Drop, Output, Rule, Split, Unstack
 from weightport.planning.data import Target
 from weightport.sources.base import Source
@@ -154,19 +153,9 @@ def _candidates(
 def _split_sizes(
     source: Source, key: str, rule: Split, outputs: tuple[Output, ...], targets: Mapping[str, Target]
 ) -> tuple[Output, ...]:
-    """For a split without sizes, take uneven sizes from the targets when they add up (not with
-    an op chain after the split: the targets' shapes are then the chain's, not the parts')."""
-    if rule.sizes is not None or rule.ops or not all(o.target in targets for o in outputs):
-        return outputs
-    dim = rule.dim
-    shape = source.meta(key).shape
-    try:
-        sizes = [targets[o.target].tensor.shape[dim] for o in outputs]
-    except IndexError:
-        return outputs
-    if not shape or dim >= len(shape) or sum(sizes) != shape[dim] or len(set(sizes)) == 1:
-        return outputs
-    return tuple(o._replace(ops=tuple(OpCall(op.op, {**op.params, "sizes": sizes}) for op in o.ops)) for o in outputs)
+    """For a split without sizes, uneven sizes from the targets when they add up (:meth:`Split.fit`)."""
+    shapes = [targets[o.target].tensor.shape if o.target in targets else None for o in outputs]
+    return rule.fit(outputs, source.meta(key).shape, shapes)
 
 
 def _replayed(
