@@ -7,8 +7,11 @@ Then runs every case in its own fresh process, ``--runs`` times (median reported
 with the files warm in the page cache, and prints a Markdown table of wall time and
 peak RSS (absolute and over the interpreter baseline after imports).
 
-Options: ``--runs N`` (default 3), ``--models vit,bert,plan``, ``--only SUBSTRING``,
-``--work DIR``.
+``--models llm`` (not in the default set) ports a 0.5B-parameter Llama checkpoint into litgpt
+and torchtitan models beside each project's own converter (``benchmarks/llm.py``).
+
+Options: ``--runs N`` (default 3), ``--models vit,bert,plan,llm``, ``--only SUBSTRING``,
+``--work DIR``, ``--llm-size 0.5b|toy``, ``--llm-targets litgpt,torchtitan``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+import llm  # noqa: E402
 from cases import CASES, PLAN_EXPERTS, PLAN_LAYERS, PLAN_PROJ  # noqa: E402
 
 
@@ -201,9 +205,13 @@ def main() -> None:
     parser.add_argument("--models", default="vit,bert,plan")
     parser.add_argument("--only", default="", help="run only cases whose name contains this")
     parser.add_argument("--work", default=os.path.join(HERE, "_work"))
+    parser.add_argument("--llm-size", default="0.5b", choices=sorted(llm.SIZES))
+    parser.add_argument("--llm-targets", default=",".join(llm.TARGETS), help="of " + ",".join(llm.TARGETS))
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     prepare(args.work, models)
+    if "llm" in models:
+        llm.prepare(args.work, args.llm_size)
     warm(args.work)
     out = [
         f"Machine: {machine()}",
@@ -213,6 +221,10 @@ def main() -> None:
     ]
     started = time.perf_counter()
     for model in models:
+        if model == "llm":
+            targets = tuple(t for t in args.llm_targets.split(",") if t)
+            out += [llm.run_all(args.work, args.runs, args.only, args.llm_size, targets, _say), ""]
+            continue
         rows = []
         for name in CASES[model]:
             if args.only and args.only not in name and not name.startswith("floor"):

@@ -140,6 +140,8 @@ def test_ported_outputs_match_and_round_trip_is_bit_identical(name, source, targ
 NUMBERS_OUTSIDE_THE_SUITE = {
     "hf.bert->weightport.bert",
     "hf.llama->litgpt.llama",  # against litgpt's converters and transformers' logits: tests/test_llm_litgpt.py
+    "hf.llama->torchtitan.llama",  # tests/test_llm_torchtitan.py, against torchtitan's from_hf/to_hf and transformers
+    "hf.qwen3->torchtitan.qwen3",
     # against torchtune's converters and transformers' logits: tests/test_llm_torchtune.py, tests/test_llm_meta.py
     "hf.llama->torchtune.llama",
     "hf.qwen2->torchtune.qwen2",

@@ -70,6 +70,8 @@ def test_bad_input_files_and_flags_are_refused(tmp_path, capsys):
 # each shipped mapping's first listed pair, with verify's default input; the few above a second carry `slow`
 _SLOW = {
     "hf.bert->weightport.bert",
+    "hf.llama->torchtitan.llama",  # importing torchtitan takes about ten seconds
+    "hf.qwen3->torchtitan.qwen3",
     "torchvision.vgg->timm.vgg",
     "torchvision.vit->timm.vit",
     "torchvision.swin->timm.swin",

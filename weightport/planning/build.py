@@ -19,6 +19,7 @@ from weightport.apply import apply_plan
 from weightport.errors import NothingLoadedError, StrictnessError
 from weightport.mapping.core import Mapping
 from weightport.mapping.files import shipped_dir
+from weightport.mapping.hf_conversion import HfLayout, hf_layout
 from weightport.mapping.rules import Drop, Rule, Tie
 from weightport.options import ApplyOptions, PlanOptions
 from weightport.planning.data import Recipes, Target, TransferPlan
@@ -58,11 +59,17 @@ def _build(
     if mapping.facts():
         names = mapping.name or "rules"
         mapping = mapping.bind(resolve_facts(mapping.facts(), options.facts or {}, scope, source, names))
+    claimed = (lambda key: mapping.match(key) is not None) if mapping.rules else None  # the user's rules first
+    layout = hf_layout(scope, keys, targets, lambda key: tuple(source.meta(key).shape), claimed)
+    if layout is not None:
+        mapping = mapping.with_rules(layout.rules)
     routes = route(source, keys, mapping, targets, scope, hooks=any(map(has_custom_loading, modules)))
     decided = decide(
         source, targets, ties(targets), routes, options.on_mismatch, scope, options.adapter_calls(), mapping.ties
     )
     report = _report(source, keys, targets, routes, decided, mapping, options.into)
+    if layout is not None:
+        report = _with_layout(report, layout)
     if materialise.fresh:
         report = replace(
             report,
@@ -147,6 +154,12 @@ def _aliases_of_used(source: Source, unused: list[str], used: set[str]) -> dict[
         if through is not None:
             out[key] = f"the same tensor as {through!r} (one storage in the source), loaded through it"
     return out
+
+
+def _with_layout(report: TransferReport, layout: HfLayout) -> TransferReport:
+    """The report with the checkpoint layout among the source's facts, and what could not be converted."""
+    source = report.source.with_(notes=(*report.source.notes, layout.note)) if report.source else None
+    return replace(report, source=source, warnings=(*layout.warnings, *report.warnings))
 
 
 def _unused_reason(key: str, decided: Decisions, routes: Routes) -> str:

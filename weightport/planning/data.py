@@ -84,8 +84,11 @@ class Recipe(NamedTuple):
 
     def labels(self) -> tuple[str, ...]:
         """The report's description of the ops, in order."""
-        # one input's ops, or a fuse rule's ops: every input carries the same chain
-        labels = [op.label() for op in self.inputs[0].ops]
+        chains = [[op.label() for op in i.ops] for i in self.inputs]
+        if all(c == chains[0] for c in chains):  # one input, or a fuse rule's chain on every input
+            labels = chains[0]
+        else:  # inputs with chains of their own (parts a module's loading hook merges): numbered
+            labels = [f"[{n}] {label}" for n, chain in enumerate(chains, 1) for label in chain]
         if self.fuse_dim is not None:
             groups = f", groups={self.fuse_groups}" if self.fuse_groups != 1 else ""
             labels.append(f"fuse[{len(self.inputs)}{groups}]")

@@ -198,7 +198,10 @@ class _General:
             return None
         inputs = tuple(Input(slots[i].key, slots[i].output.ops) for i in range(count))
         out = cands[0].output
-        return Recipe(name, inputs, out.dim, (), cands[0].rule, None, out.groups)
+        # ops on the fused tensor: a module's own loading hook merging the parts (HookFuse), or
+        # transformers' stacked-then-concatenated experts (mapping.hf_conversion)
+        post = getattr(cands[0].rule, "post", ())
+        return Recipe(name, inputs, out.dim, post, cands[0].rule, None, out.groups)
 
     def _fit(self, recipe: Recipe, target: Target) -> Recipe | None:
         """The recipe with its shape inferred; the mismatch policy where it is not the target's."""

@@ -52,7 +52,7 @@ def state_tensors(scope: nn.Module) -> dict[str, Any]:
                 and getattr(kind, "get_extra_state", nn.Module.get_extra_state) is nn.Module.get_extra_state
             )
         if not ok or module._state_dict_hooks or module._state_dict_pre_hooks:
-            return scope.state_dict(keep_vars=True)
+            return _held_state(scope)
         for name, param in module._parameters.items():
             if param is not None:
                 out[prefix + name] = param
@@ -63,6 +63,52 @@ def state_tensors(scope: nn.Module) -> dict[str, Any]:
                     out[prefix + name] = buf
         if module._modules:  # children in order: pushed last to first
             push((f"{prefix}{name}.", child) for name, child in reversed(module._modules.items()) if child is not None)
+    return out
+
+
+_EXTRA_STATE = "_extra_state"  # torch's key suffix of get_extra_state()
+
+
+def _held_state(scope: nn.Module) -> dict[str, Any]:
+    """``scope.state_dict(keep_vars=True)``, with the tensors the modules hold in place of tensors a
+    state-dict hook made. A hook that saves a tensor as others made from it (torchtitan's
+    ``FusedQKVLinear`` saves its ``wqkv`` parameter as ``wq``/``wk``/``wv``) names tensors that
+    nothing loads into: those are left out, and the parameters and persistent buffers under the
+    module that made them which the state dict lacks take the place of the first of them, under
+    their own names. The target is the real parameter (``wqkv.weight``); a checkpoint in the hooked
+    layout reaches it through the module's own loading hook (:mod:`weightport._hooks`)."""
+    state = scope.state_dict(keep_vars=True)
+    held: dict[int, tuple[str, torch.Tensor]] = {}
+    for path, module in scope.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        skip = module._non_persistent_buffers_set
+        for attr, t in chain(module._parameters.items(), module._buffers.items()):
+            if t is not None and attr not in skip:
+                held.setdefault(id(t), (prefix + attr, t))
+    made = [
+        n
+        for n, t in state.items()
+        if isinstance(t, torch.Tensor) and id(t) not in held and not n.endswith(_EXTRA_STATE)  # a module's own
+    ]
+    if not made:
+        return state
+    kept = {id(t) for t in state.values() if isinstance(t, torch.Tensor)}
+    missing = [held[i] for i in held if i not in kept]
+    paths = {p for p, _ in scope.named_modules()}
+    at: dict[str, list[tuple[str, torch.Tensor]]] = {}  # a made name -> the held tensors in its place
+    for name in made:
+        segments = name.split(".")[:-1]
+        while segments and ".".join(segments) not in paths:
+            segments.pop()
+        prefix = "".join(f"{s}." for s in segments)
+        at[name] = [m for m in missing if m[0].startswith(prefix)]
+        missing = [m for m in missing if not m[0].startswith(prefix)]
+    out: dict[str, Any] = {}
+    for name, t in state.items():
+        if name in at:
+            out.update(at[name])
+        else:
+            out[name] = t
     return out
 
 
