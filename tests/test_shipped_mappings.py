@@ -142,6 +142,11 @@ NUMBERS_OUTSIDE_THE_SUITE = {
     "hf.llama->litgpt.llama",  # against litgpt's converters and transformers' logits: tests/test_llm_litgpt.py
     "hf.llama->torchtitan.llama",  # tests/test_llm_torchtitan.py, against torchtitan's from_hf/to_hf and transformers
     "hf.qwen3->torchtitan.qwen3",
+    # against torchtune's converters and transformers' logits: tests/test_llm_torchtune.py, tests/test_llm_meta.py
+    "hf.llama->torchtune.llama",
+    "hf.qwen2->torchtune.qwen2",
+    "hf.llama->meta.llama",
+    "meta.llama->torchtune.llama",
     "torchvision.vgg->timm.vgg",
     "torchvision.densenet->timm.densenet",
     "hf.gpt2->nanogpt.gpt2",  # and against nanoGPT's from_pretrained and transformers: tests/test_llm_gpt2.py

@@ -65,6 +65,9 @@ class ModuleDiff:
     ok: bool
 
 
+_REORDER_ROWS = frozenset({"rope_permute"})
+
+
 def corresponding(
     mapping: Mapping, names: dict[str, str], source: nn.Module, target: nn.Module
 ) -> list[tuple[str, str]]:
@@ -87,7 +90,9 @@ def corresponding(
             reordered.add(module)
         o = res.outputs[0]
         if module not in primary or leaf == "weight":
-            primary[module] = (o.target.rpartition(".")[0], o.part is None and len(res.outputs) == 1)
+            # rows reordered (rotary layouts) reorder the module's outputs too: no element-wise pair
+            same_rows = all(op.op not in _REORDER_ROWS for op in o.ops)
+            primary[module] = (o.target.rpartition(".")[0], o.part is None and len(res.outputs) == 1 and same_rows)
     count: dict[str, int] = {}
     for name, _whole in primary.values():
         count[name] = count.get(name, 0) + 1

@@ -92,7 +92,9 @@ def model_facts(model: nn.Module) -> dict[str, int]:
         if all(f in out for f in _MODULE_NAMES):
             break
         found = _read(module, _MODULE_NAMES, lambda m, n: m.__dict__.get(n))
-        if "heads" in found and "heads" not in out:
+        # a module of the same head count may add what an outer one left out (torchtune's decoder
+        # states num_heads and head_dim, its attention modules num_kv_heads too)
+        if "heads" in found and out.setdefault("heads", found["heads"]) == found["heads"]:
             for fact, value in found.items():
                 out.setdefault(fact, value)
     if "vocab" not in out or "hidden" not in out:
