@@ -368,16 +368,16 @@ UNSTACK_MARK = "\ue001"  # stands for the index in an unstack's target names unt
 
 
 @dataclass(frozen=True, eq=False)
-class Stack(Rule):
-    """Keys that differ only in the integer placeholder ``over`` (``experts.{e}.w1``), stacked in its
-    order along a new dimension ``dim`` into one target; every index from 0 up must be present."""
+class _OverIndex(Rule):
+    """What :class:`Stack` and :class:`Unstack` share: a pattern, a template, the integer placeholder
+    ``over`` that indexes the parts (only on the per-part side), the stacked dimension and an op chain."""
 
     pattern: Pattern
     template: Template
     over: str
     dim: int = 0
-    ops: tuple[OpCall, ...] = ()  # applied to each input before the stack
-    per_key: ClassVar[bool] = True
+    ops: tuple[OpCall, ...] = ()  # on each part: before a stack, after an unstack
+    kind: ClassVar[str] = ""
 
     @property
     def patterns(self) -> tuple[Pattern, ...]:
@@ -390,62 +390,8 @@ class Stack(Rule):
     @property
     def text(self) -> str:
         over = "{" + self.over + "}"
-        return f"stack {self.pattern.text!r} over {over} -> {self.template.text!r} (dim={self.dim}){_via(self.ops)}"
-
-    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
-        target = self.template.render(captures, self._where)
-        ops = (*self.ops, OpCall("unsqueeze", {"dim": self.dim}))
-        return (Output(target, ops, (int(captures[self.over]), 0), self.dim),)
-
-    def facts(self) -> frozenset[str]:
-        return _chain_facts(self.ops)
-
-    def bind(self, facts: Mapping[str, int]) -> Rule:
-        return replace(self, ops=_bind_chain(self.ops, facts)) if self.facts() else self
-
-    def inverse(self) -> Rule:
-        self._need_invertible(self.pattern, [self.template], ignore={self.over})
-        back = Template(self.template.inverse_text(self.pattern))
-        pattern = self.template.inverse_pattern_text(self.pattern.multi_names)
-        compiled = compile_rule_pattern(pattern, [], self._where())
-        return Unstack(compiled, back, self.over, self.dim, self._inverse_ops(self.ops), origin=self.origin)
-
-
-@dataclass(frozen=True, eq=False)
-class Unstack(Rule):
-    """One tensor into one target per index along ``dim``, named by the placeholder ``over`` of the
-    template (``experts.{e}.w1``): the inverse of :class:`Stack`. The count is the tensor's size."""
-
-    pattern: Pattern
-    template: Template
-    over: str
-    dim: int = 0
-    ops: tuple[OpCall, ...] = ()  # applied to each part after the unstack
-
-    @property
-    def patterns(self) -> tuple[Pattern, ...]:
-        return (self.pattern,)
-
-    @property
-    def output_templates(self) -> tuple[Template, ...]:
-        return (self.template,)
-
-    @property
-    def text(self) -> str:
-        over = "{" + self.over + "}"
-        return f"unstack {self.pattern.text!r} over {over} -> {self.template.text!r} (dim={self.dim}){_via(self.ops)}"
-
-    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
-        """One output whose name holds :data:`UNSTACK_MARK` for the index: routing makes one per
-        index once it knows the tensor's size (:meth:`expand`)."""
-        return (Output(self.template.render({**captures, self.over: UNSTACK_MARK}, self._where), self.ops),)
-
-    def expand(self, output: Output, count: int) -> tuple[Output, ...]:
-        return tuple(
-            Output(
-                output.target.replace(UNSTACK_MARK, str(i)), (OpCall("take", {"index": i, "dim": self.dim}), *self.ops)
-            )
-            for i in range(count)
+        return (
+            f"{self.kind} {self.pattern.text!r} over {over} -> {self.template.text!r} (dim={self.dim}){_via(self.ops)}"
         )
 
     def facts(self) -> frozenset[str]:
@@ -454,12 +400,50 @@ class Unstack(Rule):
     def bind(self, facts: Mapping[str, int]) -> Rule:
         return replace(self, ops=_bind_chain(self.ops, facts)) if self.facts() else self
 
-    def inverse(self) -> Rule:
-        self._need_invertible(self.pattern, [self.template])
+    def _inverted(self, kind: type[_OverIndex], ints: frozenset[str]) -> Rule:
+        self._need_invertible(self.pattern, [self.template], ignore={self.over})
         back = Template(self.template.inverse_text(self.pattern))
         pattern = self.template.inverse_pattern_text(self.pattern.multi_names)
-        compiled = compile_rule_pattern(pattern, [back], self._where(), frozenset({self.over}))
-        return Stack(compiled, back, self.over, self.dim, self._inverse_ops(self.ops), origin=self.origin)
+        templates = [back] if ints else []  # a stack's pattern checks its template; an unstack's names {over}
+        compiled = compile_rule_pattern(pattern, templates, self._where(), ints)
+        return kind(compiled, back, self.over, self.dim, self._inverse_ops(self.ops), origin=self.origin)
+
+
+@dataclass(frozen=True, eq=False)
+class Stack(_OverIndex):
+    """Keys that differ only in the integer placeholder ``over`` (``experts.{e}.w1``), stacked in its
+    order along a new dimension ``dim`` into one target; every index from 0 up must be present."""
+
+    kind: ClassVar[str] = "stack"
+    per_key: ClassVar[bool] = True
+
+    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
+        target = self.template.render(captures, self._where)
+        ops = (*self.ops, OpCall("unsqueeze", {"dim": self.dim}))
+        return (Output(target, ops, (int(captures[self.over]), 0), self.dim),)
+
+    def inverse(self) -> Rule:
+        return self._inverted(Unstack, frozenset())
+
+
+@dataclass(frozen=True, eq=False)
+class Unstack(_OverIndex):
+    """One tensor into one target per index along ``dim``, named by the placeholder ``over`` of the
+    template (``experts.{e}.w1``): the inverse of :class:`Stack`. The count is the tensor's size."""
+
+    kind: ClassVar[str] = "unstack"
+
+    def outputs(self, index: int, captures: dict[str, str]) -> tuple[Output, ...]:
+        """One output whose name holds :data:`UNSTACK_MARK` for the index: routing makes one per
+        index once it knows the tensor's size (:meth:`expand`)."""
+        return (Output(self.template.render({**captures, self.over: UNSTACK_MARK}, self._where), self.ops),)
+
+    def expand(self, output: Output, count: int) -> tuple[Output, ...]:
+        take = [OpCall("take", {"index": i, "dim": self.dim}) for i in range(count)]
+        return tuple(Output(output.target.replace(UNSTACK_MARK, str(i)), (t, *self.ops)) for i, t in enumerate(take))
+
+    def inverse(self) -> Rule:
+        return self._inverted(Stack, frozenset({self.over}))
 
 
 @dataclass(frozen=True, eq=False)
