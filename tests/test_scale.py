@@ -186,7 +186,8 @@ def test_gc_paused_keeps_the_process_own_frozen_objects_frozen():
         frozen = gc.get_freeze_count()
         with gc_paused():
             made = [[i] for i in range(10)]
-        assert gc.get_freeze_count() == frozen and gc.isenabled()
+        # not unfrozen (another library's thread may freeze more meanwhile: the count only must not drop)
+        assert gc.get_freeze_count() >= frozen and gc.isenabled()
         # not promoted to the oldest generation (a young collection may have moved it one step)
         assert _generation_of(made) < 2
     finally:
