@@ -1,4 +1,4 @@
-"""docs/llm.md's worked example runs as written (a tiny Llama folder into torchtune and back)."""
+"""docs/llm.md's worked example runs as written (a tiny Llama folder into torchtune, litgpt and Meta's layout)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "llm.md"
 @pytest.mark.slow
 def test_the_worked_example_in_docs_llm_runs(tmp_path, monkeypatch):
     pytest.importorskip("torchtune")
+    pytest.importorskip("litgpt")
     pytest.importorskip("transformers")
     code = DOC.read_text().split("## Worked example")[1].split("```python")[1].split("```")[0]
     monkeypatch.chdir(tmp_path)
