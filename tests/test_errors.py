@@ -20,7 +20,9 @@ def test_hierarchy_also_inherits_builtins():
         cls = getattr(errors, name)
         assert issubclass(cls, errors.WeightportError)
         if cls is not errors.WeightportError and cls is not errors.SourceError and cls is not errors.CheckpointError:
-            assert set(cls.__mro__) & {FileNotFoundError, KeyError, LookupError, ValueError, OSError}, name
+            assert set(cls.__mro__) & {FileNotFoundError, KeyError, LookupError, ValueError, OSError, RuntimeError}, (
+                name
+            )
     assert wp.WeightportError is errors.WeightportError
 
 

@@ -11,7 +11,7 @@ preview report.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "CollisionError",
     "CorruptFileError",
+    "DistributedError",
     "HashMismatchError",
     "MappingError",
     "NonFiniteError",
@@ -244,3 +245,19 @@ class SaveError(WeightportError, OSError):
 
 class CheckpointError(WeightportError):
     """A training checkpoint cannot be saved or resumed."""
+
+
+class DistributedError(WeightportError, RuntimeError):
+    """A transfer into a sharded model failed on some rank: every rank raises it, and no rank's
+    model changed.
+
+    Attributes:
+        failures: ``{rank: message}`` for each rank that failed.
+    """
+
+    def __init__(self, message: str, failures: Mapping[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failures = dict(failures or {})
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.failures))

@@ -270,6 +270,35 @@ class TensorRef(NamedTuple):
         out.copy_(self.view())
         self.release()
 
+    def read_region(self, box: tuple[tuple[int, int], ...]) -> torch.Tensor | None:
+        """The values inside ``box`` ((start, length) per dimension) as a new tensor, reading only
+        the box's byte ranges: one ``preadv`` per run of bytes that lie together in the file (one
+        for a block of whole rows, one per row for a block of columns). ``None`` when the tensor is
+        not one native block (strided, big-endian): then the caller reads it whole."""
+        shape = tuple(length for _, length in box)
+        out = torch.empty(shape, dtype=self.dtype)
+        if out.numel() == 0:
+            return out
+        if self.byteswap or not self.contiguous or not box:
+            return None
+        # the innermost dimensions the box covers whole are read with the first one it cuts
+        cut = len(box) - 1
+        while cut > 0 and box[cut] == (0, self.shape[cut]):
+            cut -= 1
+        itemsize = _itemsize(self.dtype)
+        stride = _contiguous_stride(self.shape)
+        run = box[cut][1] * stride[cut] * itemsize  # bytes per run
+        base = self.offset + self.storage_offset * itemsize + box[cut][0] * stride[cut] * itemsize
+        flat = out.view(-1, run // itemsize)
+        fd_offsets = [0]
+        for d in range(cut - 1, -1, -1):  # every index of the dimensions before the cut, in row-major order
+            start, length = box[d]
+            step = stride[d] * itemsize
+            fd_offsets = [(start + i) * step + o for i in range(length) for o in fd_offsets]
+        for row, off in zip(flat, fd_offsets):
+            self.file.read_run(base + off, [row])
+        return out
+
     def release(self) -> None:
         itemsize = _itemsize(self.dtype)
         self.file.release(self.offset, self.storage_numel * itemsize)

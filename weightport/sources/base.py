@@ -15,9 +15,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from weightport.errors import TensorNotFoundError
+from weightport.errors import ShapeMismatchError, TensorNotFoundError
 
-__all__ = ["Source", "SourceInfo", "TensorMeta"]
+__all__ = ["Box", "Source", "SourceInfo", "TensorMeta"]
+
+#: A box inside a tensor: ``(start, length)`` for each dimension.
+Box = tuple[tuple[int, int], ...]
 
 
 class TensorMeta(NamedTuple):
@@ -89,6 +92,11 @@ class SourceInfo:
         }
 
 
+def box_slices(box: Box) -> tuple[slice, ...]:
+    """``tensor[box_slices(box)]`` is the part of ``tensor`` inside ``box``."""
+    return tuple(slice(start, start + length) for start, length in box)
+
+
 class Source(Mapping[str, torch.Tensor]):
     """A lazy, read-only mapping from tensor names to tensors.
 
@@ -134,6 +142,12 @@ class Source(Mapping[str, torch.Tensor]):
     def _mapped_view_of(self, handle: Any) -> torch.Tensor | None:
         return None
 
+    def _read_region_of(self, handle: Any, box: Box) -> tuple[torch.Tensor, int]:
+        """The default for sources that cannot read part of a tensor: read it whole, keep the box."""
+        out = self._view_of(handle)[box_slices(box)].clone(memory_format=torch.contiguous_format)
+        self._release(handle)
+        return out, self._meta_of(handle).nbytes
+
     # -- public ----------------------------------------------------------------------
     def _handle(self, name: str) -> Any:
         try:
@@ -170,6 +184,19 @@ class Source(Mapping[str, torch.Tensor]):
         (copy-on-write); the file must not change while the tensor lives.
         """
         return self._mapped_view_of(self._handle(name))
+
+    def read_region(self, name: str, box: Box) -> tuple[torch.Tensor, int]:
+        """The values of ``name`` inside ``box`` as a new contiguous tensor, and the bytes read to
+        get them: only the box's byte ranges where the format stores the tensor as one native
+        block (safetensors, torch files), else the whole tensor (then the count says so)."""
+        handle = self._handle(name)
+        shape = self._meta_of(handle).shape
+        if len(box) != len(shape) or any(s < 0 or n < 0 or s + n > d for (s, n), d in zip(box, shape)):
+            raise ShapeMismatchError(
+                f"{self.info.location}: the box {box} lies outside {name!r} of shape {tuple(shape)}; "
+                "give (start, length) inside the tensor for each of its dimensions"
+            )
+        return self._read_region_of(handle, box)
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Copy the values of ``name`` into ``out`` (same shape), reading once."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from weightport.errors import CorruptFileError, SourceNotFoundError
-from weightport.sources.base import Source, SourceInfo, TensorMeta
+from weightport.sources.base import Box, Source, SourceInfo, TensorMeta
 
 # In order of preference: safetensors first (no pickle), the single file before an index.
 PREFERRED = (
@@ -118,6 +118,10 @@ class ShardedSource(Source):
     def _release(self, handle: tuple[str, str]) -> None:
         shard, name = self._locate(handle)
         shard.release(name)
+
+    def _read_region_of(self, handle: tuple[str, str], box: Box) -> tuple[torch.Tensor, int]:
+        shard, name = self._locate(handle)
+        return shard.read_region(name, box)
 
     @property
     def opened_shards(self) -> list[str]:

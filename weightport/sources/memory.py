@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from weightport.sources._mapped import MappedFile, TensorRef, read_refs
-from weightport.sources.base import Source, SourceInfo, TensorMeta
+from weightport.sources.base import Box, Source, SourceInfo, TensorMeta
 
 _shape, _dtype, _itemsize = attrgetter("shape"), attrgetter("dtype"), attrgetter("itemsize")
 
@@ -85,6 +85,12 @@ class FileSource(Source):
 
     def _release(self, handle: TensorRef) -> None:
         handle.release()
+
+    def _read_region_of(self, handle: TensorRef, box: Box) -> tuple[torch.Tensor, int]:
+        out = handle.read_region(box)
+        if out is None:
+            return super()._read_region_of(handle, box)
+        return out, out.nbytes
 
     def _alias_key(self, handle: TensorRef) -> Any:
         if handle.numel == 0:
