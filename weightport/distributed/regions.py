@@ -12,38 +12,43 @@ Ops with a region map (the source box they read):
 - no op (a rename), ``cast``, ``scale``: the same box.
 - ``transpose``, ``permute``: the box with its dimensions permuted (rows of a transposed
   target are columns of the source).
-- ``narrow``, ``take``, ``unsqueeze``, ``squeeze``: the box, shifted along the narrowed
-  dimension, or with the taken or squeezed dimension put back.
-- ``split``: the box shifted to the part's offset. With ``groups``, the box grows to whole groups
-  (each holds every part's share) and the op runs on those groups alone.
-- ``select``: the rows between the lowest and highest index the box selects.
-- ``rope_permute``: whole heads (rows move within a head); ``gqa_split``: whole kv groups.
-- ``reshape`` that keeps the leading dimensions (a ``Linear`` weight into a ``1x1`` conv, a
-  ``(C, 1, 1)`` scale into ``(C,)``): the box in those dimensions, the rest whole.
-- ``pad`` to a value: the box's overlap with the source, the rest filled.
-- fusing inputs (``fuse`` rules): each input reads only its overlap with the box along the fuse
-  dimension, and is not read at all without one (a rank whose rows of a fused ``wqkv`` lie
-  in q reads only q). A grouped fuse (grouped-query layouts) grows the box to whole groups:
-  each input reads its share of those groups.
+- ``take``, ``unsqueeze``, ``squeeze``: the box with the taken or squeezed dimension put back.
+- ops that take rows (entries along one dimension) of their input: ``narrow``, ``split`` (with
+  or without ``groups``), ``select``, ``rope_permute`` (rows move within each head) and
+  ``gqa_split``: the rows from the first to the last that the box takes, found by running the op
+  on the row indices. A ``Shard(0)`` rank of ``k`` split from a grouped-query ``wqkv`` reads from
+  its first ``k`` row to its last, not the q and v rows around them; of a ``rope_permute`` target,
+  at most its whole heads.
+- ``reshape``: the box in the leading dimensions both shapes share (a ``Linear`` weight into a
+  ``1x1`` conv, a ``(C, 1, 1)`` scale into ``(C,)``); in the first that differs, the whole runs of
+  rows that hold the box's elements (a row of ``(3, 8)`` is two rows of ``(6, 4)``); the
+  dimensions after it whole.
+- ``pad`` to a value: the box's overlap with the source; the rest is the value.
+- fusing inputs (``fuse`` rules, with or without groups): each input reads only its rows inside
+  the box, and is not read at all without any (a rank whose rows of a fused ``wqkv`` lie in q
+  reads only q).
 
-Every other op has no region map: user callables, the shape adapters (``in_channels``,
-``pos_embed``, ``patch_embed``) and a ``reshape`` that changes the leading dimension. Such an op
-reads its input whole (on every rank that needs any of its output), runs, and keeps the box;
-ops before it then compute their whole output too. :func:`whole_read_ops` lists them for the
-report. Ops that need the target's current values (``pad(keep_init=True)``, ``head``,
-``vocab``, ``in_channels`` with ``fill='init'``) cannot run on a sharded target, whose values
-are spread over the ranks: :func:`region_plan` raises :class:`~weightport.errors.PlanError`.
+Every other op has no region map: user callables and the shape adapters (``in_channels``,
+``pos_embed``, ``patch_embed``). Such an op reads its input whole (on every rank that needs any
+of its output), runs, and keeps the box; ops before it then compute their whole output too.
+:func:`whole_read_ops` lists them for the report, and each rank's :class:`RegionPlan` says which
+did read whole for it (``whole``). Ops that need the target's current values
+(``pad(keep_init=True)``, ``head``, ``vocab``, ``in_channels`` with ``fill='init'``) cannot run
+on a sharded target, whose values are spread over the ranks: :func:`region_plan` raises
+:class:`~weightport.errors.PlanError`. A recipe with a user callable that cannot run on meta
+tensors reads every input whole.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from weightport.errors import OpError, PlanError
-from weightport.mapping.ops import OpCall, fuse, split_bounds
+from weightport.mapping.ops import OpCall, fuse
 from weightport.planning.data import Recipe, evaluate
 from weightport.sources.base import Box, box_slices
 
@@ -100,21 +105,34 @@ def _rerun(op: OpCall, **changes: Any) -> OpCall:
     return OpCall(op.op, {**op.params, **changes})
 
 
-def _units(op: OpCall, dim: int, unit_in: int, unit_out: int, changes: Callable[[int], dict[str, Any]]) -> RegionMap:
-    """The map of an op whose output is made of whole units (heads, groups) along ``dim``, each
-    computed from one unit of its input: the box grows to whole units, the op runs on those units
-    (``changes(k)``: its parameters for ``k`` units), and the box is cut out of the result."""
+def _pick(dim: int, index: torch.Tensor) -> RegionMap:
+    """The map of an op whose output takes the input's entries ``index`` along ``dim`` and keeps
+    every other dimension: read from the lowest to the highest entry the box takes, then take them
+    (a view when they are one run)."""
 
     def back(box: Box) -> Step:
         start, length = box[dim]
-        first, end = start // unit_out, -(-(start + length) // unit_out)
-        sub = _rerun(op, **changes(end - first))
-        offset = start - first * unit_out
-        return _set(box, dim, (first * unit_in, (end - first) * unit_in)), lambda x: sub.run(x).narrow(
-            dim, offset, length
-        )
+        want = index[start : start + length]
+        low, high = int(want.min()), int(want.max()) + 1
+        span = _set(box, dim, (low, high - low))
+        if high - low == length and bool((want.diff() == 1).all()):
+            return span, lambda x: x
+        local = want - low
+        return span, lambda x: x.index_select(dim, local.to(x.device))
 
     return back
+
+
+def _taken(dim: Callable[[OpCall], int]) -> Callable[[OpCall, Shape, Shape], RegionMap]:
+    """The map of an op that takes entries along one dimension (``narrow``, ``split``, ``select``,
+    the head layouts): which, by running the op on the indices themselves."""
+
+    def make(op: OpCall, i: Shape, o: Shape) -> RegionMap:
+        d = _dim(dim(op), len(i))
+        indices = torch.arange(i[d]).reshape([i[d] if k == d else 1 for k in range(len(i))])
+        return _pick(d, op.run(indices).flatten())
+
+    return make
 
 
 # -- the region maps of the ops, by name: (op, input shape, output shape) -> box -> step -----------
@@ -137,16 +155,6 @@ def _permute(op: OpCall, i: Shape, o: Shape) -> RegionMap:
     return lambda box: (tuple(box[where[d]] for d in range(len(i))), op.run)
 
 
-def _shifted(dim: int, offset: int) -> RegionMap:
-    return lambda box: (_set(box, dim, (box[dim][0] + offset, box[dim][1])), lambda x: x)
-
-
-def _narrow(op: OpCall, i: Shape, o: Shape) -> RegionMap:
-    dim = _dim(op.params.get("dim", 0), len(i))
-    start = op.params["start"]
-    return _shifted(dim, start + i[dim] if start < 0 else start)
-
-
 def _take(op: OpCall, i: Shape, o: Shape) -> RegionMap:
     dim = _dim(op.params.get("dim", 0), len(i))
     index = op.params["index"] % i[dim]
@@ -164,53 +172,28 @@ def _squeeze(op: OpCall, i: Shape, o: Shape) -> RegionMap:
     return lambda box: (box[:dim] + ((0, 1),) + box[dim:], op.run)
 
 
-def _split(op: OpCall, i: Shape, o: Shape) -> RegionMap:
-    p = op.params
-    dim, groups, sizes = _dim(p.get("dim", 0), len(i)), p.get("groups", 1), p.get("sizes")
-    if groups == 1:
-        return _shifted(dim, split_bounds(i[dim], p["count"], p["index"], sizes)[0])
-
-    def changes(k: int) -> dict[str, Any]:
-        return {"groups": k} if sizes is None else {"groups": k, "sizes": [s // groups * k for s in sizes]}
-
-    return _units(op, dim, i[dim] // groups, o[dim] // groups, changes)
-
-
-def _select(op: OpCall, i: Shape, o: Shape) -> RegionMap:
-    dim = _dim(op.params.get("dim", 0), len(i))
-    index = [j % i[dim] for j in op.params["index"]]
-
-    def back(box: Box) -> Step:
-        start, length = box[dim]
-        wanted = index[start : start + length]
-        low = min(wanted)
-        sub = _rerun(op, index=[j - low for j in wanted])
-        return _set(box, dim, (low, max(wanted) + 1 - low)), sub.run
-
-    return back
-
-
-def _rope_permute(op: OpCall, i: Shape, o: Shape) -> RegionMap:
-    head_dim = i[0] // op.params["heads"]
-    return _units(op, 0, head_dim, head_dim, lambda k: {"heads": k, "head_dim": head_dim})
-
-
-def _gqa_split(op: OpCall, i: Shape, o: Shape) -> RegionMap:
-    p = op.params
-    q_per_kv, head_dim = p["heads"] // p["kv_heads"], p["head_dim"]
-    rows_out = (q_per_kv if p["part"] == "q" else 1) * head_dim
-    return _units(op, 0, (q_per_kv + 2) * head_dim, rows_out, lambda k: {"heads": k * q_per_kv, "kv_heads": k})
-
-
-def _reshape(op: OpCall, i: Shape, o: Shape) -> RegionMap | None:
+def _reshape(op: OpCall, i: Shape, o: Shape) -> RegionMap:
+    """Dimensions both shapes start with keep the box. At the first that differs, whole units of
+    it are read: runs of the input's and the output's rows there of the same elements (rows of
+    ``(3, 8)`` and pairs of rows of ``(6, 4)``); the dimensions after it are read whole."""
     keep = next((k for k, (a, b) in enumerate(zip(i, o)) if a != b), min(len(i), len(o)))
-    if keep == 0 and i != o:
-        return None
+    if keep == min(len(i), len(o)):  # the rest is dimensions of size 1
+
+        def rest(box: Box) -> Step:
+            sub = OpCall("reshape", {"shape": list(_sizes(box[:keep])) + list(o[keep:])})
+            return box[:keep] + _whole(i[keep:]), sub.run
+
+        return rest
+    unit = math.lcm(math.prod(i[keep + 1 :]), math.prod(o[keep + 1 :]))  # elements in a run
+    per_in, per_out = unit // math.prod(i[keep + 1 :]), unit // math.prod(o[keep + 1 :])
 
     def back(box: Box) -> Step:
-        sub = OpCall("reshape", {"shape": [*_sizes(box[:keep]), *o[keep:]]})
-        rest = (slice(None),) * keep + box_slices(box[keep:])
-        return box[:keep] + _whole(i[keep:]), lambda x: sub.run(x)[rest]
+        start, length = box[keep]
+        first, end = start // per_out, -(-(start + length) // per_out)
+        sub = OpCall("reshape", {"shape": [*_sizes(box[:keep]), (end - first) * per_out, *o[keep + 1 :]]})
+        cut = (slice(None),) * keep + (slice(start - first * per_out, None),) + box_slices(box[keep + 1 :])
+        read = (first * per_in, (end - first) * per_in)
+        return box[:keep] + (read,) + _whole(i[keep + 1 :]), lambda x: sub.run(x)[cut].narrow(keep, 0, length)
 
     return back
 
@@ -224,19 +207,19 @@ def _pad(op: OpCall, i: Shape, o: Shape) -> RegionMap:
     return back
 
 
-_REGION_MAPS: dict[str, Callable[[OpCall, Shape, Shape], RegionMap | None]] = {
+_REGION_MAPS: dict[str, Callable[[OpCall, Shape, Shape], RegionMap]] = {
     "cast": _same,
     "scale": _same,
     "transpose": _transpose,
     "permute": _permute,
-    "narrow": _narrow,
     "take": _take,
     "unsqueeze": _unsqueeze,
     "squeeze": _squeeze,
-    "split": _split,
-    "select": _select,
-    "rope_permute": _rope_permute,
-    "gqa_split": _gqa_split,
+    "narrow": _taken(lambda op: op.params.get("dim", 0)),
+    "split": _taken(lambda op: op.params.get("dim", 0)),
+    "select": _taken(lambda op: op.params.get("dim", 0)),
+    "rope_permute": _taken(lambda op: 0),
+    "gqa_split": _taken(lambda op: 0),
     "reshape": _reshape,
     "pad": _pad,
 }
@@ -311,7 +294,7 @@ def _chain_back(ops: Sequence[OpCall], shapes: list[Shape], box: Box, target: to
     Ops without a region map read their input whole (their labels go to ``whole``)."""
     steps: list[Fn] = []
     for op, i, o in reversed(list(zip(ops, shapes, shapes[1:]))):
-        region = _region_map(op, i, o)
+        region = None if _empty(box) else _region_map(op, i, o)
         if _empty(box):
             box, fn = _empty_step(op, i, box, target)
         elif region is None:
@@ -333,12 +316,11 @@ def _chain_back(ops: Sequence[OpCall], shapes: list[Shape], box: Box, target: to
 def _fuse_back(
     parts: list[Shape], dim: int | None, groups: int, box: Box
 ) -> tuple[list[Box | None], Callable[[Sequence[torch.Tensor | None]], torch.Tensor]]:
-    """The box of each fused part that ``box`` of the fused tensor needs (``None``: none of it);
-    ``dim=None``: no fuse, the one part is the value."""
+    """The box of each fused part that ``box`` of the fused tensor needs (``None``: none of it),
+    and how to fuse the parts' boxes into it; ``dim=None``: no fuse, the one part is the value."""
     if dim is None:
         return [box], lambda xs: xs[0]  # type: ignore[return-value]  # one input, always read
     dim = _dim(dim, len(parts[0]))
-    start, length = box[dim]
     if _empty(box):
 
         def nothing(xs: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -347,23 +329,29 @@ def _fuse_back(
             return torch.empty(_sizes(box), dtype=dtype, device=read[0].device)
 
         return [tuple((0, 0) for _ in p) for p in parts], nothing
-    if groups == 1:
-        boxes: list[Box | None] = []
-        offset = 0
-        for p in parts:
-            low, high = max(start, offset), min(start + length, offset + p[dim])
-            boxes.append(_set(box, dim, (low - offset, high - low)) if high > low else None)
-            offset += p[dim]
-        return boxes, lambda xs: fuse([x for x in xs if x is not None], dim)
-    shares = [p[dim] // groups for p in parts]
-    block = sum(shares)
-    first, end = start // block, -(-(start + length) // block)
-    boxes = [_set(box, dim, (first * s, (end - first) * s)) for s in shares]
+    # which part, and which of its rows, each fused row is: by fusing the indices themselves
+    start, length = box[dim]
+    owner = fuse([torch.full((p[dim],), k) for k, p in enumerate(parts)], 0, groups)[start : start + length]
+    row = fuse([torch.arange(p[dim]) for p in parts], 0, groups)[start : start + length]
+    boxes: list[Box | None] = []
+    order = torch.empty(length, dtype=torch.long)  # each fused row's place in the parts' boxes, concatenated
+    offset = 0
+    for k in range(len(parts)):
+        mine = owner == k
+        if not bool(mine.any()):
+            boxes.append(None)
+            continue
+        low, high = int(row[mine].min()), int(row[mine].max()) + 1
+        boxes.append(_set(box, dim, (low, high - low)))
+        order[mine] = row[mine] - low + offset
+        offset += high - low
+    in_order = bool((order == torch.arange(length)).all()) and offset == length
 
-    def cut(xs: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        return fuse([x for x in xs if x is not None], dim, end - first).narrow(dim, start - first * block, length)
+    def join(xs: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        out = torch.cat([x for x in xs if x is not None], dim)
+        return out if in_order else out.index_select(dim, order.to(out.device))
 
-    return boxes, cut
+    return boxes, join
 
 
 def _check_box(recipe: Recipe, out: Shape, target: torch.Tensor, box: Box) -> None:
@@ -442,22 +430,8 @@ def region_plan(recipe: Recipe, source_shapes: Sequence[tuple[int, ...]], target
     return RegionPlan(tuple(reads), compute, tuple(label for label in order if label in whole))
 
 
-def whole_read_ops(
-    recipe: Recipe, source_shapes: Sequence[tuple[int, ...]] | None = None, target: torch.Tensor | None = None
-) -> tuple[str, ...]:
+def whole_read_ops(recipe: Recipe) -> tuple[str, ...]:
     """Labels of the recipe's ops without a region map, which read their input whole on every rank
-    that needs part of their output (for the report); the same on every rank.
-
-    Args:
-        recipe: The recipe.
-        source_shapes: The inputs' shapes, and
-        target: the target: with both, a ``reshape`` that changes the leading dimension counts
-            as reading whole too (by name alone, a reshape counts as ranged).
-
-    Raises:
-        PlanError: as :func:`region_plan`, with shapes and target given.
-    """
-    if source_shapes is not None and target is not None:
-        return region_plan(recipe, source_shapes, target, _whole(tuple(target.shape))).whole
+    that needs part of their output (for the report); the same on every rank."""
     labels = (op.label() for op in recipe.ops if op.fn is not None or op.op not in _REGION_MAPS)
     return tuple(dict.fromkeys(labels))
