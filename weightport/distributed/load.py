@@ -93,7 +93,7 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
     notes: list[str] = []
     staged: dict[str, torch.Tensor] = {}
     fresh: dict[str, torch.Tensor] = {}
-    reader = PlanReader(plan.source, recipes, {r.target: plan.targets[r.target].tensor.dtype for r in recipes})
+    reader = PlanReader(plan.source, recipes, {r.target: plan.targets[r.target].tensor for r in recipes})
 
     # 1. stage
     failure = _attempt(lambda: _stage(plan, recipes, staged, fresh, notes))
