@@ -131,9 +131,14 @@ def _tiny_source() -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    return x / 2
+
+
 TINY_RULES = (
     wp.fuse(["q.weight", "k.weight", "v.weight"], "qkv.weight", dim=0),
     wp.transform("conv.weight", "conv.weight", "transpose"),
+    wp.transform("head.bias", "head.bias", _halve),  # a callable has no region map: read whole
 )
 
 
@@ -170,11 +175,18 @@ def _distributed_tiny(meta: bool) -> Tiny:
 
 def _tiny_ranks(rank: int, world_size: int, path: str, meta: bool) -> dict:
     model = _distributed_tiny(meta)
-    report = wp.transfer(path, model, rules=TINY_RULES)
+    before = _rchar()
+    plan = wp.plan(path, model, rules=TINY_RULES)
+    planning_read = _rchar() - before
+    with pytest.raises(wp.errors.OptionError, match="dtype= does not apply to a sharded model"):
+        plan.apply(dtype=torch.float16)
+    report = plan.apply()
     return {
         "local": {n: p.to_local().clone() for n, p in model.named_parameters()},
         "full": {n: p.full_tensor().clone() for n, p in model.named_parameters()},
         "report": report.to_dict(),
+        "preview": plan.report.to_dict(),
+        "planning_read": planning_read,
     }
 
 
@@ -193,9 +205,38 @@ def test_placements_shard_rows_columns_uneven_and_replicated(tmp_path: Path, met
         assert torch.equal(got["local"]["head.weight"], want["head.weight"].chunk(2)[rank])
         assert got["local"]["head.weight"].shape[0] == (4, 3)[rank]
         assert torch.equal(got["local"]["norm.weight"], want["norm.weight"])
+    # every rank planned the same transfer, reading only the file's header
+    assert ranks[0]["preview"] == ranks[1]["preview"] and ranks[0]["preview"]["applied"] is False
+    assert all(got["planning_read"] < 64 * 1024 for got in ranks)
+    # each rank reads the replicated norm whole, and the head's bias, which a callable makes
     per_rank = ranks[0]["report"]["bytes_read_per_rank"]
-    replicated = source["norm.weight"].nbytes + source["norm.bias"].nbytes
-    assert sum(per_rank) == sum(t.nbytes for t in source.values()) + replicated  # each rank reads the norm whole
+    whole = source["norm.weight"].nbytes + source["norm.bias"].nbytes + source["head.bias"].nbytes
+    assert sum(per_rank) == sum(t.nbytes for t in source.values()) + whole
+    notes = [w for w in ranks[0]["report"]["warnings"] if "read whole" in w]
+    assert notes and "'head.bias' (_halve)" in notes[0] and "qkv" not in notes[0]
+
+
+def _transformers_ranks(rank: int, world_size: int, folder: str) -> torch.Tensor:
+    import transformers
+    from llm_models import hf_config
+
+    with wp.init_empty():  # keeps the rotary inv_freq buffers real
+        model = transformers.AutoModelForCausalLM.from_config(hf_config("llama", **SIZES))
+    _fsdp(model, list(model.model.layers))
+    report = wp.transfer(folder, model, strict=True)
+    assert report.counts()["loaded"] == len(report.entries)
+    with torch.no_grad():
+        return model(input_ids=tokens()).logits
+
+
+def test_fsdp_transformers_llama_built_with_init_empty_gives_the_same_logits(llama_folder: Path) -> None:
+    import transformers
+
+    single = transformers.AutoModelForCausalLM.from_pretrained(llama_folder).eval()
+    with torch.no_grad():
+        want = single(input_ids=tokens()).logits
+    for got in run_ranks(_transformers_ranks, str(llama_folder)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 # -- all or nothing --------------------------------------------------------------------------------
