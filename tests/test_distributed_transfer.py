@@ -175,8 +175,9 @@ def _distributed_tiny(meta: bool) -> Tiny:
 
 def _tiny_ranks(rank: int, world_size: int, path: str, meta: bool) -> dict:
     model = _distributed_tiny(meta)
+    source = wp.open_source(path)
     before = _rchar()
-    plan = wp.plan(path, model, rules=TINY_RULES)
+    plan = wp.plan(source, model, rules=TINY_RULES)
     planning_read = _rchar() - before
     with pytest.raises(wp.errors.OptionError, match="dtype= does not apply to a sharded model"):
         plan.apply(dtype=torch.float16)
@@ -187,17 +188,22 @@ def _tiny_ranks(rank: int, world_size: int, path: str, meta: bool) -> dict:
         "report": report.to_dict(),
         "preview": plan.report.to_dict(),
         "planning_read": planning_read,
+        "opened": [Path(f).name for f in source.opened_shards],
     }
 
 
 @pytest.mark.parametrize("meta", [True, False], ids=["meta-built", "materialised"])
 def test_placements_shard_rows_columns_uneven_and_replicated(tmp_path: Path, meta: bool) -> None:
     source = _tiny_source()
+    # a sharded folder whose second file holds only tensors the model does not take
     save_file(source, str(tmp_path / "tiny.safetensors"))
+    save_file({"other.weight": torch.ones(64, 64)}, str(tmp_path / "other.safetensors"))
+    weight_map = {**dict.fromkeys(source, "tiny.safetensors"), "other.weight": "other.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     single = Tiny()
     wp.transfer(source, single, rules=TINY_RULES)
     want = single.state_dict()
-    ranks = run_ranks(_tiny_ranks, str(tmp_path / "tiny.safetensors"), meta)
+    ranks = run_ranks(_tiny_ranks, str(tmp_path), meta)
     for rank, got in enumerate(ranks):
         for name, full in want.items():
             assert torch.equal(got["full"][name], full), name
@@ -205,6 +211,8 @@ def test_placements_shard_rows_columns_uneven_and_replicated(tmp_path: Path, met
         assert torch.equal(got["local"]["head.weight"], want["head.weight"].chunk(2)[rank])
         assert got["local"]["head.weight"].shape[0] == (4, 3)[rank]
         assert torch.equal(got["local"]["norm.weight"], want["norm.weight"])
+    assert ranks[0]["opened"] == ranks[1]["opened"] == ["tiny.safetensors"]  # only the file holding needed tensors
+    assert ranks[0]["report"]["unused"] == ["other.weight"]
     # every rank planned the same transfer, reading only the file's header
     assert ranks[0]["preview"] == ranks[1]["preview"] and ranks[0]["preview"]["applied"] is False
     assert all(got["planning_read"] < 64 * 1024 for got in ranks)
