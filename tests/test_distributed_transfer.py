@@ -292,6 +292,27 @@ def test_a_failure_on_rank_1_leaves_every_rank_unchanged(tmp_path: Path, how: st
             assert ("injected failure" if how == "op" else "NaN") in got["error"][1]
 
 
+def _rank_1_never_comes(rank: int, world_size: int, path: str) -> dict:
+    import time
+
+    model = _distributed_tiny(meta=False)
+    before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    if rank == 1:
+        time.sleep(12)  # never calls transfer; stays alive past rank 0's timeout
+        return {}
+    start = time.monotonic()
+    with pytest.raises(wp.errors.DistributedError, match="every rank must call weightport.transfer") as e:
+        wp.transfer(path, model, rules=TINY_RULES, timeout=3)
+    unchanged = all(torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
+    return {"seconds": time.monotonic() - start, "unchanged": unchanged, "message": str(e.value)}
+
+
+def test_a_rank_that_never_comes_makes_the_others_raise_not_hang(tmp_path: Path) -> None:
+    save_file(_tiny_source(), str(tmp_path / "tiny.safetensors"))
+    got = run_ranks(_rank_1_never_comes, str(tmp_path / "tiny.safetensors"))[0]
+    assert got["unchanged"] and got["seconds"] < 10, got
+
+
 # -- memory: a meta-built sharded model never holds a full-size tensor -----------------------------------
 
 

@@ -74,7 +74,14 @@ def apply_sharded(plan: TransferPlan, options: ApplyOptions) -> TransferReport:
             "the model's parameters are DTensors but no process group is initialised; call "
             "torch.distributed.init_process_group() (torchrun does) before weightport.transfer"
         )
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=options.timeout))
+    try:  # a collective too: every rank must arrive within the timeout
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=options.timeout))
+    except Exception as e:
+        raise DistributedError(
+            f"starting a sharded transfer: rank {dist.get_rank()} did not hear from every rank within "
+            f"timeout={options.timeout} s ({type(e).__name__}: {e}); every rank must call weightport.transfer "
+            "with the same arguments; nothing was changed"
+        ) from e
     try:
         with gc_paused():
             return _apply(plan, options, group)
