@@ -51,17 +51,12 @@ from weightport.errors import DistributedError, NonFiniteError, OptionError, Pla
 from weightport.options import ApplyOptions
 
 if TYPE_CHECKING:
-    from weightport.planning.data import Recipe, Target, TransferPlan
+    from weightport.planning.data import Recipe, TransferPlan
     from weightport.report import TransferReport
 
-__all__ = ["apply_sharded", "is_sharded"]
+__all__ = ["apply_sharded"]
 
 log = logging.getLogger(__name__)
-
-
-def is_sharded(targets: dict[str, Target]) -> bool:
-    """Whether any target tensor is a DTensor (FSDP2, tensor parallel): then the plan applies here."""
-    return any(isinstance(t.tensor, DTensor) for t in targets.values())
 
 
 def apply_sharded(plan: TransferPlan, options: ApplyOptions) -> TransferReport:
