@@ -39,18 +39,24 @@ def _recipe(
     return Recipe("t", tuple(inputs), fuse_dim, tuple(post), None, None, groups)
 
 
-def _values(shapes: Sequence[Shape], seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g) for s in shapes]
+def _values(shapes: Sequence[Shape], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g).mul(8).to(dtype) for s in shapes]
 
 
 def _meta(shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _check(recipe: Recipe, shapes: Sequence[Shape], box: Box, target: torch.Tensor | None = None) -> RegionPlan:
+def _check(
+    recipe: Recipe,
+    shapes: Sequence[Shape],
+    box: Box,
+    target: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> RegionPlan:
     """The plan for ``box``, after checking it against the whole recipe, bit for bit."""
-    values = _values(shapes)
+    values = _values(shapes, dtype)
     keys = {inp.key: v for inp, v in zip(recipe.inputs, values)}
     if target is None:
         target = _meta(tuple(evaluate(recipe, lambda k: _meta(tuple(keys[k].shape)), _meta(())).shape))
@@ -424,7 +430,8 @@ def _boxes(draw: st.DrawFn, shape: Shape) -> Box:
 def _any_box_of_any_recipe(data: st.DataObject) -> None:
     recipe, shapes, target = data.draw(_recipes())
     box = data.draw(_boxes(tuple(target.shape)))
-    plan = _check(recipe, shapes, box, target)
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float64, torch.int32]))
+    plan = _check(recipe, shapes, box, target, dtype)
     assert set(plan.whole) <= set(whole_read_ops(recipe))
 
 
@@ -442,3 +449,30 @@ def test_any_box_of_any_recipe_equals_the_whole_recipe_there(data):
 @given(st.data())
 def test_any_box_of_any_recipe_equals_the_whole_recipe_there_many(data):
     _any_box_of_any_recipe(data)
+
+
+def test_a_box_given_as_lists_is_read_as_a_box():
+    plan = region_plan(_recipe([Input("w")]), [[4, 3]], _meta((4, 3)), [[1, 2], torch.Size([0, 3])])
+    assert plan.reads == (((1, 2), (0, 3)),)
+    with pytest.raises(PlanError, match="not a \\(start, length\\) per dimension"):
+        region_plan(_recipe([Input("w")]), [(4, 3)], _meta((4, 3)), ((1, 2, 3), (0, 3)))
+
+
+def test_biases_fuse_and_permute_by_rows():
+    recipe = _recipe([Input("bq", (_op("rope_permute", heads=2),)), Input("bk"), Input("bv")], fuse_dim=-1)
+    assert _check(recipe, [(8,), (4,), (4,)], ((6, 4),)).reads == (((5, 3),), ((0, 2),), None)  # rows 5, 7
+    grouped = _recipe([Input("bq"), Input("bk"), Input("bv")], fuse_dim=0, groups=2)
+    assert _check(grouped, [(8,), (4,), (4,)], ((2, 4),)).reads == (((2, 2),), ((0, 2),), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int32, torch.float8_e4m3fn])
+def test_sources_of_any_dtype_compute_bit_for_bit(dtype):
+    recipe = _recipe(
+        [Input("q", (_op("rope_permute", heads=2),)), Input("k", (_op("transpose"),))], fuse_dim=0, groups=2
+    )
+    values = [torch.randn(s).mul(8).to(dtype) for s in [(8, 6), (6, 4)]]
+    target = _meta((12, 6), dtype)
+    plan = region_plan(recipe, [(8, 6), (6, 4)], target, ((3, 7), (1, 4)))
+    got = plan.compute([None if r is None else v[box_slices(r)] for r, v in zip(plan.reads, values)])
+    want = evaluate(recipe, dict(zip("qk", values)).__getitem__, target)[3:10, 1:5]
+    assert got.dtype == dtype and torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))

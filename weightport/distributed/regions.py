@@ -67,7 +67,7 @@ class RegionPlan(NamedTuple):
         reads: Per recipe input, in order: the box of that source tensor to read, or ``None`` when
             the box needs nothing of it.
         compute: The values read (``None`` where ``reads`` is) to a tensor of exactly the box's
-            shape and values.
+            shape and values (it may be a view of a value read).
         whole: Labels of the ops without a region map that read their input whole; ``()`` when
             every read is ranged.
     """
@@ -405,7 +405,11 @@ def region_plan(recipe: Recipe, source_shapes: Sequence[tuple[int, ...]], target
         )
     _check_values(recipe)
     meta = torch.empty(tuple(target.shape), dtype=target.dtype, device="meta")
-    shapes = [tuple(s) for s in source_shapes]
+    shapes = [tuple(int(n) for n in s) for s in source_shapes]
+    try:  # lists, or offsets and sizes as torch.Size, will do
+        box = tuple((int(s), int(n)) for s, n in box)
+    except (TypeError, ValueError):
+        raise PlanError(f"{recipe.target!r}: the box {box!r} is not a (start, length) per dimension") from None
     try:
         trace = _trace(recipe, shapes, meta)
     except OpError:  # a callable that cannot run on meta tensors: no shapes to walk back through
