@@ -177,6 +177,20 @@ def test_take_narrow_select_and_squeezes_shift_the_box():
     assert _check(squeezes, [(7,)], ((2, 3),)).reads == (((2, 3),),)
 
 
+def test_negative_dims_count_from_the_end():
+    recipe = _recipe([Input("w", (_op("transpose", dim0=-1, dim1=-2), _op("narrow", dim=-1, start=-3, length=2)))])
+    assert _check(recipe, [(2, 5, 4)], ((1, 1), (1, 2), (0, 2))).reads == (((1, 1), (2, 2), (1, 2)),)
+    take = _recipe([Input("w", (_op("take", index=-2, dim=-1),))])
+    assert _check(take, [(3, 4)], ((1, 2),)).reads == (((1, 2), (2, 1)),)
+
+
+def test_a_scalar_target_reads_one_element():
+    recipe = _recipe([Input("scales", (_op("take", index=2),))])
+    plan = _check(recipe, [(4,)], ())
+    assert plan.reads == (((2, 1),),)
+    assert _check(_recipe([Input("s")]), [()], ()).reads == ((),)
+
+
 def test_reshape_keeping_the_rows_reads_only_the_rows():
     recipe = _recipe([Input("fc", (_op("reshape", shape=[4, 2, 3, 3]),))])  # a Linear into a 3x3 conv
     plan = _check(recipe, [(4, 18)], _rows(1, 2, (4, 2, 3, 3)))
