@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from weightport.distributed.regions import RegionPlan, region_plan, whole_read_ops
-from weightport.errors import PlanError
+from weightport.errors import OpError, PlanError
 from weightport.mapping.ops import OpCall
 from weightport.planning.data import Input, Recipe, evaluate
 from weightport.sources.base import Box, box_slices
@@ -502,6 +502,12 @@ def test_any_box_of_any_recipe_equals_the_whole_recipe_there(data):
 @given(st.data())
 def test_any_box_of_any_recipe_equals_the_whole_recipe_there_many(data):
     _any_box_of_any_recipe(data)
+
+
+def test_an_op_that_cannot_run_on_the_shapes_is_an_op_error():
+    recipe = _recipe([Input("wq", (_op("rope_permute", heads=3),))])
+    with pytest.raises(OpError, match=r"rope_permute.*not a multiple of heads=3"):
+        region_plan(recipe, [(8, 2)], _meta((8, 2)), _rows(0, 4, (8, 2)))
 
 
 def test_a_box_given_as_lists_is_read_as_a_box():

@@ -398,6 +398,7 @@ def region_plan(recipe: Recipe, source_shapes: Sequence[tuple[int, ...]], target
 
     Raises:
         PlanError: an op needs the target's values, or the box does not fit the target.
+        OpError: an op cannot run on the inputs' shapes.
     """
     if len(source_shapes) != len(recipe.inputs):
         raise PlanError(
@@ -412,7 +413,9 @@ def region_plan(recipe: Recipe, source_shapes: Sequence[tuple[int, ...]], target
         raise PlanError(f"{recipe.target!r}: the box {box!r} is not a (start, length) per dimension") from None
     try:
         trace = _trace(recipe, shapes, meta)
-    except OpError:  # a callable that cannot run on meta tensors: no shapes to walk back through
+    except OpError:  # registered ops run on meta tensors; a user callable may not: read all whole
+        if all(op.fn is None for op in recipe.ops):
+            raise
         return _whole_plan(recipe, shapes, meta, box)
     _check_box(recipe, trace.post[-1], target, box)
     whole: set[str] = set()
