@@ -295,13 +295,13 @@ def _chain_back(ops: Sequence[OpCall], shapes: list[Shape], box: Box, target: to
     steps: list[Fn] = []
     for op, i, o in reversed(list(zip(ops, shapes, shapes[1:]))):
         region = None if _empty(box) else _region_map(op, i, o)
-        if _empty(box):
+        if region is not None:
+            box, fn = region(box)
+        elif _empty(box):
             box, fn = _empty_step(op, i, box, target)
-        elif region is None:
+        else:
             whole.add(op.label())
             box, fn = _whole_step(op, i, box, target)
-        else:
-            box, fn = region(box)
         steps.append(fn)
     steps.reverse()
 
