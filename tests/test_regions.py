@@ -134,6 +134,17 @@ def test_grouped_fuse_reads_each_input_s_rows_in_the_box():
     assert _check(recipe, shapes, _rows(0, 16, (16, 4))).reads == whole
 
 
+def test_a_grouped_wqkv_of_rotated_q_and_k_gives_each_rank_its_kv_groups():
+    # torchtitan's fused wqkv from Hugging Face q, k, v: 4 q heads and 2 kv heads of 8 rows, per kv group
+    inputs = [Input("q", (_op("rope_permute", heads=4),)), Input("k", (_op("rope_permute", heads=2),)), Input("v")]
+    recipe = _recipe(inputs, fuse_dim=0, groups=2)
+    shapes = [(32, 6), (16, 6), (16, 6)]
+    rank0, rank1 = _rows(0, 32, (64, 6)), _rows(32, 32, (64, 6))
+    assert _check(recipe, shapes, rank0).reads == (((0, 16), (0, 6)), ((0, 8), (0, 6)), ((0, 8), (0, 6)))
+    assert _check(recipe, shapes, rank1).reads == (((16, 16), (0, 6)), ((8, 8), (0, 6)), ((8, 8), (0, 6)))
+    assert _check(recipe, shapes, _rows(16, 8, (64, 6))).reads == (None, ((0, 8), (0, 6)), None)  # group 0's k
+
+
 def test_rope_permute_reads_the_rows_of_the_heads_in_the_box():
     # interleaved, 4 rows a head: a head's rows 0, 1, 2, 3 are its rows 0, 2, 1, 3 in the source
     recipe = _recipe([Input("wq", (_op("rope_permute", heads=4),))])
