@@ -222,6 +222,19 @@ def test_an_op_without_a_region_map_reads_its_input_whole():
     assert whole_read_ops(recipe) == ("_flip",)
 
 
+@pytest.mark.parametrize(
+    ("adapter", "source", "target", "box"),
+    [
+        ("pos_embed", (1, 17, 8), (1, 26, 8), ((0, 1), (0, 26), (4, 4))),
+        ("patch_embed", (4, 3, 4, 4), (4, 3, 6, 6), ((2, 2), (0, 3), (0, 6), (0, 6))),
+    ],
+)
+def test_an_adapter_needing_the_target_s_shape_runs_on_its_whole_input(adapter, source, target, box):
+    recipe = _recipe([Input("w", (_op(adapter),))])
+    plan = _check(recipe, [source], box, _meta(target))
+    assert plan.reads == (tuple((0, n) for n in source),) and plan.whole == (_op(adapter).label(),)
+
+
 def test_a_reshape_of_the_leading_dimension_reads_whole_runs_of_rows():
     recipe = _recipe([Input("w", (_op("reshape", shape=[6, 4]),))])  # a row of the source is two of the target
     assert _check(recipe, [(3, 8)], _rows(2, 2, (6, 4))).reads == (((1, 1), (0, 8)),)
