@@ -78,12 +78,21 @@ def read_metadata(folder: str, *, trust_pickle: bool = False) -> ReadMetadata:
     """Read ``folder/.metadata`` safely (or with DCP's own ``pickle.load`` when ``trust_pickle``).
 
     Raises:
-        SourceNotFoundError: The folder holds no ``.metadata``.
-        CorruptFileError: It is empty, damaged, or describes data it cannot hold.
+        SourceNotFoundError: The folder holds no ``.metadata`` and no data files.
+        CorruptFileError: It holds data files but no ``.metadata`` (an unfinished save), or ``.metadata``
+            is empty, damaged, or describes data it cannot hold.
     """
     path = os.path.join(folder, METADATA_FILE)
     if not os.path.isfile(path):
-        raise SourceNotFoundError(_missing(folder))
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        if any(n.endswith(DATA_SUFFIX) for n in names):
+            raise CorruptFileError(
+                f"{folder}: holds DCP data files (*{DATA_SUFFIX}) but no {METADATA_FILE}, which DCP writes last: "
+                "the save did not finish; save the checkpoint again"
+            )
+        raise SourceNotFoundError(
+            f"{folder}: no {METADATA_FILE} file, so it is not a torch.distributed.checkpoint folder"
+        )
     if trust_pickle:
         try:
             return ReadMetadata(FileSystemReader(folder).read_metadata(), ())
@@ -105,16 +114,6 @@ def read_metadata(folder: str, *, trust_pickle: bool = False) -> ReadMetadata:
 
 
 _FIX = "the checkpoint folder is damaged or was not written by torch.distributed.checkpoint; save it again"
-
-
-def _missing(folder: str) -> str:
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    if any(n.endswith(DATA_SUFFIX) for n in names):
-        return (
-            f"{folder}: holds DCP data files (*{DATA_SUFFIX}) but no {METADATA_FILE}, which DCP writes last: "
-            "the save did not finish; save the checkpoint again"
-        )
-    return f"{folder}: no {METADATA_FILE} file, so it is not a torch.distributed.checkpoint folder"
 
 
 _LAYOUTS = {"torch.strided": torch.strided}

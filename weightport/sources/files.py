@@ -82,7 +82,7 @@ def open_path(
         UnsafeFileError: a pickle whose weights cannot be recovered without running its code.
         HashMismatchError: ``expected_sha256`` does not match.
     """
-    if os.path.isdir(path) and is_dcp_folder(path):
+    if is_dcp_folder(path) or (os.path.basename(path) == ".metadata" and is_dcp_folder(os.path.dirname(path) or ".")):
         if expected_sha256 is not None:
             raise SourceError(f"{path}: expected_sha256 applies to a single file; a DCP checkpoint folder has several")
         from weightport.sources.dcp import open_dcp  # imports torch.distributed.checkpoint: only when needed
