@@ -223,7 +223,14 @@ def _save_sharded_then_read_each_rank(rank: int, world_size: int, folder: str) -
     start, rows = shard_rows(rank, world_size, 64)
     part, nbytes = src.read_region("layers.0.weight", ((start, rows), (0, 64)))
     assert torch.equal(part, state["layers.0.weight"].to_local())
-    return {"full": {k: v.full_tensor() for k, v in state.items()}, "bytes": nbytes}
+    fresh = sharded_stack(seed=8)  # and into a sharded model: each rank reads the chunks of its rows
+    report = wp.transfer(folder, fresh, strict=True)
+    assert all(torch.equal(v.to_local(), state[k].to_local()) for k, v in fresh.state_dict().items())
+    return {
+        "full": {k: v.full_tensor() for k, v in state.items()},
+        "bytes": nbytes,
+        "per_rank": report.bytes_read_per_rank,
+    }
 
 
 @pytest.mark.slow
@@ -242,6 +249,9 @@ def test_a_folder_saved_by_two_fsdp2_ranks_loads_into_a_plain_model(tmp_path):
     assert torch.equal(part, full["layers.0.weight"][0:2, 1:4])
     assert nbytes == results[0]["bytes"] and whole / 2 <= nbytes < whole / 2 + 2048  # rank 0's chunk, whole
     assert results[1]["bytes"] == nbytes
+    stored = sum(os.path.getsize(f) for f in src.info.files if f.endswith(".distcp"))
+    per_rank = results[0]["per_rank"]
+    assert len(per_rank) == 2 and sum(per_rank) <= stored and all(n < 0.6 * stored for n in per_rank)
     _, both = src.read_region("layers.0.weight", ((31, 2), (0, 64)))  # rows of both ranks
     assert both == 2 * nbytes
 
