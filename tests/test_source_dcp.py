@@ -250,3 +250,26 @@ def test_a_folder_saved_by_two_fsdp2_ranks_loads_into_a_plain_model(tmp_path):
     assert torch.equal(part, full["layers.0.weight"][0:32])
     with pytest.raises(CorruptFileError, match="__1_0.distcp"):
         src["layers.0.weight"]
+
+
+def test_a_mutated_metadata_file_opens_or_fails_as_a_weightport_error(tmp_path):
+    import random
+
+    from weightport.errors import WeightportError
+
+    dcp_save({"model": {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(2)}, "step": 3}, tmp_path / "ck")
+    meta = tmp_path / "ck" / ".metadata"
+    good = meta.read_bytes()
+    rng = random.Random(0)
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        meta.write_bytes(bytes(data))
+        try:
+            src = wp.open_source(tmp_path / "ck")
+            for name in src:
+                src[name]
+                src.read_region(name, tuple((0, 1) for _ in src.meta(name).shape))
+        except WeightportError:
+            pass
