@@ -105,3 +105,22 @@ def test_read_region_of_a_sharded_folder_opens_only_the_shard_that_holds_it(file
 def _rchar() -> int:
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch", "sharded"])
+def test_read_region_fills_the_tensor_it_is_given(files: dict[str, str], kind: str) -> None:
+    out = torch.full((2, 5, 4), -1.0)
+    with wp.open_source(files[kind]) as source:
+        got, nbytes = source.read_region("w", ((3, 2), (0, 5), (0, 4)), out=out)
+    assert got is out and torch.equal(out, TENSORS["w"][3:5]) and nbytes == out.nbytes
+
+
+def test_read_region_refuses_a_tensor_of_another_shape_or_dtype(files: dict[str, str]) -> None:
+    with wp.open_source(files["safetensors"]) as source:
+        for out in (
+            torch.empty(3, 5, 4),
+            torch.empty(2, 5, 4, dtype=torch.float64),
+            torch.empty(5, 2, 4).transpose(0, 1),
+        ):
+            with pytest.raises(wp.errors.ShapeMismatchError, match="give a contiguous CPU tensor"):
+                source.read_region("w", ((3, 2), (0, 5), (0, 4)), out=out)

@@ -84,15 +84,24 @@ class PlanReader(StorageReader):
         for item in plan.items:
             name = item.storage_index.fqn
             box = tuple(zip(item.storage_offsets, item.lengths))
-            value = self.region(name, box)
             dest = planner.resolve_tensor(item).detach()
-            dest.copy_(value)
+            recipe = self.recipes[name]
+            if recipe.plain and self._fits(recipe.inputs[0].key, dest):
+                self.bytes_read += self.source.read_region(recipe.inputs[0].key, box, out=dest)[
+                    1
+                ]  # straight into place
+            else:
+                dest.copy_(self.region(name, box))
             planner.commit_tensor(item, dest)
         done: Future[None] = Future()
         done.set_result(None)
         return done
 
     # -- weightport ---------------------------------------------------------------------------------
+    def _fits(self, key: str, dest: torch.Tensor) -> bool:
+        """Whether the source's values can be read into ``dest`` as they are."""
+        return dest.is_cpu and dest.is_contiguous() and dest.dtype == self.source.meta(key).dtype
+
     def region(self, name: str, box: Box) -> torch.Tensor:
         """The values of target ``name`` inside ``box``, read from the source boxes they need."""
         recipe = self.recipes[name]

@@ -155,10 +155,11 @@ class DCPSource(Source):
         whole = [tuple((0, d) for d in h.meta.shape) for h in handles]
         self._read(handles, whole, outs)
 
-    def _read_region_of(self, handle: _Entry, box: Box) -> tuple[torch.Tensor, int]:
+    def _read_region_of(self, handle: _Entry, box: Box, out: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """The box's values, reading only the saved chunks that overlap it, each whole (DCP's
         reader deserialises a stored chunk as one item); the count is their stored sizes."""
-        out = torch.empty(tuple(n for _, n in box), dtype=handle.meta.dtype)
+        if out is None:
+            out = torch.empty(tuple(n for _, n in box), dtype=handle.meta.dtype)
         return out, self._read([handle], [box], [out])
 
     def _read(self, handles: list[_Entry], boxes: list[Box], outs: list[torch.Tensor]) -> int:
