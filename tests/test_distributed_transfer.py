@@ -265,6 +265,7 @@ def test_placements_shard_rows_columns_uneven_and_replicated(tiny_runs: dict, me
     assert sum(per_rank) == sum(t.nbytes for t in source.values()) + whole
     notes = [w for w in ranks[0]["report"]["warnings"] if "read whole" in w]
     assert notes and "'head.bias' (_halve)" in notes[0] and "qkv" not in notes[0]
+    assert notes[0] in ranks[0]["preview"]["warnings"]  # the plan says so before anything is read
 
 
 def _transformers_ranks(rank: int, world_size: int, folder: str) -> torch.Tensor:

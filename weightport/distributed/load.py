@@ -47,7 +47,6 @@ from weightport.apply import (
     _Swap,
 )
 from weightport.distributed.reader import PlanReader
-from weightport.distributed.regions import whole_read_ops
 from weightport.errors import DistributedError, NonFiniteError, OptionError, PlanError
 from weightport.options import ApplyOptions
 
@@ -132,7 +131,7 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
         applied=True,
         stats=stats,
         bytes_read_per_rank=per_rank,
-        warnings=plan.report.warnings + tuple(notes) + _whole_reads_note(plan, recipes),
+        warnings=plan.report.warnings + tuple(notes),
     )
     # 4. commit: nothing here can fail
     with _progress.progress(False, 0, desc="weightport: committing") as bar, _interrupts_deferred(), torch.no_grad():
@@ -250,16 +249,3 @@ def _write(old: torch.Tensor, new: torch.Tensor, recipe: Recipe | None, owners: 
     if isinstance(old, nn.Parameter):
         new = nn.Parameter(new, requires_grad=old.requires_grad)
     return _Swap(old, new, owners.get(id(old), []))
-
-
-def _whole_reads_note(plan: TransferPlan, recipes: list[Recipe]) -> tuple[str, ...]:
-    """The sharded targets whose ops have no region map (the same on every rank)."""
-    whole = {
-        r.target: ops
-        for r in recipes
-        if isinstance(plan.targets[r.target].tensor, DTensor) and (ops := whole_read_ops(r))
-    }
-    if not whole:
-        return ()
-    listed = ", ".join(f"{name!r} ({', '.join(ops)})" for name, ops in sorted(whole.items()))
-    return (f"read whole on each rank that holds part of them (ops without a region map): {listed}",)
