@@ -214,6 +214,33 @@ def _tiny_ranks(rank: int, world_size: int, path: str, meta: bool) -> dict:
     }
 
 
+class Offset(nn.Module):
+    """A layer whose initialisation is ``arange + c`` for one random ``c``: shards drawn by ranks
+    with different generators would show different ``c``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(5, 3))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.arange(15.0).reshape(5, 3) + torch.rand(()))
+
+
+def _fresh_ranks(rank: int, world_size: int) -> dict:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), Offset())
+    _fsdp(model, list(model))
+    torch.manual_seed(100 + rank)  # the ranks' generators differ
+    report = wp.transfer({"0.weight": torch.ones(4, 3), "0.bias": torch.zeros(4)}, model)
+    return {
+        "fresh": [e.target for e in report.fresh],
+        "weight": model[1].weight.full_tensor(),
+        "local": model[1].weight.to_local(),
+    }
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
     """One spawn of the ranks for every scenario on the tiny models."""
@@ -233,6 +260,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
         "placements materialised": (_tiny_ranks, (str(folder), False)),
         "strict": (_failing_ranks, (str(folder / "tiny.safetensors"), False, "strict")),
         "largest": (_largest_allocation, (str(folder / "big.safetensors"),)),
+        "fresh": (_fresh_ranks, ()),
     }
     for meta in (True, False):
         calls[f"op {meta}"] = (_failing_ranks, (str(folder / "tiny.safetensors"), meta, "op"))
@@ -340,6 +368,16 @@ def test_a_failure_on_rank_1_leaves_every_rank_unchanged(tiny_runs: dict, how: s
             assert got["error"] is not None and got["error"][0] == "DistributedError"
             assert list(got["error"][2]) == [1], got["error"]
             assert ("injected failure" if how == "op" else "NaN") in got["error"][1]
+
+
+def test_a_fresh_sharded_tensor_is_initialised_once_for_all_ranks(tiny_runs: dict) -> None:
+    """Each rank holds its rows of one initialisation (rank 0's seed), as the module's own
+    ``reset_parameters`` gives it, whatever each rank's generator holds."""
+    for rank, got in enumerate(tiny_runs["fresh"]):
+        assert got["fresh"] == ["1.weight"]
+        offset = got["weight"] - torch.arange(15.0).reshape(5, 3)
+        assert torch.allclose(offset, offset[0, 0].expand_as(offset)) and 0 <= float(offset[0, 0]) < 1
+        assert torch.equal(got["local"], got["weight"].chunk(2)[rank])
 
 
 def _rank_1_never_comes(rank: int, world_size: int, path: str) -> dict:

@@ -10,13 +10,12 @@ model is untouched until the commit:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from weightport._hooks import meta_shadow
+from weightport._hooks import meta_shadow, shallow_copy
 from weightport._init_record import Record, record_of, replay
 from weightport.errors import PlanError
 
@@ -121,7 +120,7 @@ def _shadow(module: nn.Module, place: Place, *, deep: bool) -> nn.Module:
     tensors are real zeros (in the dtype and on the device each ends with). Its other tensors are
     meta stand-ins and its children meta shadows, or with ``deep`` real copies and real shadows
     (an initialiser that reads a child parameter's device, as timm Swin's ``_init_buffers``)."""
-    shadow = copy.copy(module)
+    shadow = shallow_copy(module)
     children = module._modules.items()
     shadow.__dict__["_modules"] = {
         n: _shadow(c, place, deep=True) if deep else meta_shadow(c) for n, c in children if c is not None

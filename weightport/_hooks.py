@@ -16,7 +16,6 @@ Replay marks it with :class:`HookConsumed`; the report lists it as consumed, not
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
@@ -302,9 +301,17 @@ def _merged(
     return out
 
 
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """``copy.copy(module)`` for any module: the same class and attributes. (FSDP2's classes pickle
+    as the class they wrap, which ``copy.copy`` would call with no arguments.)"""
+    clone = object.__new__(type(module))
+    clone.__dict__.update(module.__dict__)
+    return clone
+
+
 def meta_shadow(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers are meta stand-ins."""
-    shadow = copy.copy(module)
+    shadow = shallow_copy(module)
     shadow._parameters = {
         a: None if t is None else nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
         for a, t in module._parameters.items()

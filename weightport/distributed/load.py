@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from weightport import _progress
 from weightport._fresh import fresh_values
@@ -107,9 +107,9 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
     others: list[_Swap] = []  # the model's meta tensors outside the targets (into=, non-persistent buffers)
     reader = PlanReader(plan.source, recipes, {r.target: plan.targets[r.target].tensor for r in recipes})
 
-    # 1. stage
-    failure = _attempt(lambda: _stage(plan, options, recipes, staged, fresh, others, notes))
-    _agree(group, failure, "preparing")
+    # 1. stage; the ranks agree, and on rank 0's seed for the tensors that load nothing
+    failure = _attempt(lambda: _stage(plan, options, recipes, staged, others, notes))
+    seed = _agree(group, failure, "preparing", _seed_if(_fresh_names(plan, recipes)))[0][1]
     # 2. read: DCP agrees on failures itself, raising CheckpointException (a BaseException) on every rank
     try:
         dcp.load(staged, storage_reader=reader, process_group=group)
@@ -117,8 +117,13 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
         raise _from_dcp(e) from None
     except Exception as e:  # a collective timed out, or the process group failed
         raise DistributedError(f"reading the shards failed on rank {rank}: {type(e).__name__}: {e}") from e
-    # 3. check, agree, and exchange the bytes read
-    failure = _attempt(lambda: _check_finite(plan, recipes, staged, options, notes))
+
+    # 3. initialise, check, agree, and exchange the bytes read
+    def initialise_and_check() -> None:
+        _fresh(plan, recipes, int(seed), fresh, notes)
+        _check_finite(plan, recipes, staged, options, notes)
+
+    failure = _attempt(initialise_and_check)
     answers = _agree(group, failure, "checking", reader.bytes_read)
     writes = [_write(plan.targets[r.target].tensor, staged[r.target], r, owners) for r in recipes]
     writes.extend(_write(plan.targets[n].tensor, t, None, owners) for n, t in fresh.items())
@@ -183,12 +188,11 @@ def _stage(
     options: ApplyOptions,
     recipes: list[Recipe],
     staged: dict[str, torch.Tensor],
-    fresh: dict[str, torch.Tensor],
     others: list[_Swap],
     notes: list[str],
 ) -> None:
-    """New tensors shaped like each loaded target's local shard; initial values for meta-built ones
-    that load nothing, and for the model's other meta tensors (on the mesh's device)."""
+    """New tensors shaped like each loaded target's local shard, and values for the model's meta
+    tensors outside the targets (non-persistent buffers, outside ``into=``) on the mesh's device."""
     for recipe in recipes:
         t = plan.targets[recipe.target].tensor
         local = _local(t)
@@ -198,16 +202,48 @@ def _stage(
                 new, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
             )
         staged[recipe.target] = new
-    loaded = {r.target for r in recipes}
-    targets = plan.targets
-    meta = [
-        n for n in filterfalse(loaded.__contains__, targets) if targets[n].canonical == n and targets[n].tensor.is_meta
-    ]
-    if meta:
-        fresh.update(fresh_values(plan.scope, meta, lambda t: (t.dtype, _device(t)), notes))
     if plan.materialise is not None and plan.targets:
         device = _device(next(t.tensor for t in plan.targets.values() if isinstance(t.tensor, DTensor)))
         others.extend(_materialise(plan, replace(options, device=device), notes))
+
+
+def _fresh_names(plan: TransferPlan, recipes: list[Recipe]) -> list[str]:
+    """The meta-built targets that load nothing."""
+    loaded = {r.target for r in recipes}
+    targets = plan.targets
+    return [
+        n for n in filterfalse(loaded.__contains__, targets) if targets[n].canonical == n and targets[n].tensor.is_meta
+    ]
+
+
+def _seed_if(names: list[str]) -> int:
+    """A seed for initialising ``names`` (one draw of this rank's generator), or 0 when there are none."""
+    return int(torch.randint(0, 2**62, ())) if names else 0
+
+
+def _fresh(
+    plan: TransferPlan, recipes: list[Recipe], seed: int, out: dict[str, torch.Tensor], notes: list[str]
+) -> None:
+    """Initial values for the meta-built targets that load nothing, as their modules' own
+    initialisation gives them, computed whole on every rank from rank 0's ``seed`` (so every rank
+    computes the same tensor) and cut to the rank's shard: a fresh sharded tensor is held whole
+    for a moment, on every rank."""
+    names = _fresh_names(plan, recipes)
+    if not names:
+        return
+    devices = (
+        [torch.cuda.current_device()] if any(_device(plan.targets[n].tensor).type == "cuda" for n in names) else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        values = fresh_values(plan.scope, names, lambda t: (t.dtype, _device(t)), notes)
+    for name, value in values.items():
+        t = plan.targets[name].tensor
+        if isinstance(t, DTensor):
+            value = distribute_tensor(
+                value, t.device_mesh, t.placements, src_data_rank=None
+            )  # this rank's part, no collective
+        out[name] = value
 
 
 def _device(t: torch.Tensor) -> torch.device:
