@@ -236,8 +236,8 @@ def _fresh_ranks(rank: int, world_size: int) -> dict:
     report = wp.transfer({"0.weight": torch.ones(4, 3), "0.bias": torch.zeros(4)}, model)
     return {
         "fresh": [e.target for e in report.fresh],
-        "weight": model[1].weight.full_tensor(),
-        "local": model[1].weight.to_local(),
+        "weight": model[1].weight.detach().full_tensor(),
+        "local": model[1].weight.detach().to_local(),
     }
 
 
