@@ -1,0 +1,192 @@
+"""Training checkpoints of sharded (FSDP2) models: one DCP folder, resumed bitwise on 2 ranks, and read
+into an unsharded model through a mapping."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from dist_harness import run_ranks
+from torch import nn
+
+import weightport as wp
+from weightport.errors import CheckpointError
+
+pytestmark = pytest.mark.slow
+
+SAVE_AT = 3  # steps before the checkpoint
+STEPS = 6  # steps in all
+
+
+def _sharded_mlp(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 5))
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in (model[0], model[3]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    return model, opt, sched
+
+
+def _train(model: nn.Module, opt: Any, sched: Any, steps: range, rank: int) -> list[float]:
+    losses = []
+    for step in steps:
+        data = torch.Generator().manual_seed(1000 * step + rank)  # the data; dropout draws from the global RNG
+        x, y = torch.randn(4, 8, generator=data), torch.randn(4, 5, generator=data)
+        loss = ((model(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _local(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+
+
+def _uninterrupted_and_save(rank: int, world_size: int, folder: str) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    model, opt, sched = _sharded_mlp(seed=0)
+    torch.manual_seed(100 + rank)  # each rank its own random stream (dropout)
+    out: dict[str, Any] = {"losses": _train(model, opt, sched, range(SAVE_AT), rank)}
+    path = wp.checkpoint.save(
+        folder, model=model, optimizer=opt, scheduler=sched, epoch=1, step=SAVE_AT, extra={"note": "halfway"}
+    )
+    out["path"] = str(path)
+    out["full_at_save"] = {n: p.full_tensor() for n, p in model.named_parameters()}
+    out["exp_avg_at_save"] = {n: opt.state[p]["exp_avg"].full_tensor() for n, p in model.named_parameters()}
+    out["exp_avg_dtensor"] = all(isinstance(opt.state[p]["exp_avg"], DTensor) for p in model.parameters())
+    out["losses"] += _train(model, opt, sched, range(SAVE_AT, STEPS), rank)
+    out["final"] = _local(model)
+    out["info"] = wp.checkpoint.info(folder).lines()
+    # a file name for a sharded model is refused on every rank, naming the fix; nothing is written
+    try:
+        wp.checkpoint.save(os.path.join(os.path.dirname(folder), "x.safetensors"), model=model)
+    except CheckpointError as e:
+        out["file_refused"] = str(e)
+    # a failure on one rank only: every rank raises, the previous checkpoint stays
+    try:
+        wp.checkpoint.save(folder, model=model, extra={"bad": object()} if rank == 1 else {})
+    except CheckpointError as e:
+        out["one_rank_failed"] = str(e)
+    out["after_failure"] = wp.checkpoint.info(folder).step
+    return out
+
+
+def _resume_and_continue(rank: int, world_size: int, folder: str) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    model, opt, sched = _sharded_mlp(seed=1)  # other initial weights: all must come from the checkpoint
+    torch.manual_seed(7)
+    state = wp.checkpoint.resume(folder, model=model, optimizer=opt, scheduler=sched)
+    out: dict[str, Any] = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "extra": state.extra,
+        "restored": state.restored,
+        "summary": state.summary(),
+        "exp_avg_dtensor": all(isinstance(opt.state[p]["exp_avg"], DTensor) for p in model.parameters()),
+    }
+    out["losses"] = _train(model, opt, sched, range(SAVE_AT, STEPS), rank)
+    out["final"] = _local(model)
+    # errors on every rank, never a BaseException from DCP: a missing folder, a changed shape
+    for name, call in (
+        ("missing", lambda: wp.checkpoint.resume(folder + "-nope", model=model)),
+        ("changed", lambda: wp.checkpoint.resume(folder, model=_wider(), strict=True)),
+    ):
+        try:
+            call()
+        except CheckpointError as e:
+            out[name] = str(e)
+    return out
+
+
+def _wider() -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.Sequential(nn.Linear(8, 18), nn.ReLU(), nn.Dropout(0.3), nn.Linear(18, 5))
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+    return model
+
+
+class _Renamed(nn.Module):
+    """The saved MLP under other names: ``body`` and ``head``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 5)
+
+
+_RULES = [wp.rename("0.{p}", "body.{p}"), wp.rename("3.{p}", "head.{p}")]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict[str, Any]]]:
+    folder = str(tmp_path_factory.mktemp("dcp") / "step3")
+    return folder, run_ranks(_uninterrupted_and_save, folder)
+
+
+def test_sharded_save_writes_one_dcp_folder_with_each_rank_shards(saved: tuple[str, list[dict[str, Any]]]) -> None:
+    folder, ranks = saved
+    assert [r["path"] for r in ranks] == [folder, folder]
+    names = sorted(os.listdir(folder))
+    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "weightport.json"]
+    assert not [n for n in os.listdir(Path(folder).parent) if n.startswith(".")]  # no temporary folder left
+    assert all(r["exp_avg_dtensor"] for r in ranks)
+    text = "\n".join(ranks[0]["info"])
+    assert "epoch 1, step 3" in text and "torch.optim.adamw.AdamW" in text and "StepLR" in text
+    assert "DCP folder written by 2 ranks" in text
+
+
+def test_sharded_save_refuses_a_file_name_and_agrees_on_failure(saved: tuple[str, list[dict[str, Any]]]) -> None:
+    _, ranks = saved
+    for r in ranks:
+        assert "pass a folder path" in r["file_refused"]
+        assert "failed on rank 1 of 2: extra['bad']" in r["one_rank_failed"]
+        assert r["after_failure"] == SAVE_AT  # the checkpoint in place was not touched
+
+
+def test_sharded_resume_on_two_ranks_continues_bitwise(saved: tuple[str, list[dict[str, Any]]]) -> None:
+    folder, first = saved
+    second = run_ranks(_resume_and_continue, folder)
+    for rank in (0, 1):
+        a, b = first[rank], second[rank]
+        assert (b["epoch"], b["step"], b["extra"]) == (1, SAVE_AT, {"note": "halfway"})
+        assert {"model", "optimizer", "scheduler", "rng:torch"} <= set(b["restored"])
+        assert b["exp_avg_dtensor"]
+        assert b["losses"] == a["losses"][SAVE_AT:]  # floats compared exactly
+        assert a["final"].keys() == b["final"].keys()
+        for name in a["final"]:
+            assert torch.equal(a["final"][name], b["final"][name]), name
+        assert "opening the checkpoint failed on ranks 0, 1 of 2" in b["missing"] and "-nope" in b["missing"]
+        assert "ranks 0, 1 of 2" in b["changed"] and "pass mapping=" in b["changed"]
+
+
+def test_dcp_checkpoint_resumes_into_an_unsharded_renamed_model(saved: tuple[str, list[dict[str, Any]]]) -> None:
+    folder, ranks = saved
+    model = _Renamed()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = wp.checkpoint.resume(folder, model=model, optimizer=opt, rules=_RULES)
+    full, moments = ranks[0]["full_at_save"], ranks[0]["exp_avg_at_save"]
+    for saved_name, new_name in (("0", "body"), ("3", "head")):
+        for p in ("weight", "bias"):
+            param = model.get_parameter(f"{new_name}.{p}")
+            assert torch.equal(param.detach(), full[f"{saved_name}.{p}"])
+            assert torch.equal(opt.state[param]["exp_avg"], moments[f"{saved_name}.{p}"])
+    assert state.step == SAVE_AT and state.optimizer is not None and len(state.optimizer.carried) == 4
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5)  # the scheduler's decay, saved in the group
+    weights = wp.transfer(wp.checkpoint.weights(folder), _Renamed(), rules=_RULES)
+    assert weights.counts()["loaded"] == 4
