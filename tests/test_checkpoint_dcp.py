@@ -100,6 +100,13 @@ def _resume_and_continue(rank: int, world_size: int, folder: str) -> dict[str, A
     }
     out["losses"] = _train(model, opt, sched, range(SAVE_AT, STEPS), rank)
     out["final"] = _local(model)
+    wider = _wider()  # strict=False: what matches loads, the rest keeps its values and gets fresh state
+    before = wider[0].weight.to_local().clone()
+    wider_opt = torch.optim.AdamW(wider.parameters(), lr=1e-2)
+    loose = wp.checkpoint.resume(folder, model=wider, optimizer=wider_opt, strict=False)
+    out["loose"] = (loose.report.counts(), dict(loose.optimizer.fresh) if loose.optimizer else None)
+    out["loose_kept"] = torch.equal(wider[0].weight.to_local(), before)
+    out["loose_with_state"] = [n for n, p in wider.named_parameters() if wider_opt.state.get(p)]
     # errors on every rank, never a BaseException from DCP: a missing folder, a changed shape
     for name, call in (
         ("missing", lambda: wp.checkpoint.resume(folder + "-nope", model=model)),
@@ -143,12 +150,16 @@ def test_sharded_save_writes_one_dcp_folder_with_each_rank_shards(saved: tuple[s
     folder, ranks = saved
     assert [r["path"] for r in ranks] == [folder, folder]
     names = sorted(os.listdir(folder))
-    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "weightport.json"]
+    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shards
+    assert all(os.path.getsize(os.path.join(folder, n)) > 0 for n in names)
     assert not [n for n in os.listdir(Path(folder).parent) if n.startswith(".")]  # no temporary folder left
     assert all(r["exp_avg_dtensor"] for r in ranks)
     text = "\n".join(ranks[0]["info"])
     assert "epoch 1, step 3" in text and "torch.optim.adamw.AdamW" in text and "StepLR" in text
-    assert "DCP folder written by 2 ranks" in text
+    assert "DCP folder written by 2 ranks" in text and "rng: torch" in text
+    with wp.open_source(folder) as source:  # like a checkpoint file, the folder opens as its model part
+        assert sorted(source) == ["0.bias", "0.weight", "3.bias", "3.weight"]
+        assert torch.equal(source["0.weight"], ranks[0]["full_at_save"]["0.weight"])
 
 
 def test_sharded_save_refuses_a_file_name_and_agrees_on_failure(saved: tuple[str, list[dict[str, Any]]]) -> None:
@@ -173,6 +184,10 @@ def test_sharded_resume_on_two_ranks_continues_bitwise(saved: tuple[str, list[di
             assert torch.equal(a["final"][name], b["final"][name]), name
         assert "opening the checkpoint failed on ranks 0, 1 of 2" in b["missing"] and "-nope" in b["missing"]
         assert "ranks 0, 1 of 2" in b["changed"] and "pass mapping=" in b["changed"]
+        counts, fresh = b["loose"]
+        assert (counts["loaded"], counts["fresh"]) == (1, 3) and b["loose_kept"]
+        assert b["loose_with_state"] == ["3.bias"]  # the others start with no state, as on one process
+        assert fresh == {n: "its weight was not loaded" for n in ("0.weight", "0.bias", "3.weight")}
 
 
 def test_dcp_checkpoint_resumes_into_an_unsharded_renamed_model(saved: tuple[str, list[dict[str, Any]]]) -> None:
@@ -190,3 +205,49 @@ def test_dcp_checkpoint_resumes_into_an_unsharded_renamed_model(saved: tuple[str
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5)  # the scheduler's decay, saved in the group
     weights = wp.transfer(wp.checkpoint.weights(folder), _Renamed(), rules=_RULES)
     assert weights.counts()["loaded"] == 4
+
+
+def _resume_renamed_sharded(rank: int, world_size: int, folder: str) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(5)
+    model = _Renamed()
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in (model.body, model.head):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = wp.checkpoint.resume(folder, model=model, optimizer=opt, rules=_RULES)
+    out: dict[str, Any] = {
+        "step": state.step,
+        "carried": dict(state.optimizer.carried) if state.optimizer else {},
+        "restored": state.restored,
+        "local": _local(model),
+        "exp_avg": {n: opt.state[p]["exp_avg"].to_local().clone() for n, p in model.named_parameters()},
+        "exp_avg_dtensor": all(isinstance(opt.state[p]["exp_avg"], DTensor) for p in model.parameters()),
+        "lr": opt.param_groups[0]["lr"],
+    }
+    x = torch.randn(4, 8)
+    loss = model.head(torch.relu(model.body(x))).sum()  # it trains on: state and parameters agree
+    loss.backward()
+    opt.step()
+    return out
+
+
+def test_dcp_checkpoint_resumes_into_a_renamed_sharded_model(saved: tuple[str, list[dict[str, Any]]]) -> None:
+    from dist_harness import shard_rows
+
+    folder, first = saved
+    ranks = run_ranks(_resume_renamed_sharded, folder)
+    full, moments = first[0]["full_at_save"], first[0]["exp_avg_at_save"]
+    for rank, got in enumerate(ranks):
+        assert got["step"] == SAVE_AT and len(got["carried"]) == 4 and "optimizer" in got["restored"]
+        assert got["exp_avg_dtensor"] and got["lr"] == pytest.approx(1e-2 * 0.5)
+        for saved_name, new_name in (("0", "body"), ("3", "head")):
+            for p in ("weight", "bias"):
+                start, length = shard_rows(rank, 2, full[f"{saved_name}.{p}"].shape[0])
+                rows = slice(start, start + length)
+                assert torch.equal(got["local"][f"{new_name}.{p}"], full[f"{saved_name}.{p}"][rows])
+                assert torch.equal(got["exp_avg"][f"{new_name}.{p}"], moments[f"{saved_name}.{p}"][rows])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from weightport.checkpoint._dcp import open_checkpoint
+from weightport.checkpoint._format import CheckpointFile
 from weightport.checkpoint._info import CheckpointInfo, info
 from weightport.checkpoint._manager import Manager
 from weightport.checkpoint._optim import OptimizerReport
@@ -50,7 +50,7 @@ def weights(path: str | os.PathLike[str]) -> PartSource:
     Raises:
         CheckpointError: ``path`` is not a weightport training checkpoint.
     """
-    return open_checkpoint(path).part("model")
+    return CheckpointFile(path).part("model")
 
 
 def _open_scheme(rest: str, *, checkpoint_key: str | None = None, **_: Any) -> PartSource:

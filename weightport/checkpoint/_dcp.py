@@ -1,19 +1,16 @@
 """Training checkpoints of sharded models: one DCP folder, written and read by every rank.
 
 A model whose parameters are DTensors (FSDP2's ``fully_shard``, tensor parallelism) is saved with
-PyTorch's distributed checkpointing (``torch.distributed.checkpoint``): every rank writes its own
-shards, nobody gathers a full tensor. The folder holds::
+PyTorch's distributed checkpointing (``torch.distributed.checkpoint``, through
+``weightport.save(..., format="dcp")``): every rank writes its own shards, nobody gathers a full
+tensor, and the folder appears whole or not at all. Tensor keys are those of the file form
+(``model/<name>``, ``optimizer/state/<index>/exp_avg``, ``rng/<rank>/torch`` ...), each under its
+global shape; the JSON document the file form keeps in its metadata is the folder's
+``__metadata__`` entry, with every rank's RNG states (``rng_by_rank``) and the world size. The
+folder opens as a source (:mod:`weightport.sources.dcp`) like any DCP folder.
 
-    PATH/.metadata        DCP's index: every tensor's global shape and which file holds which chunk
-    PATH/__<rank>_0.distcp  each rank's shards (model weights, optimizer moments, its RNG state)
-    PATH/weightport.json  the checkpoint's JSON document, the same one the file form keeps in its
-                          metadata (epoch, step, hyper-parameters, scheduler, extra; tensors by key)
-
-Tensor keys are those of the file form (``model/<name>``, ``optimizer/state/<index>/exp_avg``,
-``rng/<rank>/torch`` ...), each tensor under its global shape. ``weightport.json`` is written
-last, into a temporary folder that rank 0 renames into place once every rank is done: a folder
-without it is no checkpoint. This module holds the format (reading it on one process too, as a
-lazy :class:`~weightport.Source`), the save, and the agreement between ranks.
+This module holds what only the sharded form needs: the state dicts through DCP's
+``get_state_dict``, the agreement between ranks, and the save.
 """
 
 from __future__ import annotations
@@ -22,26 +19,16 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import uuid
-import warnings
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from weightport.checkpoint._format import BODY_KEY, FORMAT, FORMAT_KEY, VERSION, CheckpointFile, parse_body
-from weightport.errors import CheckpointError, WeightportError
-from weightport.sources.base import Source, SourceInfo, TensorMeta
+from weightport.checkpoint._format import BODY_KEY, FORMAT, FORMAT_KEY, VERSION
+from weightport.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-#: The JSON document of a folder checkpoint.
-BODY_FILE = "weightport.json"
-#: ``SourceInfo.kind`` of a DCP folder checkpoint's tensors.
-KIND = "weightport-checkpoint-dcp"
 
 
 def distributed() -> bool:
@@ -64,11 +51,6 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def is_folder_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a folder written by :func:`weightport.checkpoint.save` for a sharded model."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, BODY_FILE))
 
 
 # -- agreement between ranks ---------------------------------------------------------------------------
@@ -133,101 +115,34 @@ def dcp_errors(where: str, what: str) -> Iterator[None]:
         raise CheckpointError(f"{where}: {what} failed ({failures or e})") from None
 
 
-# -- the folder on one process ---------------------------------------------------------------------------
+# -- reading -------------------------------------------------------------------------------------------
 
 
-class DcpSource(Source):
-    """The tensors of a DCP folder under their keys and global shapes, read whole and lazily on one process
-    (or served from tensors the ranks loaded together, see :meth:`preload`)."""
-
-    def __init__(self, path: str, metadata: Mapping[str, str]) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        try:
-            index = FileSystemReader(path).read_metadata().state_dict_metadata
-        except Exception as e:  # a missing or damaged .metadata (DCP's own index, a pickle)
-            raise CheckpointError(f"{path}: the DCP index (.metadata) cannot be read ({type(e).__name__}: {e})") from e
-        tensors = {k: v for k, v in index.items() if isinstance(v, TensorStorageMetadata)}
-        files = tuple(sorted(str(p) for p in Path(path).glob("*.distcp")))
-        super().__init__(
-            {k: k for k in tensors}, SourceInfo(kind=KIND, location=path, files=files, metadata=dict(metadata))
-        )
-        self._index = tensors
-        self._path = path
-        self._loaded: dict[str, torch.Tensor] = {}
-
-    def _meta_of(self, handle: str) -> TensorMeta:
-        entry = self._index[handle]
-        return TensorMeta(tuple(entry.size), entry.properties.dtype)
-
-    def _view_of(self, handle: str) -> torch.Tensor:
-        if handle in self._loaded:
-            return self._loaded[handle]
-        import torch.distributed.checkpoint as dcp
-
-        meta = self._meta_of(handle)
-        out = {handle: torch.empty(meta.shape, dtype=meta.dtype)}
-        with dcp_errors(self._path, f"reading {handle!r}"), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load(out, checkpoint_id=self._path, no_dist=True)
-        return out[handle]
-
-    def preload(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Serve these tensors (loaded by every rank together) instead of reading them again."""
-        self._loaded.update(tensors)
+def own_rng(body: dict[str, Any]) -> Any:
+    """This rank's saved RNG states (rank 0's on a single process), or ``None`` when there are none for it."""
+    per_rank = body.get("rng_by_rank")
+    if not isinstance(per_rank, list):
+        return body.get("rng")
+    if rank() < len(per_rank):
+        return per_rank[rank()]
+    log.warning("RNG states were saved by %d ranks; rank %d keeps its own", len(per_rank), rank())
+    return None
 
 
-class DcpCheckpoint(CheckpointFile):
-    """A folder checkpoint opened like a checkpoint file: ``body``, ``source``, ``part()``, ``tensor()``.
+def reader(folder: str) -> Any:
+    """A DCP ``FileSystemReader`` of ``folder`` that reads ``.metadata`` with weightport's restricted
+    unpickler (DCP's own reader unpickles it with ``pickle.load``)."""
+    from torch.distributed.checkpoint import FileSystemReader
 
-    Its ``body["rng"]`` holds this rank's saved RNG states (rank 0's on a single process); the
-    saved world size is ``body["world_size"]``.
-    """
+    from weightport.sources._dcp_metadata import read_metadata
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        try:
-            self.path = os.fspath(path)
-        except TypeError:
-            raise CheckpointError(f"path must be a path (str or os.PathLike), not {type(path).__name__}") from None
-        metadata = read_metadata(self.path)
-        self.body = parse_body(metadata, self.path)
-        self.source: Source = DcpSource(self.path, metadata)
-        per_rank = self.body.pop("rng_by_rank", None)
-        if isinstance(per_rank, list) and rank() < len(per_rank):
-            self.body["rng"] = per_rank[rank()]
-        elif per_rank is not None:
-            log.warning(
-                "%s: RNG states were saved for %d ranks; rank %d keeps its own", self.path, len(per_rank), rank()
-            )
+    index = read_metadata(folder).metadata
 
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return index
 
-def read_metadata(path: str) -> dict[str, str]:
-    """The folder's ``weightport.json`` as the file form's metadata strings."""
-    file = os.path.join(path, BODY_FILE)
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path}: no {BODY_FILE}; not a weightport checkpoint folder (or its save did not finish)"
-        ) from None
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e}); the checkpoint is damaged") from e
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise CheckpointError(f"{file}: not a JSON object of strings; the checkpoint is damaged")
-    return data
-
-
-def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointFile:
-    """A checkpoint file, or a folder checkpoint of a sharded model, opened."""
-    try:
-        location = os.fspath(path)
-    except TypeError:
-        raise CheckpointError(f"path must be a path (str or os.PathLike), not {type(path).__name__}") from None
-    if os.path.isdir(location):
-        return DcpCheckpoint(location)
-    return CheckpointFile(location)
+    return _Reader(folder)
 
 
 # -- saving -------------------------------------------------------------------------------------------
@@ -282,84 +197,33 @@ def check_folder_path(path: str) -> None:
         raise CheckpointError(f"{path}: the folder {parent} does not exist; create it first")
 
 
-def write_folder(
+def write(
     path: str, tensors: dict[str, torch.Tensor], body: dict[str, Any], rng_doc: Any, prepared: BaseException | None
 ) -> None:
-    """Every rank: agree on the prepared state, write its shards into a temporary folder with DCP,
-    then rank 0 writes ``weightport.json`` and renames the folder into place; every rank returns once
-    the checkpoint is complete, or raises a CheckpointError when any rank failed."""
-    import torch.distributed.checkpoint as dcp
+    """Every rank: agree on what each prepared (its RNG states; rank 0's document for all), then write the
+    folder together with ``weightport.save(..., format="dcp")`` (each rank its shards, atomically)."""
+    from weightport.saving import save
 
-    token = uuid.uuid4().hex[:12] if rank() == 0 else None
-    outcome: list[Any] = [None] * world_size()
+    own = None if prepared is None else (str(prepared) or type(prepared).__name__)
+    text = None if prepared is not None else _text(body)
+    outcome: list[Any] = [(own, rng_doc, text)]
     if distributed() and world_size() > 1:
-        own = None if prepared is None else str(prepared)
-        torch.distributed.all_gather_object(outcome, (own, rng_doc, token))
-    else:
-        outcome = [(None if prepared is None else str(prepared), rng_doc, token)]
+        outcome = [None] * world_size()
+        torch.distributed.all_gather_object(outcome, (own, rng_doc, text))
     failure = failures([o[0] for o in outcome])
     if failure:
         raise CheckpointError(
             f"{path}: preparing the checkpoint failed on {failure}; nothing was written"
         ) from prepared
-    body = {**body, "world_size": len(outcome)}
+    document = json.loads(outcome[0][2])  # rank 0's, so that every rank stores the same document
+    document["world_size"] = len(outcome)
     if rng_doc is not None:
-        body["rng_by_rank"] = [o[1] for o in outcome]
-    temporary = _temporary(path, outcome[0][2])
-    with dcp_errors(path, "writing the checkpoint's shards"):
-        dcp.save(tensors, checkpoint_id=temporary)
-    error: str | None = None
-    if rank() == 0:
-        try:
-            _finish(path, temporary, body)
-        except (OSError, WeightportError) as e:
-            error = f"{type(e).__name__}: {e}"
-            shutil.rmtree(temporary, ignore_errors=True)
-    if distributed() and world_size() > 1:
-        box = [error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise CheckpointError(f"{path}: the checkpoint could not be put in place ({error}); nothing was written")
+        document["rng_by_rank"] = [o[1] for o in outcome]
+    save(tensors, path, metadata={FORMAT_KEY: FORMAT, BODY_KEY: _text(document)}, format="dcp")
 
 
-def _temporary(path: str, token: str) -> str:
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.tmp-{token}")
-
-
-def _finish(path: str, temporary: str, body: dict[str, Any]) -> None:
-    """Rank 0: the JSON document last (fsynced), then the folder into place. An existing checkpoint at
-    ``path`` is moved aside first and removed after: a crash in between leaves it in ``.NAME.old-*``."""
+def _text(body: dict[str, Any]) -> str:
     try:
-        text = json.dumps({"version": VERSION, **body}, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: checkpoint metadata is not JSON ({e})") from e
-    file = os.path.join(temporary, BODY_FILE)
-    with open(file, "w", encoding="utf-8") as f:
-        json.dump({FORMAT_KEY: FORMAT, BODY_KEY: text}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    old = None
-    if os.path.lexists(path):
-        if not is_folder_checkpoint(path):
-            raise CheckpointError(f"{path} exists and is not a weightport checkpoint folder; not replacing it")
-        old = _temporary(path, uuid.uuid4().hex[:12]).replace(".tmp-", ".old-")
-        os.rename(path, old)
-    os.rename(temporary, path)
-    _fsync_folder(os.path.dirname(os.path.abspath(path)))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return json.dumps({"version": VERSION, **body}, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:  # the encoder makes this unreachable; keep the message useful
+        raise CheckpointError(f"checkpoint metadata is not JSON ({e})") from e

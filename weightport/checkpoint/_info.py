@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightport._text import byte_size
-from weightport.checkpoint._dcp import DcpCheckpoint, is_folder_checkpoint
 from weightport.checkpoint._format import PARTS, is_checkpoint, parse_body
 from weightport.checkpoint._tree import decode
 from weightport.errors import CheckpointError, WeightportError
@@ -152,9 +151,6 @@ def info(checkpoint: str | os.PathLike[str] | Source) -> CheckpointInfo:
             location = os.fspath(checkpoint)
         except TypeError:
             raise CheckpointError(f"checkpoint must be a path or a Source, not {type(checkpoint).__name__}") from None
-        if is_folder_checkpoint(location):
-            with DcpCheckpoint(location) as folder:
-                return _checked(folder.source, folder.body)
         with open_source(location) as opened:
             return info(opened)
     whole = checkpoint.whole if isinstance(checkpoint, PartSource) else checkpoint
@@ -208,7 +204,7 @@ def _describe(whole: Source, body: dict[str, Any]) -> CheckpointInfo:
         scheduler_type=sched.get("type"),
         scheduler={k: sched_state[k] for k in _SCHEDULER_FIELDS if isinstance(sched_state, dict) and k in sched_state},
         scaler=scaler,
-        rng=tuple(body.get("rng", {})),
+        rng=tuple(body.get("rng") or (body.get("rng_by_rank") or [{}])[0]),
         extra_keys=tuple(body.get("extra", {})),
         parts=_parts(whole),
         torch_version=body.get("torch"),

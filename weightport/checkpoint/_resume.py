@@ -192,10 +192,10 @@ def _resume(
     rules = tuple(rules)
     sharded = _dcp.is_sharded(target)
     with _dcp.agreement(sharded, str(path), "opening the checkpoint"):
-        ckpt = _dcp.open_checkpoint(path)
+        ckpt = CheckpointFile(path)
     with ckpt:
         body = ckpt.body
-        native = sharded and mapping is None and not rules and isinstance(ckpt, _dcp.DcpCheckpoint)
+        native = sharded and mapping is None and not rules and body.get("layout") == "dcp"
         loader = None
         with _dcp.agreement(sharded, ckpt.path, "planning the resume"):
             if native:
@@ -358,10 +358,11 @@ def _prepare_scaler(ckpt: CheckpointFile, scaler: Any, strict: bool, pending: _P
 
 
 def _prepare_rng(ckpt: CheckpointFile, pending: _Pending) -> None:
-    if "rng" not in ckpt.body:
+    saved = _dcp.own_rng(ckpt.body)  # a sharded model's checkpoint holds each rank's
+    if saved is None:
         pending.notes.append("the checkpoint holds no RNG states (saved with rng=False)")
         return
-    states = decode(ckpt.body["rng"], lambda k: ckpt.tensor(k), ckpt.path)
+    states = decode(saved, lambda k: ckpt.tensor(k), ckpt.path)
     actions, notes = _rng.prepare(states, ckpt.path)
     pending.notes.extend(notes)
     for name, action in actions:

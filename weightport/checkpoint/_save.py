@@ -240,7 +240,7 @@ def _save_sharded(
         prepared = e
     except Exception as e:  # noqa: BLE001 - torch's helpers: every rank must still reach the agreement
         prepared = CheckpointError(f"{path}: the sharded state cannot be gathered ({type(e).__name__}: {e})")
-    _dcp.write_folder(path, tensors, body, rng_doc, prepared)
+    _dcp.write(path, tensors, body, rng_doc, prepared)
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from weightport.checkpoint import _dcp
+from weightport.checkpoint._format import CheckpointFile
 from weightport.checkpoint._optim import OptimizerReport
 from weightport.checkpoint._save import type_name
 from weightport.checkpoint._tree import decode
@@ -24,8 +25,6 @@ from weightport.errors import CheckpointError
 from weightport.report import Entry, TransferReport
 
 __all__ = ["Loader", "plan"]
-
-_PARTS = ("scheduler", "scaler", "rng", "extra", "metrics")
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class _Stored:
 class Loader:
     """What one rank will read (``table``: key to destination tensor) and how it is applied."""
 
-    ckpt: _dcp.DcpCheckpoint
+    ckpt: CheckpointFile
     model: nn.Module
     optimizer: Any
     table: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -52,18 +51,18 @@ class Loader:
         import torch.distributed.checkpoint as dcp
 
         with _dcp.dcp_errors(self.ckpt.path, "reading the checkpoint's shards"):
-            dcp.load(self.table, checkpoint_id=self.ckpt.path)
-        loaded = {k: v for k, v in self.table.items() if not _is_dtensor(v)}
-        self.ckpt.source.preload(loaded)  # type: ignore[attr-defined]  # a DcpSource: small state served from here
+            dcp.load(self.table, storage_reader=_dcp.reader(self.ckpt.source.info.location))
 
     def optimizer_action(self) -> Callable[[], None] | None:
         """Setting the optimizer's state, after :meth:`read` (``None`` without an optimizer)."""
         if self.optimizer is None or self.optimizer_state is None:
             return None
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         state = _resolve(self.optimizer_state, self.table)
-        return lambda: set_optimizer_state_dict(self.model, self.optimizer, state)
+        # not strict: a parameter left out (not loaded, never stepped) starts with no state, as on one process
+        options = StateDictOptions(strict=False)
+        return lambda: set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
 
     def apply(self) -> TransferReport:
         """The model takes the shards read (every rank its own)."""
@@ -81,7 +80,7 @@ def _is_dtensor(value: Any) -> bool:
     return isinstance(value, DTensor)
 
 
-def plan(ckpt: _dcp.DcpCheckpoint, model: nn.Module, optimizer: Any, strict: bool, on_mismatch: str) -> Loader:
+def plan(ckpt: CheckpointFile, model: nn.Module, optimizer: Any, strict: bool, on_mismatch: str) -> Loader:
     """Match the model's and the optimizer's state to the saved tensors by name and global shape (no
     collective, nothing read). A mismatch raises under ``strict`` and leaves that tensor as it is otherwise.
 
@@ -131,16 +130,7 @@ def plan(ckpt: _dcp.DcpCheckpoint, model: nn.Module, optimizer: Any, strict: boo
         )
     if optimizer is not None and "optimizer" in ckpt.body:
         _plan_optimizer(loader, optim_sd, names)
-    for part in _PARTS:  # small replicated state (scheduler counters, RNG, extra): read with the shards
-        decode(ckpt.body.get(part, {}), lambda k: loader.table.setdefault(k, _empty(source, k)), ckpt.path)
     return loader
-
-
-def _empty(source: Any, key: str) -> torch.Tensor:
-    if key not in source:
-        raise CheckpointError(f"{source.info.location}: the metadata refers to tensor {key!r}, which is missing")
-    meta = source.meta(key)
-    return torch.empty(meta.shape, dtype=meta.dtype)
 
 
 def _plan_optimizer(loader: Loader, current: Any, names: list[list[str]]) -> None:
@@ -156,6 +146,9 @@ def _plan_optimizer(loader: Loader, current: Any, names: list[list[str]]) -> Non
     fresh: dict[str, str] = {}
     for index, (name,) in enumerate(names):
         entry = saved.get("state", {}).get(saved_index.get(name, -1))
+        if name not in loader.model_keys:  # its weight is not loaded (strict=False): neither is its state
+            fresh[name] = "its weight was not loaded"
+            continue
         if not entry:
             fresh[name] = "no saved state" if name in saved_index else "not in the checkpoint"
             continue
