@@ -81,6 +81,10 @@ def _uninterrupted_and_save(rank: int, world_size: int, folder: str) -> dict[str
     except CheckpointError as e:
         out["one_rank_failed"] = str(e)
     out["after_failure"] = wp.checkpoint.info(folder).step
+    again = folder + "-again"  # a second save at a path replaces the checkpoint there
+    for step in (1, 2):
+        wp.checkpoint.save(again, model=model, optimizer=opt, step=step)
+    out["replaced"] = wp.checkpoint.info(again).step
     return out
 
 
@@ -107,6 +111,11 @@ def _resume_and_continue(rank: int, world_size: int, folder: str) -> dict[str, A
     out["loose"] = (loose.report.counts(), dict(loose.optimizer.fresh) if loose.optimizer else None)
     out["loose_kept"] = torch.equal(wider[0].weight.to_local(), before)
     out["loose_with_state"] = [n for n, p in wider.named_parameters() if wider_opt.state.get(p)]
+    mgr = wp.checkpoint.Manager(folder + "-runs", keep_last=2, keep_best=0)  # rotation of sharded folders
+    for step in (10, 20, 30):
+        mgr.save(model=model, optimizer=opt, step=step)
+    out["rotated"] = [p.name for p in mgr.list()]
+    out["rotated_resume"] = mgr.resume(model=model, optimizer=opt).step  # type: ignore[union-attr]
     # errors on every rank, never a BaseException from DCP: a missing folder, a changed shape
     for name, call in (
         ("missing", lambda: wp.checkpoint.resume(folder + "-nope", model=model)),
@@ -156,7 +165,7 @@ def test_sharded_save_writes_one_dcp_folder_with_each_rank_shards(saved: tuple[s
     assert all(r["exp_avg_dtensor"] for r in ranks)
     text = "\n".join(ranks[0]["info"])
     assert "epoch 1, step 3" in text and "torch.optim.adamw.AdamW" in text and "StepLR" in text
-    assert "DCP folder written by 2 ranks" in text and "rng: torch" in text
+    assert "DCP folder written by 2 ranks" in text and "rng: torch" in text and "model: torch.nn.modules" in text
     with wp.open_source(folder) as source:  # like a checkpoint file, the folder opens as its model part
         assert sorted(source) == ["0.bias", "0.weight", "3.bias", "3.weight"]
         assert torch.equal(source["0.weight"], ranks[0]["full_at_save"]["0.weight"])
@@ -168,6 +177,7 @@ def test_sharded_save_refuses_a_file_name_and_agrees_on_failure(saved: tuple[str
         assert "pass a folder path" in r["file_refused"]
         assert "failed on rank 1 of 2: extra['bad']" in r["one_rank_failed"]
         assert r["after_failure"] == SAVE_AT  # the checkpoint in place was not touched
+        assert r["replaced"] == 2
 
 
 def test_sharded_resume_on_two_ranks_continues_bitwise(saved: tuple[str, list[dict[str, Any]]]) -> None:
@@ -187,6 +197,9 @@ def test_sharded_resume_on_two_ranks_continues_bitwise(saved: tuple[str, list[di
         counts, fresh = b["loose"]
         assert (counts["loaded"], counts["fresh"]) == (1, 3) and b["loose_kept"]
         assert b["loose_with_state"] == ["3.bias"]  # the others start with no state, as on one process
+        assert [n.split("-")[1] for n in b["rotated"]] == ["s00000020", "s00000030"] and b["rotated_resume"] == 30
+        assert b["rotated"] == second[0]["rotated"]  # one name for every rank, from rank 0
+        assert sorted(os.listdir(folder + "-runs")) == b["rotated"]  # older folders removed, no leftovers
         assert fresh == {n: "its weight was not loaded" for n in ("0.weight", "0.bias", "3.weight")}
 
 
@@ -202,6 +215,7 @@ def test_dcp_checkpoint_resumes_into_an_unsharded_renamed_model(saved: tuple[str
             assert torch.equal(param.detach(), full[f"{saved_name}.{p}"])
             assert torch.equal(opt.state[param]["exp_avg"], moments[f"{saved_name}.{p}"])
     assert state.step == SAVE_AT and state.optimizer is not None and len(state.optimizer.carried) == 4
+    assert "rng:torch" in state.restored  # rank 0's random states on one process
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5)  # the scheduler's decay, saved in the group
     weights = wp.transfer(wp.checkpoint.weights(folder), _Renamed(), rules=_RULES)
     assert weights.counts()["loaded"] == 4

@@ -46,11 +46,21 @@ def world_size() -> int:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a DTensor (FSDP2, tensor parallel)."""
-    if not torch.distributed.is_available():
+    if not distributed():  # a DTensor lives on a device mesh, which needs a process group
         return False
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def model_class(model: nn.Module) -> str:
+    """The model's own class, not the one FSDP2 makes for it (``FSDP<Name>``, a subclass of it and ``FSDPModule``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls: type = type(model)
+    if issubclass(cls, FSDPModule):
+        cls = next((b for b in cls.__bases__ if not issubclass(b, FSDPModule)), cls)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # -- agreement between ranks ---------------------------------------------------------------------------
@@ -106,7 +116,7 @@ def agreement(sharded: bool, where: str, what: str) -> Iterator[None]:
 def dcp_errors(where: str, what: str) -> Iterator[None]:
     """DCP's ``CheckpointException`` (a ``BaseException``, raised on every rank when any rank failed)
     as a CheckpointError that names the failing ranks."""
-    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint import CheckpointException
 
     try:
         yield

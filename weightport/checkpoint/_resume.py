@@ -130,7 +130,9 @@ def resume(
     ``state.optimizer`` says which. Create the scheduler before calling this, as torch requires.
 
     Args:
-        path: A checkpoint file.
+        path: A checkpoint file, or the folder of a sharded model's checkpoint. A sharded model (DTensor
+            parameters) resumes on every rank: in place, each rank reading its own shards, or through
+            a sharded transfer when ``mapping=`` / ``rules=`` are given. Every rank raises when any fails.
         model: The model to restore into (wrappers such as DDP are unwrapped); may be built
             on the meta device with :func:`weightport.init_empty`.
         optimizer: Built over ``model``'s parameters; its state is replaced.

@@ -111,8 +111,13 @@ def save(
     pickled, so loading never runs code. DataParallel, DDP and ``torch.compile`` wrappers
     are unwrapped: the keys are those of the model itself.
 
+    A model with DTensor parameters (FSDP2, tensor parallel) is saved by every rank into one DCP
+    folder at ``path`` (no extension): each rank writes its shards and its own RNG states, and
+    rank 0 puts the folder in place once all are done (see ``docs/checkpoints.md``).
+
     Args:
-        path: Destination (``.safetensors``, ``.pt``, ``.pth`` or ``.bin``). Written to a
+        path: Destination (``.safetensors``, ``.pt``, ``.pth`` or ``.bin``; a folder path for a
+            sharded model). Written to a
             temporary file in the same folder, fsynced, then renamed, so a run killed mid-save
             leaves the previous file intact.
         model: The model (wrapped or not). Tensors on any device; they are copied to the
@@ -131,7 +136,8 @@ def save(
 
     Raises:
         CheckpointError: a value cannot be stored without pickle (the message names it), a
-            model tensor is on the meta device, or ``epoch``/``step`` is not an integer.
+            model tensor is on the meta device, or ``epoch``/``step`` is not an integer; for a
+            sharded model, a file name, or a failure on any rank (raised on every rank).
         SaveError: another extension, a missing folder, or a path that cannot be written.
 
     Example:
@@ -234,6 +240,7 @@ def _save_sharded(
             }
         body = _body(inner, wrappers, tensors, optimizer_part, scheduler, scaler, epoch, step, metrics, extra)
         body["layout"] = "dcp"
+        body["model"]["type"] = _dcp.model_class(inner)
         if rng:
             rng_doc = _encoded(_rng.capture(), f"rng/{_dcp.rank()}", tensors)
     except WeightportError as e:
