@@ -93,8 +93,17 @@ def _resume_and_continue(rank: int, world_size: int, folder: str) -> dict[str, A
 
     model, opt, sched = _sharded_mlp(seed=1)  # other initial weights: all must come from the checkpoint
     torch.manual_seed(7)
+    before = _local(model)
+    other = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9) if rank == 1 else sched
+    try:  # a failure on rank 1 only: every rank raises, and no rank's model or optimizer changed
+        wp.checkpoint.resume(folder, model=model, optimizer=opt, scheduler=other)
+    except CheckpointError as e:
+        failed = str(e)
+    unchanged = all(torch.equal(before[n], t) for n, t in _local(model).items()) and not opt.state
     state = wp.checkpoint.resume(folder, model=model, optimizer=opt, scheduler=sched)
     out: dict[str, Any] = {
+        "one_rank_failed": failed,
+        "unchanged": unchanged,
         "epoch": state.epoch,
         "step": state.step,
         "extra": state.extra,
@@ -188,6 +197,8 @@ def test_sharded_resume_on_two_ranks_continues_bitwise(saved: tuple[str, list[di
         assert (b["epoch"], b["step"], b["extra"]) == (1, SAVE_AT, {"note": "halfway"})
         assert {"model", "optimizer", "scheduler", "rng:torch"} <= set(b["restored"])
         assert b["exp_avg_dtensor"]
+        assert "failed on rank 1 of 2" in b["one_rank_failed"] and "ExponentialLR" in b["one_rank_failed"]
+        assert b["unchanged"]
         assert b["losses"] == a["losses"][SAVE_AT:]  # floats compared exactly
         assert a["final"].keys() == b["final"].keys()
         for name in a["final"]:
