@@ -120,6 +120,8 @@ def _resume_and_continue(rank: int, world_size: int, folder: str) -> dict[str, A
     out["loose"] = (loose.report.counts(), dict(loose.optimizer.fresh) if loose.optimizer else None)
     out["loose_kept"] = torch.equal(wider[0].weight.to_local(), before)
     out["loose_with_state"] = [n for n, p in wider.named_parameters() if wider_opt.state.get(p)]
+    sgd = torch.optim.SGD(wider.parameters(), lr=0.1, momentum=0.9)  # another optimizer class: a note
+    out["other_class"] = (wp.checkpoint.resume(folder, model=wider, optimizer=sgd, strict=False).notes, len(sgd.state))
     mgr = wp.checkpoint.Manager(folder + "-runs", keep_last=2, keep_best=0)  # rotation of sharded folders
     for step in (10, 20, 30):
         mgr.save(model=model, optimizer=opt, step=step)
@@ -208,6 +210,8 @@ def test_sharded_resume_on_two_ranks_continues_bitwise(saved: tuple[str, list[di
         counts, fresh = b["loose"]
         assert (counts["loaded"], counts["fresh"]) == (1, 3) and b["loose_kept"]
         assert b["loose_with_state"] == ["3.bias"]  # the others start with no state, as on one process
+        notes, sgd_states = b["other_class"]
+        assert any("the one passed is a torch.optim.sgd.SGD" in n for n in notes) and sgd_states == 0
         assert [n.split("-")[1] for n in b["rotated"]] == ["s00000020", "s00000030"] and b["rotated_resume"] == 30
         assert b["rotated"] == second[0]["rotated"]  # one name for every rank, from rank 0
         assert sorted(os.listdir(folder + "-runs")) == b["rotated"]  # older folders removed, no leftovers

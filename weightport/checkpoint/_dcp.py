@@ -121,8 +121,8 @@ def dcp_errors(where: str, what: str) -> Iterator[None]:
     try:
         yield
     except CheckpointException as e:
-        failures = "; ".join(f"rank {r}: {type(exc).__name__}: {exc}" for r, (exc, _) in e.failures.items())
-        raise CheckpointError(f"{where}: {what} failed ({failures or e})") from None
+        text = "; ".join(f"rank {r}: {type(exc).__name__}: {exc}" for r, (exc, _) in e.failures.items())
+        raise CheckpointError(f"{where}: {what} failed ({text or e})") from None
 
 
 # -- reading -------------------------------------------------------------------------------------------

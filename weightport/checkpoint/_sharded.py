@@ -45,13 +45,14 @@ class Loader:
     unused: tuple[str, ...] = ()
     optimizer_state: dict[str, Any] | None = None
     optimizer_report: OptimizerReport | None = None
+    storage: Any = None  # DCP's reader of the folder, made while planning (it reads the index)
 
     def read(self) -> None:
         """Every rank together: DCP reads each rank's part of every tensor in ``table``."""
         import torch.distributed.checkpoint as dcp
 
         with _dcp.dcp_errors(self.ckpt.path, "reading the checkpoint's shards"):
-            dcp.load(self.table, storage_reader=_dcp.reader(self.ckpt.source.info.location))
+            dcp.load(self.table, storage_reader=self.storage)
 
     def optimizer_action(self) -> Callable[[], None] | None:
         """Setting the optimizer's state, after :meth:`read` (``None`` without an optimizer)."""
@@ -88,7 +89,7 @@ def plan(ckpt: CheckpointFile, model: nn.Module, optimizer: Any, strict: bool, o
         CheckpointError: a strict mismatch (the message names the tensors and the fix).
     """
     model_sd, optim_sd, names = _dcp.state_dicts(model, optimizer)
-    loader = Loader(ckpt, model, optimizer)
+    loader = Loader(ckpt, model, optimizer, storage=_dcp.reader(ckpt.source.info.location))
     source = ckpt.source
     params = {n for n, _ in model.named_parameters()}
     problems: list[str] = []
@@ -128,7 +129,8 @@ def plan(ckpt: CheckpointFile, model: nn.Module, optimizer: Any, strict: bool, o
             f"{ckpt.path}: the sharded model differs from the saved one ({shown}); pass mapping= or rules= "
             "to resume into a changed architecture, or strict=False to load what matches"
         )
-    if optimizer is not None and "optimizer" in ckpt.body:
+    saved_type = ckpt.body.get("optimizer", {}).get("type")
+    if optimizer is not None and saved_type == type_name(optimizer):  # another class: resume says so
         _plan_optimizer(loader, optim_sd, names)
     return loader
 
