@@ -16,7 +16,7 @@ from torch import nn
 from weightport._gc import gc_paused
 from weightport._hooks import has_custom_loading
 from weightport.apply import apply_plan
-from weightport.distributed.load import apply_sharded, is_sharded
+from weightport.distributed.detect import apply_sharded, is_sharded
 from weightport.errors import NothingLoadedError, StrictnessError
 from weightport.mapping.core import Mapping
 from weightport.mapping.files import shipped_dir
