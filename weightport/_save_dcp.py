@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -136,6 +137,17 @@ def _start(path: str) -> str:
 
 def _save(state: dict[str, Any], tmp: str, path: str, *, no_dist: bool) -> None:
     try:
-        dcp.save(state, checkpoint_id=tmp, no_dist=no_dist)
+        with warnings.catch_warnings():  # DCP warns that it saves in one process: here, that is the point
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=tmp, no_dist=no_dist)
     except (Exception, dcp.CheckpointException) as e:
-        raise SaveError(f"save(): cannot write {path}: {type(e).__name__}: {e}") from e
+        raise SaveError(f"save(): cannot write {path}: {_describe(e)}") from e
+
+
+def _describe(e: BaseException) -> str:
+    """One line per failure: DCP's ``CheckpointException`` carries each rank's exception and traceback."""
+    failures = getattr(e, "failures", None) if isinstance(e, dcp.CheckpointException) else None
+    if isinstance(failures, dict) and failures:
+        pairs = [(r, p[0] if isinstance(p, tuple) and p else p) for r, p in sorted(failures.items())]
+        return "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in pairs)
+    return f"{type(e).__name__}: {e}"

@@ -49,7 +49,7 @@ class SourceInfo:
 
     Attributes:
         kind: Format or scheme: ``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"``,
-            ``"sharded"``, ``"dict"``, ``"module"``, ``"torchvision"``, ``"timm"``, ``"hf"``.
+            ``"sharded"``, ``"dict"``, ``"module"``, ``"torchvision"``, ``"timm"``, ``"hf"``, ``"dcp"``.
         location: The path or spec the source was opened from.
         files: Every file the source may read.
         wrapper: The key of a nested checkpoint the weights were found under (``"net"``,
