@@ -262,12 +262,16 @@ def _failing_ranks(rank: int, world_size: int, path: str, meta: bool, how: str) 
             return x
 
         options: dict = {"rules": (*TINY_RULES, wp.transform("head.bias", "head.bias", breaks_on_rank_1))}
+    elif how == "strict":  # decided while planning, identically on every rank, before any collective
+        options = {"rules": TINY_RULES[:1], "strict": True}
     else:
         options = {"rules": TINY_RULES, "check_finite": True}
     try:
         wp.transfer(path, model, **options)
     except wp.errors.DistributedError as e:
         error = (type(e).__name__, str(e), dict(e.failures))
+    except wp.errors.StrictnessError as e:
+        error = (type(e).__name__, str(e), {})
     else:
         error = None
     unchanged = all(
@@ -275,6 +279,12 @@ def _failing_ranks(rank: int, world_size: int, path: str, meta: bool, how: str) 
         for n, p in model.named_parameters()
     )
     return {"error": error, "unchanged": unchanged}
+
+
+def test_strictness_fails_on_every_rank_alike(tmp_path: Path) -> None:
+    save_file(_tiny_source(), str(tmp_path / "tiny.safetensors"))
+    for got in run_ranks(_failing_ranks, str(tmp_path / "tiny.safetensors"), False, "strict"):
+        assert got["unchanged"] and got["error"][0] == "StrictnessError" and "conv.weight" in got["error"][1]
 
 
 @pytest.mark.parametrize("how", ["op", "nan"])
@@ -342,3 +352,28 @@ def test_a_meta_built_sharded_model_never_allocates_a_full_tensor(tmp_path: Path
     save_file(source, str(tmp_path / "big.safetensors"))
     for got in run_ranks(_largest_allocation, str(tmp_path / "big.safetensors")):
         assert got["largest"] <= got["local"] == 512 * 256 // 2
+
+
+# -- torchtitan: the fused wqkv behind its loading hook ---------------------------------------------------
+
+
+def _titan_ranks(rank: int, world_size: int, folder: str) -> dict:
+    from titan_models import llama3, logits
+
+    model, _ = llama3(fuse_qkv=True, seed=1)
+    _fsdp(model, list(model.layers.values()) if hasattr(model.layers, "values") else list(model.layers))
+    report = wp.transfer(folder, model, mapping="hf.llama->torchtitan.llama", strict=True)
+    return {"logits": logits(model, tokens()), "warnings": report.warnings}
+
+
+def test_fsdp_torchtitan_with_fused_qkv_matches_transformers_and_names_the_whole_reads(tmp_path: Path) -> None:
+    pytest.importorskip("torchtitan")
+    from llm_models import hf_logits
+
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path)
+    want = hf_logits(hf, tokens())
+    for got in run_ranks(_titan_ranks, str(tmp_path)):
+        torch.testing.assert_close(got["logits"], want, rtol=0, atol=1e-5)
+        whole = [w for w in got["warnings"] if w.startswith("read whole")]
+        assert whole and "'layers.0.attention.qkv_linear.wqkv.weight' (FusedQKVLinear loading hook)" in whole[0]

@@ -67,8 +67,26 @@ def test_read_region_of_rows_is_one_read_of_those_bytes(files: dict[str, str]) -
     assert nbytes <= read < nbytes + 4096  # the read itself, plus what Python's own bookkeeping reads
 
 
-def test_read_region_without_ranged_reads_reads_whole_and_says_so() -> None:
+def test_read_region_of_tensors_in_memory_copies_the_box() -> None:
     source = wp.open_source({"w": TENSORS["w"]})
+    out, nbytes = source.read_region("w", ((1, 2), (0, 5), (0, 4)))
+    assert torch.equal(out, TENSORS["w"][1:3]) and nbytes == out.nbytes == TENSORS["w"].nbytes // 3
+    out.zero_()
+    assert TENSORS["w"][1:3].abs().sum() > 0  # a copy, not a view of the caller's tensor
+
+
+def test_read_region_without_ranged_reads_reads_whole_and_says_so() -> None:
+    """A source that cannot read part of a tensor reads it whole, and counts it so."""
+    from weightport.sources.base import Source, SourceInfo, TensorMeta
+
+    class Whole(Source):
+        def _meta_of(self, handle: torch.Tensor) -> TensorMeta:
+            return TensorMeta(tuple(handle.shape), handle.dtype)
+
+        def _view_of(self, handle: torch.Tensor) -> torch.Tensor:
+            return handle
+
+    source = Whole({"w": TENSORS["w"]}, SourceInfo(kind="test", location="test"))
     out, nbytes = source.read_region("w", ((1, 2), (0, 5), (0, 4)))
     assert torch.equal(out, TENSORS["w"][1:3]) and nbytes == TENSORS["w"].nbytes
 

@@ -47,7 +47,8 @@ from weightport.apply import (
     _Swap,
 )
 from weightport.distributed.reader import PlanReader
-from weightport.errors import DistributedError, NonFiniteError, OptionError, PlanError, WeightportError
+from weightport.distributed.regions import whole_read_ops
+from weightport.errors import DistributedError, NonFiniteError, OptionError, PlanError
 from weightport.options import ApplyOptions
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
         applied=True,
         stats=stats,
         bytes_read_per_rank=per_rank,
-        warnings=plan.report.warnings + tuple(notes) + _whole_reads_note(reader),
+        warnings=plan.report.warnings + tuple(notes) + _whole_reads_note(plan, recipes),
     )
     # 4. commit: nothing here can fail
     with _progress.progress(False, 0, desc="weightport: committing") as bar, _interrupts_deferred(), torch.no_grad():
@@ -145,9 +146,7 @@ def _attempt(step: Any) -> str | None:
     """Run ``step``; its failure as a message for the other ranks (``None``: it worked)."""
     try:
         step()
-    except WeightportError as e:
-        return f"{type(e).__name__}: {e}"
-    except Exception as e:
+    except Exception as e:  # a WeightportError, out of memory, a torch error: every rank must hear of it
         log.debug("a sharded transfer step failed", exc_info=True)
         return f"{type(e).__name__}: {e}"
     return None
@@ -253,8 +252,14 @@ def _write(old: torch.Tensor, new: torch.Tensor, recipe: Recipe | None, owners: 
     return _Swap(old, new, owners.get(id(old), []))
 
 
-def _whole_reads_note(reader: PlanReader) -> tuple[str, ...]:
-    if not reader.whole:
+def _whole_reads_note(plan: TransferPlan, recipes: list[Recipe]) -> tuple[str, ...]:
+    """The sharded targets whose ops have no region map (the same on every rank)."""
+    whole = {
+        r.target: ops
+        for r in recipes
+        if isinstance(plan.targets[r.target].tensor, DTensor) and (ops := whole_read_ops(r))
+    }
+    if not whole:
         return ()
-    listed = ", ".join(f"{name!r} ({', '.join(ops)})" for name, ops in sorted(reader.whole.items()))
+    listed = ", ".join(f"{name!r} ({', '.join(ops)})" for name, ops in sorted(whole.items()))
     return (f"read whole on each rank that holds part of them (ops without a region map): {listed}",)

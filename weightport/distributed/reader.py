@@ -41,8 +41,6 @@ class PlanReader(StorageReader):
     Attributes:
         bytes_read: Source bytes this rank read so far (:meth:`Source.read_region`'s count: the
             boxes' bytes where the source reads ranges, the whole tensor where it cannot).
-        whole: Target names whose values needed an input read whole (an op without a region
-            map), with those ops' labels.
     """
 
     def __init__(self, source: Source, recipes: Sequence[Recipe], targets: Mapping[str, torch.Tensor]) -> None:
@@ -55,7 +53,6 @@ class PlanReader(StorageReader):
             for r in recipes
         }
         self.bytes_read = 0
-        self.whole: dict[str, tuple[str, ...]] = {}
 
     # -- DCP's StorageReader interface ----------------------------------------------------------------
     def reset(self, checkpoint_id: Any = None) -> None:
@@ -102,8 +99,6 @@ class PlanReader(StorageReader):
         keys = [i.key for i in recipe.inputs]
         target = self.targets[name]
         planned = region_plan(recipe, self.source.shapes(keys), target, box)
-        if planned.whole:
-            self.whole[name] = planned.whole
         values: list[torch.Tensor | None] = []
         for key, read in zip(keys, planned.reads):
             if read is None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from weightport.sources._mapped import MappedFile, TensorRef, read_refs
-from weightport.sources.base import Box, Source, SourceInfo, TensorMeta
+from weightport.sources.base import Box, Source, SourceInfo, TensorMeta, box_slices
 
 _shape, _dtype, _itemsize = attrgetter("shape"), attrgetter("dtype"), attrgetter("itemsize")
 
@@ -35,6 +35,11 @@ class TensorSource(Source):
 
     def _read_into(self, handle: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(handle.detach())
+
+    def _read_region_of(self, handle: torch.Tensor, box: Box) -> tuple[torch.Tensor, int]:
+        """Tensors in memory: the box is copied, nothing else is touched."""
+        out = handle.detach()[box_slices(box)].clone(memory_format=torch.contiguous_format)
+        return out, out.nbytes
 
     def _alias_key(self, handle: torch.Tensor) -> Any:
         if handle.numel() == 0 or handle.device.type == "meta":
