@@ -94,6 +94,14 @@ def _resume_and_continue(rank: int, world_size: int, folder: str) -> dict[str, A
     model, opt, sched = _sharded_mlp(seed=1)  # other initial weights: all must come from the checkpoint
     torch.manual_seed(7)
     before = _local(model)
+    damaged = folder + "-damaged"  # rank 1's chunk of 0.weight overwritten: DCP fails on rank 1 only
+    if rank == 0:
+        _damage_rank_1_chunk(folder, damaged)
+    torch.distributed.barrier()
+    try:
+        wp.checkpoint.resume(damaged, model=model, optimizer=opt, scheduler=sched)
+    except CheckpointError as e:  # DCP's CheckpointException (a BaseException) turned into a WeightportError
+        dcp_failed = str(e)
     other = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9) if rank == 1 else sched
     try:  # a failure on rank 1 only: every rank raises, and no rank's model or optimizer changed
         wp.checkpoint.resume(folder, model=model, optimizer=opt, scheduler=other)
@@ -102,6 +110,7 @@ def _resume_and_continue(rank: int, world_size: int, folder: str) -> dict[str, A
     unchanged = all(torch.equal(before[n], t) for n, t in _local(model).items()) and not opt.state
     state = wp.checkpoint.resume(folder, model=model, optimizer=opt, scheduler=sched)
     out: dict[str, Any] = {
+        "dcp_failed": dcp_failed,
         "one_rank_failed": failed,
         "unchanged": unchanged,
         "epoch": state.epoch,
@@ -137,6 +146,19 @@ def _resume_and_continue(rank: int, world_size: int, folder: str) -> dict[str, A
         except CheckpointError as e:
             out[name] = str(e)
     return out
+
+
+def _damage_rank_1_chunk(folder: str, damaged: str) -> None:
+    import shutil
+
+    from weightport.sources._dcp_metadata import read_metadata
+
+    shutil.copytree(folder, damaged)
+    stored = read_metadata(damaged).metadata.storage_data
+    chunk = next(v for k, v in stored.items() if k.fqn == "model/0.weight" and v.relative_path == "__1_0.distcp")
+    with open(os.path.join(damaged, chunk.relative_path), "r+b") as f:
+        f.seek(chunk.offset)
+        f.write(b"\0" * chunk.length)
 
 
 def _wider() -> nn.Module:
@@ -201,6 +223,7 @@ def test_sharded_resume_on_two_ranks_continues_bitwise(saved: tuple[str, list[di
         assert b["exp_avg_dtensor"]
         assert "failed on rank 1 of 2" in b["one_rank_failed"] and "ExponentialLR" in b["one_rank_failed"]
         assert b["unchanged"]
+        assert "reading the checkpoint's shards failed (rank 1: " in b["dcp_failed"]
         assert b["losses"] == a["losses"][SAVE_AT:]  # floats compared exactly
         assert a["final"].keys() == b["final"].keys()
         for name in a["final"]:
