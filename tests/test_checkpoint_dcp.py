@@ -259,42 +259,52 @@ def test_dcp_checkpoint_resumes_into_an_unsharded_renamed_model(saved: tuple[str
     assert weights.counts()["loaded"] == 4
 
 
-def _resume_renamed_sharded(rank: int, world_size: int, folder: str) -> dict[str, Any]:
+def _resume_renamed_sharded(rank: int, world_size: int, folder: str, file: str) -> list[dict[str, Any]]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    torch.manual_seed(5)
-    model = _Renamed()
-    mesh = init_device_mesh("cpu", (2,))
-    for layer in (model.body, model.head):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    state = wp.checkpoint.resume(folder, model=model, optimizer=opt, rules=_RULES)
-    out: dict[str, Any] = {
-        "step": state.step,
-        "carried": dict(state.optimizer.carried) if state.optimizer else {},
-        "restored": state.restored,
-        "local": _local(model),
-        "exp_avg": {n: opt.state[p]["exp_avg"].to_local().clone() for n, p in model.named_parameters()},
-        "exp_avg_dtensor": all(isinstance(opt.state[p]["exp_avg"], DTensor) for p in model.parameters()),
-        "lr": opt.param_groups[0]["lr"],
-    }
-    x = torch.randn(4, 8)
-    loss = model.head(torch.relu(model.body(x))).sum()  # it trains on: state and parameters agree
-    loss.backward()
-    opt.step()
-    return out
+    outs = []
+    # the sharded folder through rules, and a single file of the same names (an unsharded run moved to FSDP2)
+    for path, rules in ((folder, _RULES), (file, [])):
+        torch.manual_seed(5)
+        model = _Renamed()
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in (model.body, model.head):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        state = wp.checkpoint.resume(path, model=model, optimizer=opt, rules=rules)
+        outs.append(
+            {
+                "step": state.step,
+                "carried": dict(state.optimizer.carried) if state.optimizer else {},
+                "restored": state.restored,
+                "local": _local(model),
+                "exp_avg": {n: opt.state[p]["exp_avg"].to_local().clone() for n, p in model.named_parameters()},
+                "exp_avg_dtensor": all(isinstance(opt.state[p]["exp_avg"], DTensor) for p in model.parameters()),
+                "lr": opt.param_groups[0]["lr"],
+            }
+        )
+        x = torch.randn(4, 8)
+        loss = model.head(torch.relu(model.body(x))).sum()  # it trains on: state and parameters agree
+        loss.backward()
+        opt.step()
+    return outs
 
 
 def test_dcp_checkpoint_resumes_into_a_renamed_sharded_model(saved: tuple[str, list[dict[str, Any]]]) -> None:
     from dist_harness import shard_rows
 
     folder, first = saved
-    ranks = run_ranks(_resume_renamed_sharded, folder)
+    unsharded = _Renamed()
+    unsharded_opt = torch.optim.AdamW(unsharded.parameters(), lr=1e-2)
+    wp.checkpoint.resume(folder, model=unsharded, optimizer=unsharded_opt, rules=_RULES)
+    file = str(Path(folder).parent / "renamed.safetensors")
+    wp.checkpoint.save(file, model=unsharded, optimizer=unsharded_opt, step=SAVE_AT)
+    ranks = run_ranks(_resume_renamed_sharded, folder, file)
     full, moments = first[0]["full_at_save"], first[0]["exp_avg_at_save"]
-    for rank, got in enumerate(ranks):
+    for rank, got in ((r, got) for r, outs in enumerate(ranks) for got in outs):
         assert got["step"] == SAVE_AT and len(got["carried"]) == 4 and "optimizer" in got["restored"]
         assert got["exp_avg_dtensor"] and got["lr"] == pytest.approx(1e-2 * 0.5)
         for saved_name, new_name in (("0", "body"), ("3", "head")):
