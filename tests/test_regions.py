@@ -134,6 +134,17 @@ def test_grouped_fuse_reads_each_input_s_rows_in_the_box():
     assert _check(recipe, shapes, _rows(0, 16, (16, 4))).reads == whole
 
 
+def test_a_grouped_wqkv_of_rotated_q_and_k_gives_each_rank_its_kv_groups():
+    # torchtitan's fused wqkv from Hugging Face q, k, v: 4 q heads and 2 kv heads of 8 rows, per kv group
+    inputs = [Input("q", (_op("rope_permute", heads=4),)), Input("k", (_op("rope_permute", heads=2),)), Input("v")]
+    recipe = _recipe(inputs, fuse_dim=0, groups=2)
+    shapes = [(32, 6), (16, 6), (16, 6)]
+    rank0, rank1 = _rows(0, 32, (64, 6)), _rows(32, 32, (64, 6))
+    assert _check(recipe, shapes, rank0).reads == (((0, 16), (0, 6)), ((0, 8), (0, 6)), ((0, 8), (0, 6)))
+    assert _check(recipe, shapes, rank1).reads == (((16, 16), (0, 6)), ((8, 8), (0, 6)), ((8, 8), (0, 6)))
+    assert _check(recipe, shapes, _rows(16, 8, (64, 6))).reads == (None, ((0, 8), (0, 6)), None)  # group 0's k
+
+
 def test_rope_permute_reads_the_rows_of_the_heads_in_the_box():
     # interleaved, 4 rows a head: a head's rows 0, 1, 2, 3 are its rows 0, 2, 1, 3 in the source
     recipe = _recipe([Input("wq", (_op("rope_permute", heads=4),))])
@@ -209,6 +220,19 @@ def test_an_op_without_a_region_map_reads_its_input_whole():
     plan = _check(recipe, [(4, 10)], _rows(3, 4, (10, 4)))
     assert plan.reads == (((0, 4), (0, 10)),) and plan.whole == ("_flip",)
     assert whole_read_ops(recipe) == ("_flip",)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "source", "target", "box"),
+    [
+        ("pos_embed", (1, 17, 8), (1, 26, 8), ((0, 1), (0, 26), (4, 4))),
+        ("patch_embed", (4, 3, 4, 4), (4, 3, 6, 6), ((2, 2), (0, 3), (0, 6), (0, 6))),
+    ],
+)
+def test_an_adapter_needing_the_target_s_shape_runs_on_its_whole_input(adapter, source, target, box):
+    recipe = _recipe([Input("w", (_op(adapter),))])
+    plan = _check(recipe, [source], box, _meta(target))
+    assert plan.reads == (tuple((0, n) for n in source),) and plan.whole == (_op(adapter).label(),)
 
 
 def test_a_reshape_of_the_leading_dimension_reads_whole_runs_of_rows():
@@ -535,3 +559,74 @@ def test_sources_of_any_dtype_compute_bit_for_bit(dtype):
     got = plan.compute([None if r is None else v[box_slices(r)] for r, v in zip(plan.reads, values)])
     want = evaluate(recipe, dict(zip("qk", values)).__getitem__, target)[3:10, 1:5]
     assert got.dtype == dtype and torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
+
+
+# -- the shipped mappings, read from a file ------------------------------------------------------------
+
+
+def _tiny_model(mapping: str) -> torch.nn.Module:
+    from weightport.models import GPT2, Bert, BertConfig
+    from weightport.models.llama import Llama, LlamaParams
+
+    if mapping.endswith("gpt2"):
+        return GPT2(layers=1, hidden=16, heads=2, vocab_size=24, max_positions=8)
+    if mapping.endswith("bert"):
+        return Bert(BertConfig(vocab_size=24, hidden=16, layers=1, heads=2, mlp=20, max_positions=8))
+    sizes = {"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 24, "multiple_of": 16}
+    return Llama(LlamaParams.from_dict({**sizes, "norm_eps": 1e-5, "rope_theta": 1e4}))
+
+
+def _chunks(shape: Shape, dim: int, ranks: int) -> list[Box]:
+    """Each rank's box of a ``Shard(dim)`` placement (torch.chunk's rows, as DTensor gives them)."""
+    return [
+        tuple((int(c[0]), len(c)) if k == dim else (0, n) for k, n in enumerate(shape))
+        for c in torch.arange(shape[dim]).chunk(ranks)
+    ]
+
+
+@pytest.mark.parametrize("mapping", ["hf.gpt2->weightport.gpt2", "hf.bert->weightport.bert", "hf.llama->meta.llama"])
+def test_shipped_mappings_read_from_a_file_give_each_shard_its_part_of_the_whole_transfer(tmp_path, mapping):
+    """Every recipe of a real plan (split then transpose, fused q/k/v, rope_permute), Shard(0) and
+    Shard(1) on 2 and 3 ranks, read through ``Source.read_region``: the same values as the whole
+    transfer, and on 2 ranks along the rows the ranks' bytes add up to what one rank reads for all."""
+    from safetensors.torch import save_file
+
+    import weightport as wp
+    from weightport.mapping.verify import map_state_dict
+
+    facts = {"heads": 4, "kv_heads": 2, "head_dim": 8, "hidden": 32}
+    model = _tiny_model(mapping)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    state = map_state_dict(model.state_dict(), wp.load_mapping(mapping).bind(facts).inverse())
+    stored = {}
+    for key, value in state.items():  # one tensor per storage (tied embeddings)
+        if all(value.data_ptr() != v.data_ptr() for v in stored.values()):
+            stored[key] = value.contiguous()
+    save_file(stored, str(tmp_path / "model.safetensors"))
+    plan = wp.plan(str(tmp_path / "model.safetensors"), _tiny_model(mapping), mapping=mapping)
+    source = plan.source
+    assert any(r.fuse_dim is not None or r.ops for r in plan.recipes.values())
+    for recipe in plan.recipes.values():
+        target = plan.targets[recipe.target].tensor
+        keys = [i.key for i in recipe.inputs]
+        shapes = source.shapes(keys)
+        want = evaluate(recipe, source.__getitem__, target)
+
+        def read(box: Box) -> int:
+            planned = region_plan(recipe, shapes, target, box)
+            values, total = [], 0
+            for key, r in zip(keys, planned.reads):
+                value, nbytes = (None, 0) if r is None else source.read_region(key, r)
+                values.append(value)
+                total += nbytes
+            assert torch.equal(planned.compute(values), want[box_slices(box)]), (recipe.target, box)
+            return total
+
+        everything = read(tuple((0, n) for n in target.shape))
+        for dim, ranks in itertools.product(range(target.dim()), (2, 3)):
+            spent = [read(box) for box in _chunks(tuple(target.shape), dim, ranks)]
+            if dim == 0 and ranks == 2:
+                assert sum(spent) == everything, recipe.target

@@ -28,6 +28,10 @@ Ops with a region map (the source box they read):
   the box, and is not read at all without any (a rank whose rows of a fused ``wqkv`` lie in q
   reads only q).
 
+Reads are boxes, so where the rows a box needs have gaps (rotary pairs, the other parts of a
+grouped layout) a read spans them. An empty box (a rank without rows of an unevenly sharded
+target) reads nothing.
+
 Every other op has no region map: user callables and the shape adapters (``in_channels``,
 ``pos_embed``, ``patch_embed``). Such an op reads its input whole (on every rank that needs any
 of its output), runs, and keeps the box; ops before it then compute their whole output too.
