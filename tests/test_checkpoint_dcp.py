@@ -21,13 +21,13 @@ SAVE_AT = 3  # steps before the checkpoint
 STEPS = 6  # steps in all
 
 
-def _sharded_mlp(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+def _sharded_mlp(seed: int, ranks: int = 2) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 5))
-    mesh = init_device_mesh("cpu", (2,))
+    mesh = init_device_mesh("cpu", (ranks,))
     for layer in (model[0], model[3]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -313,3 +313,30 @@ def test_dcp_checkpoint_resumes_into_a_renamed_sharded_model(saved: tuple[str, l
                 rows = slice(start, start + length)
                 assert torch.equal(got["local"][f"{new_name}.{p}"], full[f"{saved_name}.{p}"][rows])
                 assert torch.equal(got["exp_avg"][f"{new_name}.{p}"], moments[f"{saved_name}.{p}"][rows])
+
+
+def _resume_on_three_ranks(rank: int, world_size: int, folder: str) -> dict[str, Any]:
+    model, opt, sched = _sharded_mlp(seed=1, ranks=3)
+    state = wp.checkpoint.resume(folder, model=model, optimizer=opt, scheduler=sched)
+    return {
+        "local": _local(model),
+        "exp_avg": {n: opt.state[p]["exp_avg"].to_local().clone() for n, p in model.named_parameters()},
+        "restored": state.restored,
+        "notes": state.notes,
+    }
+
+
+def test_dcp_checkpoint_of_two_ranks_resumes_on_three(saved: tuple[str, list[dict[str, Any]]]) -> None:
+    from dist_harness import shard_rows
+
+    folder, first = saved
+    ranks = run_ranks(_resume_on_three_ranks, folder, world_size=3)
+    full, moments = first[0]["full_at_save"], first[0]["exp_avg_at_save"]
+    for rank, got in enumerate(ranks):
+        for name, tensor in full.items():  # DCP reshards: each rank reads its rows of 3
+            start, length = shard_rows(rank, 3, tensor.shape[0])
+            assert torch.equal(got["local"][name], tensor[start : start + length]), (rank, name)
+            assert torch.equal(got["exp_avg"][name], moments[name][start : start + length]), (rank, name)
+        assert {"model", "optimizer", "scheduler"} <= set(got["restored"])
+    assert "rng:torch" in ranks[1]["restored"] and "rng:torch" not in ranks[2]["restored"]
+    assert "the checkpoint holds no RNG states for this rank (saved by fewer ranks)" in ranks[2]["notes"]

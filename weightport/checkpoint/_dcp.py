@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -27,8 +26,6 @@ from torch import nn
 
 from weightport.checkpoint._format import BODY_KEY, FORMAT, FORMAT_KEY, VERSION
 from weightport.errors import CheckpointError
-
-log = logging.getLogger(__name__)
 
 
 def distributed() -> bool:
@@ -129,14 +126,12 @@ def dcp_errors(where: str, what: str) -> Iterator[None]:
 
 
 def own_rng(body: dict[str, Any]) -> Any:
-    """This rank's saved RNG states (rank 0's on a single process), or ``None`` when there are none for it."""
+    """This rank's saved RNG states (rank 0's on a single process), or ``None`` when there are none for it
+    (saved with ``rng=False``, or by fewer ranks than there are now)."""
     per_rank = body.get("rng_by_rank")
     if not isinstance(per_rank, list):
         return body.get("rng")
-    if rank() < len(per_rank):
-        return per_rank[rank()]
-    log.warning("RNG states were saved by %d ranks; rank %d keeps its own", len(per_rank), rank())
-    return None
+    return per_rank[rank()] if rank() < len(per_rank) else None
 
 
 def reader(folder: str) -> Any:

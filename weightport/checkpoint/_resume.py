@@ -362,7 +362,8 @@ def _prepare_scaler(ckpt: CheckpointFile, scaler: Any, strict: bool, pending: _P
 def _prepare_rng(ckpt: CheckpointFile, pending: _Pending) -> None:
     saved = _dcp.own_rng(ckpt.body)  # a sharded model's checkpoint holds each rank's
     if saved is None:
-        pending.notes.append("the checkpoint holds no RNG states (saved with rng=False)")
+        why = "for this rank (saved by fewer ranks)" if "rng_by_rank" in ckpt.body else "(saved with rng=False)"
+        pending.notes.append(f"the checkpoint holds no RNG states {why}")
         return
     states = decode(saved, lambda k: ckpt.tensor(k), ckpt.path)
     actions, notes = _rng.prepare(states, ckpt.path)
