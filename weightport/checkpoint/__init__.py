@@ -9,7 +9,9 @@
 A checkpoint is one safetensors file (or, named ``.pt``/``.pth``/``.bin``, one torch file of the
 same tensors and metadata): model weights, optimizer state tensors and RNG states are tensors,
 everything else is JSON in the metadata. Nothing is pickled. ``wp.transfer("last.safetensors",
-model)`` (or ``"checkpoint:last.safetensors"``) loads only the weights.
+model)`` (or ``"checkpoint:last.safetensors"``) loads only the weights. A sharded model's
+(FSDP2, DTensor parameters) checkpoint is one DCP folder that every rank writes its shards into
+and resumes from (``_dcp``, ``_sharded``).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ class CheckpointInfo:
         extra_keys: Keys of ``extra``.
         parts: ``{part: (tensors, bytes)}``, plus ``"metadata"`` (JSON bytes).
         torch_version: The torch that wrote it.
+        ranks: For a sharded model's checkpoint (a DCP folder): how many ranks wrote it; ``None`` for a file.
     """
 
     path: str
@@ -61,6 +62,7 @@ class CheckpointInfo:
     extra_keys: tuple[str, ...] = ()
     parts: dict[str, tuple[int, int]] = field(default_factory=dict)
     torch_version: str | None = None
+    ranks: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,12 +84,14 @@ class CheckpointInfo:
             "extra_keys": list(self.extra_keys),
             "parts": {k: {"tensors": n, "nbytes": b} for k, (n, b) in self.parts.items()},
             "torch_version": self.torch_version,
+            "ranks": self.ranks,
         }
 
     def lines(self) -> list[str]:
         """Human-readable lines, as ``weightport inspect`` prints them."""
         out = [
-            f"weightport training checkpoint (format {self.version})"
+            f"weightport training checkpoint (format {self.version}"
+            + (f", DCP folder written by {self.ranks} ranks)" if self.ranks else ")")
             + (f", saved {self.created}" if self.created else "")
             + (f" with torch {self.torch_version}" if self.torch_version else "")
         ]
@@ -150,7 +154,10 @@ def info(checkpoint: str | os.PathLike[str] | Source) -> CheckpointInfo:
         with open_source(location) as opened:
             return info(opened)
     whole = checkpoint.whole if isinstance(checkpoint, PartSource) else checkpoint
-    body = parse_body(whole.info.metadata, whole.info.location)
+    return _checked(whole, parse_body(whole.info.metadata, whole.info.location))
+
+
+def _checked(whole: Source, body: dict[str, Any]) -> CheckpointInfo:
     try:
         return _describe(whole, body)
     except WeightportError:
@@ -197,10 +204,11 @@ def _describe(whole: Source, body: dict[str, Any]) -> CheckpointInfo:
         scheduler_type=sched.get("type"),
         scheduler={k: sched_state[k] for k in _SCHEDULER_FIELDS if isinstance(sched_state, dict) and k in sched_state},
         scaler=scaler,
-        rng=tuple(body.get("rng", {})),
+        rng=tuple(body.get("rng") or (body.get("rng_by_rank") or [{}])[0]),
         extra_keys=tuple(body.get("extra", {})),
         parts=_parts(whole),
         torch_version=body.get("torch"),
+        ranks=body.get("world_size") if isinstance(body.get("world_size"), int) else None,
     )
 
 

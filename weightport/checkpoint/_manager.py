@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightport.checkpoint._format import read_complete_body
+from weightport.checkpoint import _dcp
+from weightport.checkpoint._format import CheckpointFile, read_complete_body
 from weightport.checkpoint._resume import ResumeState, resume
-from weightport.checkpoint._save import as_path, save
+from weightport.checkpoint._save import as_path, save, unwrap
 from weightport.checkpoint._tree import decode
 from weightport.errors import CheckpointError, SourceNotFoundError
 
@@ -44,7 +46,10 @@ class Manager:
     """Keeps the last and the best checkpoints of a run in one folder.
 
     File names carry the epoch, the step and a UTC timestamp
-    (``ckpt-e0003-s00001200-20250101T120000.123456Z.safetensors``). Every file is written
+    (``ckpt-e0003-s00001200-20250101T120000.123456Z.safetensors``). A sharded model's checkpoints
+    are DCP folders of the same names without the extension: call :meth:`save` and :meth:`resume`
+    on every rank then; rank 0 names the folder (the name reaches the others under the process
+    group's timeout) and rotates. Every file is written
     atomically (temporary file, fsync, rename): a run killed mid-save leaves only a hidden
     temporary file, which :meth:`list`, :meth:`latest` and :meth:`best` never return and the
     next :meth:`save` removes. Old checkpoints are deleted only after a new one is complete.
@@ -95,11 +100,11 @@ class Manager:
         self.metric = metric
         self.mode = mode
         self.prefix = prefix
-        self._name = re.compile(
+        self._name = re.compile(  # a file, or the folder of a sharded model's checkpoint (no extension)
             rf"^{re.escape(prefix)}(?:-e(-?\d+))?(?:-s(-?\d+))?-(\d{{8}}T\d{{6}}\.\d{{6}}Z)"
-            r"\.safetensors$"
+            r"(\.safetensors)?$"
         )
-        self._leftover = re.compile(rf"^\.{re.escape(prefix)}-.*\.safetensors\.tmp-")
+        self._leftover = re.compile(rf"^\.{re.escape(prefix)}-.*Z(?:\.safetensors)?\.tmp-")
         self._cache: dict[str, tuple[tuple[int, int], _Record | None]] = {}
         self._warned_metric = False
 
@@ -130,9 +135,25 @@ class Manager:
             The new file's path.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._remove_leftovers()
-        records = self._records()
-        path = self.folder / self._file_name(epoch, step, records)
+        sharded = _dcp.is_sharded(unwrap(model)[0])  # every rank saves; rank 0 names the folder and rotates
+        name = failure = None
+        if _dcp.rank() == 0 or not sharded:
+            try:
+                self._remove_leftovers()
+                name = self._file_name(epoch, step, self._records(), sharded)
+            except CheckpointError as e:
+                if not sharded:
+                    raise
+                failure = e
+        if sharded and _dcp.world_size() > 1:
+            box = [(name, None if failure is None else str(failure))]
+            torch.distributed.broadcast_object_list(box, src=0)  # under the process group's timeout
+            name, message = box[0]
+            if message is not None:
+                raise CheckpointError(f"{self.folder}: rank 0 could not name the new checkpoint ({message})")
+        elif failure is not None:
+            raise failure
+        path = self.folder / str(name)
         if self.keep_best and self.metric not in (metrics or {}) and not self._warned_metric:
             log.warning(
                 "Manager: metrics has no %r; this checkpoint cannot count among the best "
@@ -153,10 +174,15 @@ class Manager:
             extra=extra,
             rng=rng,
         )
-        self._prune()
+        if _dcp.rank() == 0 or not sharded:
+            self._prune()
+        if sharded and _dcp.world_size() > 1:
+            torch.distributed.barrier()  # every rank returns once the folder is rotated (the group's timeout)
         return path
 
-    def _file_name(self, epoch: int | None, step: int | None, records: builtins.list[_Record]) -> str:
+    def _file_name(
+        self, epoch: int | None, step: int | None, records: builtins.list[_Record], folder: bool = False
+    ) -> str:
         now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
         if records and now <= records[-1].stamp:  # the clock went back: keep file names in save order
             now = records[-1].stamp + datetime.timedelta(microseconds=1)
@@ -166,14 +192,14 @@ class Manager:
         if step is not None:
             parts.append(f"s{step:08d}")
         parts.append(now.strftime(_STAMP))
-        return "-".join(parts) + ".safetensors"
+        return "-".join(parts) + ("" if folder else ".safetensors")
 
     def _remove_leftovers(self) -> None:
         """Temporary files of a save that was killed: only the saving process calls this, so none is live."""
         for entry in os.scandir(self.folder):
             if self._leftover.match(entry.name):
                 try:
-                    os.unlink(entry.path)
+                    _remove(entry.path)
                     log.info("Manager: removed %s, left by an interrupted save", entry.path)
                 except OSError as e:
                     log.warning("Manager: cannot remove %s (%s)", entry.path, e)
@@ -185,7 +211,7 @@ class Manager:
         for r in records:
             if r.path not in keep:
                 try:
-                    r.path.unlink()
+                    _remove(str(r.path))
                     log.info("Manager: removed %s", r.path)
                 except OSError as e:
                     log.warning("Manager: cannot remove %s (%s)", r.path, e)
@@ -263,7 +289,7 @@ class Manager:
             if match is None:
                 continue
             try:
-                if not entry.is_file():
+                if not (entry.is_file() if match.group(4) else entry.is_dir()):
                     continue
                 stat = entry.stat()
             except FileNotFoundError:
@@ -287,7 +313,7 @@ class Manager:
             return cached[1]
         try:
             stamp = _stamp(match.group(3), path)
-            body = read_complete_body(str(path))
+            body = read_complete_body(str(path)) if path.suffix == ".safetensors" else _folder_body(str(path))
             metrics = decode(body.get("metrics", {}), lambda k: None, str(path))
         except CheckpointError as e:
             if not path.exists():  # pruned by the writer while it was read: gone, not damaged
@@ -305,6 +331,22 @@ class Manager:
             )
         self._cache[str(path)] = (signature, record)
         return record
+
+
+def _folder_body(path: str) -> dict[str, Any]:
+    """The document of a sharded model's checkpoint folder (a DCP folder that opens as a checkpoint)."""
+    try:
+        with CheckpointFile(path) as ckpt:
+            return ckpt.body
+    except SourceNotFoundError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 def _stamp(text: str, path: Path) -> datetime.datetime:

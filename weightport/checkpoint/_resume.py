@@ -23,7 +23,7 @@ from torch import nn
 
 from weightport.api import plan as plan_transfer
 from weightport.apply import _interrupts_deferred
-from weightport.checkpoint import _optim, _rng
+from weightport.checkpoint import _dcp, _optim, _rng, _sharded
 from weightport.checkpoint._format import CheckpointFile
 from weightport.checkpoint._optim import OptimizerReport
 from weightport.checkpoint._save import type_name, unwrap
@@ -130,7 +130,9 @@ def resume(
     ``state.optimizer`` says which. Create the scheduler before calling this, as torch requires.
 
     Args:
-        path: A checkpoint file.
+        path: A checkpoint file, or the folder of a sharded model's checkpoint. A sharded model (DTensor
+            parameters) resumes on every rank: in place, each rank reading its own shards, or through
+            a sharded transfer when ``mapping=`` / ``rules=`` are given. Every rank raises when any fails.
         model: The model to restore into (wrappers such as DDP are unwrapped); may be built
             on the meta device with :func:`weightport.init_empty`.
         optimizer: Built over ``model``'s parameters; its state is replaced.
@@ -189,34 +191,57 @@ def _resume(
 ) -> ResumeState:
     device = as_device(map_location, "map_location", CheckpointError)
     target, _ = unwrap(model)
-    with CheckpointFile(path) as ckpt:
+    rules = tuple(rules)
+    sharded = _dcp.is_sharded(target)
+    with _dcp.agreement(sharded, str(path), "opening the checkpoint"):
+        ckpt = CheckpointFile(path)
+    with ckpt:
         body = ckpt.body
-        source = ckpt.part("model", hide=_tied_aliases(ckpt, target))
-        planned = plan_transfer(
-            source, target, mapping=mapping, rules=rules, on_mismatch=on_mismatch, strict=strict, device=device
-        )
+        native = sharded and mapping is None and not rules and body.get("layout") == "dcp"
+        loader = None
+        with _dcp.agreement(sharded, ckpt.path, "planning the resume"):
+            if native:
+                if device is not None:
+                    raise CheckpointError(
+                        "map_location does not apply to a sharded model: each rank reads into its shards"
+                    )
+                loader = _sharded.plan(ckpt, target, optimizer, strict, on_mismatch)  # type: ignore[arg-type]
+            else:
+                source = ckpt.part("model", hide=_tied_aliases(ckpt, target))
+                planned = plan_transfer(
+                    source, target, mapping=mapping, rules=rules, on_mismatch=on_mismatch, strict=strict, device=device
+                )
+        if loader is not None:
+            loader.read()  # every rank together; a failure on any rank raises on all
         pending = _Pending()
-        if optimizer is not None:
-            pending.add("rebind", _optim.rebinder(optimizer, target))
-        with _part_errors(ckpt.path, "optimizer"):
-            opt_report = _prepare_optimizer(ckpt, optimizer, target, planned, device, strict, pending)
-        with _part_errors(ckpt.path, "scheduler"):
-            _prepare_component(ckpt, "scheduler", scheduler, strict, pending, optimizer, target)
-        with _part_errors(ckpt.path, "scaler"):
-            _prepare_scaler(ckpt, scaler, strict, pending)
-        if rng:
-            with _part_errors(ckpt.path, "RNG"):
-                _prepare_rng(ckpt, pending)
-        with _part_errors(ckpt.path, "extra"):
-            extra = decode(body.get("extra", {}), lambda k: ckpt.tensor(k, device=device), ckpt.path)
-            metrics = decode(body.get("metrics", {}), lambda k: ckpt.tensor(k), ckpt.path)
-            if not isinstance(extra, dict) or not isinstance(metrics, dict):
-                raise CheckpointError(f"{ckpt.path}: the saved extra or metrics are not a dict; the file is damaged")
-        _note_unused_parts(body, optimizer, scheduler, scaler, pending)
+        with _dcp.agreement(sharded, ckpt.path, "checking the saved state"):
+            if optimizer is not None and loader is None:
+                pending.add("rebind", _optim.rebinder(optimizer, target))
+            with _part_errors(ckpt.path, "optimizer"):
+                if loader is not None:
+                    opt_report = _prepare_sharded_optimizer(ckpt, loader, optimizer, strict, pending)
+                else:
+                    opt_report = _prepare_optimizer(ckpt, optimizer, target, planned, device, strict, pending)
+            with _part_errors(ckpt.path, "scheduler"):
+                _prepare_component(ckpt, "scheduler", scheduler, strict, pending, optimizer, target)
+            with _part_errors(ckpt.path, "scaler"):
+                _prepare_scaler(ckpt, scaler, strict, pending)
+            if rng:
+                with _part_errors(ckpt.path, "RNG"):
+                    _prepare_rng(ckpt, pending)
+            with _part_errors(ckpt.path, "extra"):
+                extra = decode(body.get("extra", {}), lambda k: ckpt.tensor(k, device=device), ckpt.path)
+                metrics = decode(body.get("metrics", {}), lambda k: ckpt.tensor(k), ckpt.path)
+                if not isinstance(extra, dict) or not isinstance(metrics, dict):
+                    raise CheckpointError(
+                        f"{ckpt.path}: the saved extra or metrics are not a dict; the file is damaged"
+                    )
+            _note_unused_parts(body, optimizer, scheduler, scaler, pending)
         # Ctrl-C is held from the model's commit until every part is restored, then handed to the
         # process's own SIGINT handling: an interrupted resume never leaves the model loaded alone.
         with _interrupts_deferred():
-            report = planned.apply()  # the last step that can refuse; what follows only assigns checked states
+            # the last step that can refuse; what follows only assigns checked states
+            report = loader.apply() if loader is not None else planned.apply()
             restored = ["model", *(r for r in _run(pending, ckpt.path) if r != "rebind")]
     state = ResumeState(
         path=ckpt.path,
@@ -281,9 +306,27 @@ def _prepare_optimizer(
     if not _type_matches(ckpt, "optimizer", optimizer, strict, pending):
         return None
     state_dict, report = _optim.prepare(ckpt, optimizer, model, planned, device)
+    if _dcp.is_sharded(model):  # carried state is computed whole: each rank keeps its parameters' part
+        state_dict = _sharded.shard_like_parameters(state_dict, optimizer)
     _optim.check_loadable(optimizer, state_dict)
     pending.add("optimizer", lambda: optimizer.load_state_dict(state_dict))
     return report
+
+
+def _prepare_sharded_optimizer(
+    ckpt: CheckpointFile, loader: _sharded.Loader, optimizer: Any, strict: bool, pending: _Pending
+) -> OptimizerReport | None:
+    if optimizer is None:
+        return None
+    if "optimizer" not in ckpt.body:
+        _missing(ckpt, "optimizer", strict, pending)
+        return None
+    if not _type_matches(ckpt, "optimizer", optimizer, strict, pending):
+        return None
+    action = loader.optimizer_action()
+    if action is not None:
+        pending.add("optimizer", action)
+    return loader.optimizer_report
 
 
 def _prepare_component(
@@ -317,10 +360,12 @@ def _prepare_scaler(ckpt: CheckpointFile, scaler: Any, strict: bool, pending: _P
 
 
 def _prepare_rng(ckpt: CheckpointFile, pending: _Pending) -> None:
-    if "rng" not in ckpt.body:
-        pending.notes.append("the checkpoint holds no RNG states (saved with rng=False)")
+    saved = _dcp.own_rng(ckpt.body)  # a sharded model's checkpoint holds each rank's
+    if saved is None:
+        why = "for this rank (saved by fewer ranks)" if "rng_by_rank" in ckpt.body else "(saved with rng=False)"
+        pending.notes.append(f"the checkpoint holds no RNG states {why}")
         return
-    states = decode(ckpt.body["rng"], lambda k: ckpt.tensor(k), ckpt.path)
+    states = decode(saved, lambda k: ckpt.tensor(k), ckpt.path)
     actions, notes = _rng.prepare(states, ckpt.path)
     pending.notes.extend(notes)
     for name, action in actions:

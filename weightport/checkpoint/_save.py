@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightport.checkpoint import _format, _rng
+from weightport.checkpoint import _dcp, _format, _rng
 from weightport.checkpoint._tree import encode
-from weightport.errors import CheckpointError
+from weightport.errors import CheckpointError, WeightportError
 from weightport.saving import file_format
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,13 @@ def save(
     pickled, so loading never runs code. DataParallel, DDP and ``torch.compile`` wrappers
     are unwrapped: the keys are those of the model itself.
 
+    A model with DTensor parameters (FSDP2, tensor parallel) is saved by every rank into one DCP
+    folder at ``path`` (no extension): each rank writes its shards and its own RNG states, and
+    rank 0 puts the folder in place once all are done (see ``docs/checkpoints.md``).
+
     Args:
-        path: Destination (``.safetensors``, ``.pt``, ``.pth`` or ``.bin``). Written to a
+        path: Destination (``.safetensors``, ``.pt``, ``.pth`` or ``.bin``; a folder path for a
+            sharded model). Written to a
             temporary file in the same folder, fsynced, then renamed, so a run killed mid-save
             leaves the previous file intact.
         model: The model (wrapped or not). Tensors on any device; they are copied to the
@@ -131,7 +136,8 @@ def save(
 
     Raises:
         CheckpointError: a value cannot be stored without pickle (the message names it), a
-            model tensor is on the meta device, or ``epoch``/``step`` is not an integer.
+            model tensor is on the meta device, or ``epoch``/``step`` is not an integer; for a
+            sharded model, a file name, or a failure on any rank (raised on every rank).
         SaveError: another extension, a missing folder, or a path that cannot be written.
 
     Example:
@@ -140,38 +146,108 @@ def save(
     """
     start = time.perf_counter()
     path = as_path(path, "path")
+    inner, wrappers = unwrap(model)
+    if _dcp.is_sharded(inner):
+        _save_sharded(path, inner, wrappers, optimizer, scheduler, scaler, epoch, step, metrics, extra, rng)
+        log.info("saved sharded checkpoint %s in %.2fs", path, time.perf_counter() - start)
+        return Path(path)
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder; pass the checkpoint's file name (e.g. {path}/last.safetensors)")
     file_format(path)  # an unknown extension or a missing folder is refused before any work
-    inner, wrappers = unwrap(model)
     tensors = _model_tensors(inner)
+    optimizer_part = None
+    if optimizer is not None:
+        _check_optimizer(optimizer)
+        optimizer_part = _part(optimizer, "optimizer", tensors, param_names=param_names(inner, optimizer))
+    body = _body(inner, wrappers, tensors, optimizer_part, scheduler, scaler, epoch, step, metrics, extra)
+    if rng:
+        body["rng"] = _encoded(_rng.capture(), "rng", tensors)
+    _format.write(path, tensors, body)
+    log.info("saved checkpoint %s (%d tensors) in %.2fs", path, len(tensors), time.perf_counter() - start)
+    return Path(path)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not isinstance(getattr(optimizer, "param_groups", None), list):
+        raise CheckpointError(f"optimizer={type(optimizer).__name__} is not a torch optimizer (it has no param_groups)")
+
+
+def _body(
+    inner: nn.Module,
+    wrappers: tuple[str, ...],
+    tensors: dict[str, torch.Tensor],
+    optimizer_part: dict[str, Any] | None,
+    scheduler: Any,
+    scaler: Any,
+    epoch: Any,
+    step: Any,
+    metrics: Mapping[str, float] | None,
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The JSON document of every part but the RNG states; their tensors go into ``tensors``."""
     body: dict[str, Any] = {
         **_counters(epoch, step),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
         "torch": torch.__version__,
         "model": {"type": type_name(inner), "unwrapped": list(wrappers)},
     }
-    if optimizer is not None:
-        if not isinstance(getattr(optimizer, "param_groups", None), list):
-            raise CheckpointError(
-                f"optimizer={type(optimizer).__name__} is not a torch optimizer (it has no param_groups)"
-            )
-        body["optimizer"] = _part(optimizer, "optimizer", tensors, param_names=param_names(inner, optimizer))
+    if optimizer_part is not None:
+        body["optimizer"] = optimizer_part
     if scheduler is not None:
         body["scheduler"] = _part(scheduler, "scheduler", tensors)
     if scaler is not None:
         body["scaler"] = _part(scaler, "scaler", tensors)
-    if rng:
-        body["rng"] = _encoded(_rng.capture(), "rng", tensors)
     if metrics:
         body["metrics"] = _metrics(metrics)
     if extra is not None:
         if not isinstance(extra, Mapping):
             raise CheckpointError(f"extra must be a dict, not {type(extra).__name__}")
         body["extra"] = _encoded(dict(extra), "extra", tensors)
-    _format.write(path, tensors, body)
-    log.info("saved checkpoint %s (%d tensors) in %.2fs", path, len(tensors), time.perf_counter() - start)
-    return Path(path)
+    return body
+
+
+def _save_sharded(
+    path: str,
+    inner: nn.Module,
+    wrappers: tuple[str, ...],
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    epoch: Any,
+    step: Any,
+    metrics: Mapping[str, float] | None,
+    extra: Mapping[str, Any] | None,
+    rng: bool,
+) -> None:
+    """Every rank: its shards and its RNG states into one DCP folder (see ``_dcp``). A failure while
+    preparing is handed to the ranks' agreement, so that every rank raises and none waits."""
+    tensors: dict[str, torch.Tensor] = {}
+    body: dict[str, Any] = {}
+    rng_doc = None
+    prepared: BaseException | None = None
+    try:
+        _dcp.check_folder_path(path)
+        if optimizer is not None:
+            _check_optimizer(optimizer)
+        model_sd, optim_sd, names = _dcp.state_dicts(inner, optimizer)
+        tensors.update((f"model/{k}", v) for k, v in model_sd.items() if isinstance(v, torch.Tensor))
+        optimizer_part = None
+        if optimizer is not None:
+            optimizer_part = {
+                "type": type_name(optimizer),
+                "state_dict": _encoded(optim_sd, "optimizer", tensors),
+                "param_names": names,
+            }
+        body = _body(inner, wrappers, tensors, optimizer_part, scheduler, scaler, epoch, step, metrics, extra)
+        body["layout"] = "dcp"
+        body["model"]["type"] = _dcp.model_class(inner)
+        if rng:
+            rng_doc = _encoded(_rng.capture(), f"rng/{_dcp.rank()}", tensors)
+    except WeightportError as e:
+        prepared = e
+    except Exception as e:  # noqa: BLE001 - torch's helpers: every rank must still reach the agreement
+        prepared = CheckpointError(f"{path}: the sharded state cannot be gathered ({type(e).__name__}: {e})")
+    _dcp.write(path, tensors, body, rng_doc, prepared)
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

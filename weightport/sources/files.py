@@ -87,7 +87,8 @@ def open_path(
             raise SourceError(f"{path}: expected_sha256 applies to a single file; a DCP checkpoint folder has several")
         from weightport.sources.dcp import open_dcp  # imports torch.distributed.checkpoint: only when needed
 
-        return open_dcp(path, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle, ema=ema)
+        folder = open_dcp(path, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle, ema=ema)
+        return model_part(folder) if is_training_checkpoint(folder.info.metadata) else folder
     if os.path.isdir(path):
         return open_path(
             choose_weights_file(path),
