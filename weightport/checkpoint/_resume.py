@@ -289,6 +289,17 @@ def _type_matches(ckpt: CheckpointFile, part: str, obj: Any, strict: bool, pendi
     return False
 
 
+def _optimizer_expected(ckpt: CheckpointFile, optimizer: Any, strict: bool, pending: _Pending) -> bool:
+    """Whether ``optimizer`` is given and the checkpoint holds a state of its type (else the
+    ``strict`` rules decide what ``pending`` records)."""
+    if optimizer is None:
+        return False
+    if "optimizer" not in ckpt.body:
+        _missing(ckpt, "optimizer", strict, pending)
+        return False
+    return _type_matches(ckpt, "optimizer", optimizer, strict, pending)
+
+
 def _prepare_optimizer(
     ckpt: CheckpointFile,
     optimizer: Any,
@@ -298,12 +309,7 @@ def _prepare_optimizer(
     strict: bool,
     pending: _Pending,
 ) -> OptimizerReport | None:
-    if optimizer is None:
-        return None
-    if "optimizer" not in ckpt.body:
-        _missing(ckpt, "optimizer", strict, pending)
-        return None
-    if not _type_matches(ckpt, "optimizer", optimizer, strict, pending):
+    if not _optimizer_expected(ckpt, optimizer, strict, pending):
         return None
     state_dict, report = _optim.prepare(ckpt, optimizer, model, planned, device)
     if _dcp.is_sharded(model):  # carried state is computed whole: each rank keeps its parameters' part
@@ -316,12 +322,7 @@ def _prepare_optimizer(
 def _prepare_sharded_optimizer(
     ckpt: CheckpointFile, loader: _sharded.Loader, optimizer: Any, strict: bool, pending: _Pending
 ) -> OptimizerReport | None:
-    if optimizer is None:
-        return None
-    if "optimizer" not in ckpt.body:
-        _missing(ckpt, "optimizer", strict, pending)
-        return None
-    if not _type_matches(ckpt, "optimizer", optimizer, strict, pending):
+    if not _optimizer_expected(ckpt, optimizer, strict, pending):
         return None
     action = loader.optimizer_action()
     if action is not None:
