@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightport._cli_text import say
+from weightport._text import byte_size
 from weightport.errors import WeightportError
 from weightport.sources.base import Source
 from weightport.sources.unwrap import EMA_KEYS, WRAPPER_KEYS, find_weights
 
-__all__ = ["Entries", "checkpoint_entries", "show", "size"]
+__all__ = ["Entries", "checkpoint_entries", "show"]
 
 _SCALARS = (bool, int, float, str, type(None))
 _LONGEST = 80  # characters of a string entry shown
@@ -55,7 +56,9 @@ class Entries:
             out.append("entries: " + ", ".join(f"{k}={_short(v)}" for k, v in self.scalars.items()))
         for k, (n, numel, nbytes) in self.weights.items():
             what = "EMA weights" if k in EMA_KEYS else "weights"
-            out.append(f"{what} under {k!r}: {n} tensors, {numel:,} elements, {size(nbytes)} ({option} {k} loads them)")
+            out.append(
+                f"{what} under {k!r}: {n} tensors, {numel:,} elements, {byte_size(nbytes)} ({option} {k} loads them)"
+            )
         return out
 
 
@@ -64,7 +67,6 @@ def show(src: Source, args: argparse.Namespace, speak: Callable[[str], str]) -> 
     text in the CLI's flags)."""
     from weightport.checkpoint._info import info as checkpoint_info
     from weightport.checkpoint._info import is_checkpoint_source
-    from weightport.report import source_facts
 
     ckpt = checkpoint_info(src) if is_checkpoint_source(src) else None
     entries = checkpoint_entries(src, trust_pickle=args.trust_pickle)
@@ -88,7 +90,7 @@ def show(src: Source, args: argparse.Namespace, speak: Callable[[str], str]) -> 
         return
     info = src.info.with_(ignored=tuple(k for k in src.info.ignored if k not in entries.keys))
     say(f"{info.location} ({info.kind})")
-    facts = source_facts(info, detail=True) + entries.lines("--checkpoint-key")
+    facts = info.facts(detail=True) + entries.lines("--checkpoint-key")
     for line in facts + (ckpt.lines() if ckpt is not None else []):
         say(f"  {speak(line)}")
     say()
@@ -100,7 +102,7 @@ def show(src: Source, args: argparse.Namespace, speak: Callable[[str], str]) -> 
         say(f"{r['name'].ljust(width)}  {shape:<22} {r['dtype']:<9} {r['numel']:>12,}")
     shared = len(rows) - len(counted)
     note = f" ({shared} name(s) share another's storage: tied weights, counted once)" if shared else ""
-    say(f"\n{total['tensors']} tensors, {total['numel']:,} elements, {size(total['nbytes'])}{note}")
+    say(f"\n{total['tensors']} tensors, {total['numel']:,} elements, {byte_size(total['nbytes'])}{note}")
     if len(shown) < len(rows):
         say(f"({len(rows) - len(shown)} optimizer, RNG and other tensors not listed; -v lists every tensor)")
 
@@ -168,12 +170,3 @@ def _plain(value: Any) -> Any:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= _LONGEST else text[: _LONGEST - 1] + "…"
-
-
-def size(n: float) -> str:
-    """A byte count for people: ``40.7 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"

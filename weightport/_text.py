@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["printable"]
+__all__ = ["byte_size", "printable"]
 
 # C0 controls (tab and newline included: a name must not start a new line), DEL and C1 controls,
 # and the Unicode line and paragraph separators and bidirectional overrides, which reorder text
@@ -25,3 +25,12 @@ def _escape(m: re.Match[str]) -> str:
 def printable(text: str) -> str:
     """``text`` with every control character shown as an escape (``"a\\x1b[2Kb"``)."""
     return _UNSAFE.sub(_escape, text)
+
+
+def byte_size(n: float) -> str:
+    """A byte count for people: ``40.7 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -204,6 +204,14 @@ class ApplyOptions:
         ),
     )
 
+    timeout: float = field(
+        default=600.0,
+        metadata=_doc(
+            "For a sharded model (DTensor parameters, every rank calling): seconds each step that waits for "
+            "the other ranks may wait before every rank raises instead of hanging."
+        ),
+    )
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _dtype(self.dtype))
         object.__setattr__(self, "device", as_device(self.device))
@@ -212,6 +220,8 @@ class ApplyOptions:
         if self.progress not in (None, True, False):
             raise OptionError(f"progress must be None, True or False, not {self.progress!r}")
         object.__setattr__(self, "zero_copy", bool(self.zero_copy))
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
+            raise OptionError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
 
 
 PHASES: tuple[type, ...] = (OpenOptions, PlanOptions, ApplyOptions)

@@ -12,7 +12,7 @@ from typing import Any, Literal, NamedTuple, overload
 
 from weightport._grouping import group_names
 from weightport._html import render
-from weightport._text import printable
+from weightport._text import byte_size, printable
 from weightport._tuples import rows
 from weightport.sources.base import SourceInfo
 
@@ -252,6 +252,8 @@ class TransferReport:
         unused_reasons: Why each unused key was not used.
         outside: Tensors of the model outside ``into=`` that were on meta and are initialised
             fresh (names in the whole model); they have no entry.
+        bytes_read_per_rank: For a sharded model, the source bytes each rank read (rank order);
+            empty otherwise.
         consumed: Source keys used without a target of their own, each with why: those a target
             module's own ``_load_from_state_dict`` consumes, as torch's ``load_state_dict`` does
             (``FrozenBatchNorm2d`` drops ``num_batches_tracked``), and aliases of a loaded tensor
@@ -269,6 +271,7 @@ class TransferReport:
     unused_reasons: dict[str, str] = field(default_factory=dict)
     outside: tuple[str, ...] = ()
     consumed: dict[str, str] = field(default_factory=dict)
+    bytes_read_per_rank: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.entries, EntryTable):
@@ -376,6 +379,9 @@ class TransferReport:
             lines.append(f"dropped by rules ({len(self.dropped)}): {_grouped(self.dropped)}")
         if self.consumed:
             lines.append(f"used without a target of their own ({len(self.consumed)}): {_grouped(self.consumed)}")
+        if self.bytes_read_per_rank:
+            read = ", ".join(f"rank {r}: {byte_size(n)}" for r, n in enumerate(self.bytes_read_per_rank))
+            lines.append(f"source bytes read per rank: {read}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(map(printable, lines))  # names come from files: never terminal commands
 
@@ -426,6 +432,7 @@ class TransferReport:
             "warnings": list(self.warnings),
             "source": self.source.to_dict() if self.source is not None else None,
             "stats": dict(self.stats),
+            "bytes_read_per_rank": list(self.bytes_read_per_rank),
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -460,27 +467,7 @@ class TransferReport:
 
 
 def _source_line(info: SourceInfo) -> str:
-    return "; ".join([f"{info.location} ({info.kind})", *source_facts(info)])
-
-
-def source_facts(info: SourceInfo, *, detail: bool = False) -> list[str]:
-    """What opening the source did, one phrase each (wrapper, prefixes, inert globals, and the notes:
-    which weights of a checkpoint were taken, EMA or raw, and what else it holds); with ``detail``,
-    also the ignored entries, the globals by name and the provenance."""
-    facts = []
-    if info.wrapper:
-        facts.append(f"weights found under {info.wrapper!r}")
-    if info.prefixes:
-        facts.append("stripped prefixes: " + ", ".join(repr(p) for p in info.prefixes))
-    if detail and info.ignored:
-        facts.append(f"ignored non-tensor entries: {', '.join(info.ignored[:10])}")
-    if info.placeholders:
-        names = f": {', '.join(info.placeholders[:8])}" if detail else ""
-        facts.append(f"{len(info.placeholders)} pickled globals kept inert (nothing imported or run){names}")
-    if detail:
-        facts.extend(f"{k}: {v}" for k, v in info.provenance.items())
-    facts.extend(info.notes)
-    return facts
+    return "; ".join([f"{info.location} ({info.kind})", *info.facts()])
 
 
 def _shape(shape: Sequence[int] | None) -> str:

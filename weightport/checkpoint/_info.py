@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from weightport._text import byte_size
 from weightport.checkpoint._format import PARTS, is_checkpoint, parse_body
 from weightport.checkpoint._tree import decode
 from weightport.errors import CheckpointError, WeightportError
@@ -115,7 +116,7 @@ class CheckpointInfo:
         out.append(
             "size: "
             + ", ".join(
-                f"{k} {n} tensors {_size(b)}" if k != "metadata" else f"metadata {_size(b)}"
+                f"{k} {n} tensors {byte_size(b)}" if k != "metadata" else f"metadata {byte_size(b)}"
                 for k, (n, b) in self.parts.items()
             )
         )
@@ -239,14 +240,6 @@ def _short(value: Any) -> str:
         inner = ", ".join(_short(v) for v in value)
         return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
     return str(value)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _jsonable(value: Any) -> Any:

@@ -16,6 +16,7 @@ from torch import nn
 from weightport._gc import gc_paused
 from weightport._hooks import has_custom_loading
 from weightport.apply import apply_plan
+from weightport.distributed.load import apply_sharded, is_sharded
 from weightport.errors import NothingLoadedError, StrictnessError
 from weightport.mapping.core import Mapping
 from weightport.mapping.files import shipped_dir
@@ -94,7 +95,7 @@ def _build(
         report=report,
         options=options,
         apply_options=apply_options,
-        applier=apply_plan,
+        applier=apply_sharded if is_sharded(targets) else apply_plan,
         model=model,
         materialise=materialise,
     )

@@ -77,6 +77,25 @@ class SourceInfo:
     def with_(self, **changes: Any) -> SourceInfo:
         return replace(self, **changes)
 
+    def facts(self, *, detail: bool = False) -> list[str]:
+        """What opening the source did, one phrase each (wrapper, prefixes, inert globals, and the notes:
+        which weights of a checkpoint were taken, EMA or raw, and what else it holds); with ``detail``,
+        also the ignored entries, the globals by name and the provenance."""
+        facts = []
+        if self.wrapper:
+            facts.append(f"weights found under {self.wrapper!r}")
+        if self.prefixes:
+            facts.append("stripped prefixes: " + ", ".join(repr(p) for p in self.prefixes))
+        if detail and self.ignored:
+            facts.append(f"ignored non-tensor entries: {', '.join(self.ignored[:10])}")
+        if self.placeholders:
+            names = f": {', '.join(self.placeholders[:8])}" if detail else ""
+            facts.append(f"{len(self.placeholders)} pickled globals kept inert (nothing imported or run){names}")
+        if detail:
+            facts.extend(f"{k}: {v}" for k, v in self.provenance.items())
+        facts.extend(self.notes)
+        return facts
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
