@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib.util
 import json
 import os
 import resource
@@ -110,6 +111,10 @@ def titan_adapter(config: Any, path: str | None = None) -> Any:
 # -- the cases: each loads the meta-built sharded model and returns it ------------------------------
 
 
+#: the source bytes each rank read, as weightport's report of the last transfer in this process says
+REPORTED: list[int] = []
+
+
 def weightport_load(target: str) -> Load:
     """``wp.transfer`` into the meta-built sharded model: each rank reads only its shards' byte ranges."""
 
@@ -117,7 +122,8 @@ def weightport_load(target: str) -> Load:
         import weightport as wp
 
         how = llm.how(llm.TITAN_MAPPING, llm.titan_rules) if target == "torchtitan" else {}
-        wp.transfer(path, model, strict=True, progress=False, **how)
+        report = wp.transfer(path, model, strict=True, progress=False, **how)
+        REPORTED[:] = report.bytes_read_per_rank
         return model
 
     return load
@@ -223,13 +229,6 @@ TARGETS = tuple(CASES)
 TARGET_NAMES = {"torchtitan": "torchtitan Llama3Model (fused wqkv)", "transformers": "transformers LlamaForCausalLM"}
 
 
-def has_sharded_transfer() -> bool:
-    """Whether this checkout's weightport loads DTensor targets (the distributed core)."""
-    import importlib.util
-
-    return importlib.util.find_spec("weightport.distributed") is not None
-
-
 # -- measuring one rank ----------------------------------------------------------------------------
 
 
@@ -317,6 +316,7 @@ def measure_rank(target: str, case: str, path: str, size: str) -> dict[str, Any]
         peak_over_mib=(peak - before["rss_kib"]) / 1024,
         peak_reset=resettable,
     )
+    out["reported_bytes"] = list(REPORTED)
     out["digests"] = {name: digest(local(p)) for name, p in model.named_parameters()}
     dist.barrier()
     return out
@@ -328,7 +328,7 @@ def _rank_entry(rank: int, target: str, case: str, path: str, size: str, port: i
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), TQDM_DISABLE="1")
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message=".*(_get_pg_default_device|Multiple backends are registered)")
+    warnings.filterwarnings("ignore", message=".*(_get_pg_default_device|Multiple backends are registered)")  # DCP's
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         result = measure_rank(target, case, path, size)
@@ -417,18 +417,9 @@ def check(target: str, per_case: dict[str, list[dict[str, Any]]], expected: list
 # -- running: run.py calls run_all -------------------------------------------------------------------
 
 
-def available(target: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(target) is not None
-
-
 def chosen_cases(target: str, only: str = "") -> list[str]:
-    """The cases of ``target`` this checkout can run (weightport's needs the distributed core), filtered by ``only``."""
-    names = [name for name, _ in CASES[target]]
-    if not has_sharded_transfer():
-        names = [n for n in names if not n.startswith("weightport")]
-    return [n for n in names if not only or only in n or n.startswith("weightport")]
+    """The cases of ``target`` whose name holds ``only``, and weightport's."""
+    return [n for n, _ in CASES[target] if not only or only in n or n.startswith("weightport")]
 
 
 def run_all(
@@ -444,10 +435,8 @@ def run_all(
     path = prepare(work, size)
     nbytes = os.path.getsize(os.path.join(path, "model.safetensors"))
     out = []
-    if not has_sharded_transfer():
-        out.append("(weightport's case skipped: this checkout has no `weightport.distributed`.)")
     for target in targets:
-        if not available(target):
+        if importlib.util.find_spec(target) is None:
             out.append(f"({target} is not installed: its cases are skipped.)")
             continue
         cases = chosen_cases(target, only)
@@ -493,6 +482,11 @@ def table(target: str, results: dict[str, list[list[dict[str, Any]]]], nbytes: i
             f"| {_per_rank(runs, 'file_peak_kib', 1 / 1024, '{:.1f}')} | {_per_rank(runs, 'minflt', 1e-3, '{:.1f}')} "
             f"| {_per_rank(runs, 'peak_over_mib')} |"
         )
+    for runs in results.values():
+        reported = next((r["reported_bytes"] for r in runs[0] if r.get("reported_bytes")), None)
+        if reported:
+            each = " / ".join(f"{n * mib:.1f}" for n in reported)
+            lines += ["", f"weightport's report, source bytes read per rank: {each} MiB (of {nbytes * mib:.1f} MiB)."]
     return "\n".join(lines)
 
 

@@ -60,7 +60,7 @@ def test_run_py_loads_the_sharded_torchtitan_model_with_every_case_alike(tmp_pat
     lines = proc.stdout.splitlines()
     rows = [line.split(" | ")[0][2:] for line in lines if line.startswith("| ") and not line.startswith("| case |")]
     assert rows == distributed.chosen_cases("torchtitan")
-    assert len(rows) == 4 if distributed.has_sharded_transfer() else 3
+    assert len(rows) == 4 and rows[0].startswith("weightport.transfer")
     assert "bit for bit, on every rank, each other and the rows of a single-process load (17 parameters" in proc.stdout
 
 
