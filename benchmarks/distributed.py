@@ -459,7 +459,7 @@ def _per_rank(runs: list[list[dict[str, Any]]], key: str, scale: float = 1.0, fm
 
 
 def table(target: str, results: dict[str, list[list[dict[str, Any]]]], nbytes: int, params: int, tensors: int) -> str:
-    """One target's cases side by side; the first (weightport's when present) is the reference for time."""
+    """One target's cases side by side; the first, weightport's, is the reference for time."""
     slowest = {case: [max(r["wall_s"] for r in ranks) for ranks in runs] for case, runs in results.items()}
     ref = statistics.median(next(iter(slowest.values())))
     mib = 1 / 2**20
@@ -470,7 +470,7 @@ def table(target: str, results: dict[str, list[list[dict[str, Any]]]], nbytes: i
         f"Every case's local shards equal, bit for bit, on every rank, each other and the rows of a single-process "
         f"load ({tensors} parameters per rank; checked in every run). Per-rank columns read rank 0 / rank 1.",
         "",
-        "| case | wall s, slowest rank (median) | min–max s | time vs first | CPU s | read() MiB "
+        "| case | wall s, slowest rank (median) | min–max s | time vs weightport | CPU s | read() MiB "
         "| file pages mapped, peak MiB | minor faults (k) | peak RSS over baseline MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
