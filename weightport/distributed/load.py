@@ -36,7 +36,16 @@ from torch.distributed.tensor import DTensor
 from weightport import _progress
 from weightport._fresh import fresh_values
 from weightport._gc import gc_paused
-from weightport.apply import _check_unchanged, _commit, _Copy, _finite_as_stored, _interrupts_deferred, _owners, _Swap
+from weightport.apply import (
+    _check_unchanged,
+    _commit,
+    _Copy,
+    _finite_as_stored,
+    _interrupts_deferred,
+    _materialise,
+    _owners,
+    _Swap,
+)
 from weightport.distributed.reader import PlanReader
 from weightport.errors import DistributedError, NonFiniteError, OptionError, PlanError, WeightportError
 from weightport.options import ApplyOptions
@@ -93,10 +102,11 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
     notes: list[str] = []
     staged: dict[str, torch.Tensor] = {}
     fresh: dict[str, torch.Tensor] = {}
-    reader = PlanReader(plan.source, recipes, {r.target: plan.targets[r.target].tensor.dtype for r in recipes})
+    others: list[_Swap] = []  # the model's meta tensors outside the targets (into=, non-persistent buffers)
+    reader = PlanReader(plan.source, recipes, {r.target: plan.targets[r.target].tensor for r in recipes})
 
     # 1. stage
-    failure = _attempt(lambda: _stage(plan, recipes, staged, fresh, notes))
+    failure = _attempt(lambda: _stage(plan, options, recipes, staged, fresh, others, notes))
     _agree(group, failure, "preparing")
     # 2. read: DCP agrees on failures itself, raising CheckpointException (a BaseException) on every rank
     try:
@@ -110,6 +120,7 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
     answers = _agree(group, failure, "checking", reader.bytes_read)
     writes = [_write(plan.targets[r.target].tensor, staged[r.target], r, owners) for r in recipes]
     writes.extend(_write(plan.targets[n].tensor, t, None, owners) for n, t in fresh.items())
+    writes.extend(others)
     ready = time.perf_counter()
     per_rank = tuple(int(a[1]) for a in answers)
     stats = {"prepare_s": ready - start, "bytes_loaded": float(reader.bytes_read), "world_size": float(len(answers))}
@@ -169,13 +180,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _stage(
     plan: TransferPlan,
+    options: ApplyOptions,
     recipes: list[Recipe],
     staged: dict[str, torch.Tensor],
     fresh: dict[str, torch.Tensor],
+    others: list[_Swap],
     notes: list[str],
 ) -> None:
     """New tensors shaped like each loaded target's local shard; initial values for meta-built ones
-    that load nothing."""
+    that load nothing, and for the model's other meta tensors (on the mesh's device)."""
     for recipe in recipes:
         t = plan.targets[recipe.target].tensor
         local = _local(t)
@@ -192,6 +205,9 @@ def _stage(
     ]
     if meta:
         fresh.update(fresh_values(plan.scope, meta, lambda t: (t.dtype, _device(t)), notes))
+    if plan.materialise is not None and plan.targets:
+        device = _device(next(t.tensor for t in plan.targets.values() if isinstance(t.tensor, DTensor)))
+        others.extend(_materialise(plan, replace(options, device=device), notes))
 
 
 def _device(t: torch.Tensor) -> torch.device:

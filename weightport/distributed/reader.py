@@ -12,8 +12,7 @@ box's values. DCP handles every placement (``Shard(0)``, ``Shard(1)``, ``Replica
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,11 +45,15 @@ class PlanReader(StorageReader):
             map), with those ops' labels.
     """
 
-    def __init__(self, source: Source, recipes: Sequence[Recipe], dtypes: dict[str, torch.dtype]) -> None:
+    def __init__(self, source: Source, recipes: Sequence[Recipe], targets: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
         self.source = source
         self.recipes = {r.target: r for r in recipes}
-        self.dtypes = dtypes
+        # each target as a meta tensor of its global shape and dtype (a DTensor's shape is global)
+        self.targets = {
+            r.target: torch.empty(targets[r.target].shape, dtype=targets[r.target].dtype, device="meta")
+            for r in recipes
+        }
         self.bytes_read = 0
         self.whole: dict[str, tuple[str, ...]] = {}
 
@@ -64,10 +67,10 @@ class PlanReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         entries = {}
-        for name, recipe in self.recipes.items():
-            shape = torch.Size(recipe.shape or ())
+        for name, target in self.targets.items():
+            shape = target.shape
             chunk = ChunkStorageMetadata(offsets=torch.Size([0] * len(shape)), sizes=shape)
-            entries[name] = TensorStorageMetadata(TensorProperties(dtype=self.dtypes[name]), shape, [chunk])
+            entries[name] = TensorStorageMetadata(TensorProperties(dtype=target.dtype), shape, [chunk])
         return Metadata(state_dict_metadata=entries)  # type: ignore[arg-type]
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -97,8 +100,7 @@ class PlanReader(StorageReader):
         """The values of target ``name`` inside ``box``, read from the source boxes they need."""
         recipe = self.recipes[name]
         keys = [i.key for i in recipe.inputs]
-        shape = tuple(recipe.shape or ())
-        target = torch.empty(shape, dtype=self.dtypes[name], device="meta")
+        target = self.targets[name]
         planned = region_plan(recipe, self.source.shapes(keys), target, box)
         if planned.whole:
             self.whole[name] = planned.whole
@@ -115,10 +117,6 @@ class PlanReader(StorageReader):
         if tuple(out.shape) != want:
             raise ShapeMismatchError(
                 f"{', '.join(keys)} -> {name!r}: the ops produced {tuple(out.shape)} for the box {box} of "
-                f"{shape} (want {want}); fix the rule's op"
+                f"{tuple(target.shape)} (want {want}); fix the rule's op"
             )
         return out
-
-
-def box_bytes(box: Box, dtype: torch.dtype) -> int:
-    return math.prod(n for _, n in box) * dtype.itemsize
