@@ -75,3 +75,14 @@ def shard_rows(rank: int, world_size: int, rows: int) -> tuple[int, int]:
     per = -(-rows // world_size)
     start = min(rank * per, rows)
     return start, min(per, rows - start)
+
+
+def run_scenarios(calls: dict[str, tuple[Callable[..., Any], tuple]], **kwargs: Any) -> dict[str, list[Any]]:
+    """Several scenarios in one spawn of the ranks (each spawn costs seconds): ``{name: (fn, args)}``
+    to ``{name: [fn(rank, world_size, *args) for each rank]}``, run one after another on every rank."""
+    ranks = run_ranks(_scenarios, calls, **kwargs)
+    return {name: [r[name] for r in ranks] for name in calls}
+
+
+def _scenarios(rank: int, world_size: int, calls: dict[str, tuple[Callable[..., Any], tuple]]) -> dict[str, Any]:
+    return {name: fn(rank, world_size, *args) for name, (fn, args) in calls.items()}

@@ -7,12 +7,13 @@ ranks change or none does. Every test spawns 2 gloo processes (``tests/dist_harn
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from dist_harness import run_ranks
+from dist_harness import run_ranks, run_scenarios
 from llm_models import hf_model, tokens
 from safetensors.torch import save_file
 from torch import nn
@@ -76,15 +77,36 @@ def _llama_ranks(rank: int, world_size: int, folder: str, params: LlamaParams, m
     return {"local": local, "logits": logits, "report": report.to_dict(), "rchar": read, "text": report.summary()}
 
 
-@pytest.mark.parametrize("meta", [True, False], ids=["meta-built", "materialised"])
-def test_fsdp_llama_local_shards_equal_a_single_process_load(llama_folder: Path, meta: bool) -> None:
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("hf-llama-small")
+    hf_model("llama").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_runs(llama_folder: Path, small_folder: Path) -> dict[str, list]:
+    """One spawn of the ranks for every model-scale scenario."""
+    params = _params(json.loads((llama_folder / "config.json").read_text()))
+    calls = {
+        "meta-built": (_llama_ranks, (str(llama_folder), params, True)),
+        "materialised": (_llama_ranks, (str(llama_folder), params, False)),
+        "transformers": (_transformers_ranks, (str(llama_folder),)),
+    }
+    if importlib.util.find_spec("torchtitan") is not None:
+        calls["torchtitan"] = (_titan_ranks, (str(small_folder),))
+    return run_scenarios(calls, timeout=400)
+
+
+@pytest.mark.parametrize("meta", ["meta-built", "materialised"])
+def test_fsdp_llama_local_shards_equal_a_single_process_load(llama_folder: Path, model_runs: dict, meta: str) -> None:
     config = json.loads((llama_folder / "config.json").read_text())
     params = _params(config)
     single = Llama(params)
     wp.transfer(llama_folder, single, mapping=HF_TO_META)
     with torch.no_grad():
         want_logits = single(tokens(length=9))
-    ranks = run_ranks(_llama_ranks, str(llama_folder), params, meta)
+    ranks = model_runs[meta]
     for rank, got in enumerate(ranks):
         for name, full in single.state_dict().items():
             assert torch.equal(got["local"][name], full.chunk(2)[rank]), name
@@ -175,8 +197,9 @@ def _distributed_tiny(meta: bool) -> Tiny:
 
 def _tiny_ranks(rank: int, world_size: int, path: str, meta: bool) -> dict:
     model = _distributed_tiny(meta)
+    source = wp.open_source(path)
     before = _rchar()
-    plan = wp.plan(path, model, rules=TINY_RULES)
+    plan = wp.plan(source, model, rules=TINY_RULES)
     planning_read = _rchar() - before
     with pytest.raises(wp.errors.OptionError, match="dtype= does not apply to a sharded model"):
         plan.apply(dtype=torch.float16)
@@ -187,17 +210,43 @@ def _tiny_ranks(rank: int, world_size: int, path: str, meta: bool) -> dict:
         "report": report.to_dict(),
         "preview": plan.report.to_dict(),
         "planning_read": planning_read,
+        "opened": [Path(f).name for f in source.opened_shards],
     }
 
 
-@pytest.mark.parametrize("meta", [True, False], ids=["meta-built", "materialised"])
-def test_placements_shard_rows_columns_uneven_and_replicated(tmp_path: Path, meta: bool) -> None:
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
+    """One spawn of the ranks for every scenario on the tiny models."""
+    folder = tmp_path_factory.mktemp("tiny")
     source = _tiny_source()
-    save_file(source, str(tmp_path / "tiny.safetensors"))
+    # a sharded folder whose second file holds only tensors the model does not take
+    save_file(source, str(folder / "tiny.safetensors"))
+    save_file({"other.weight": torch.ones(64, 64)}, str(folder / "other.safetensors"))
+    weight_map = {**dict.fromkeys(source, "tiny.safetensors"), "other.weight": "other.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    nan = _tiny_source()
+    nan["head.weight"][6, 0] = float("nan")  # row 6 is rank 1's
+    save_file(nan, str(folder / "nan.safetensors"))
+    save_file({"0.weight": torch.randn(512, 256), "1.weight": torch.randn(256, 512)}, str(folder / "big.safetensors"))
+    calls: dict[str, tuple] = {
+        "placements meta-built": (_tiny_ranks, (str(folder), True)),
+        "placements materialised": (_tiny_ranks, (str(folder), False)),
+        "strict": (_failing_ranks, (str(folder / "tiny.safetensors"), False, "strict")),
+        "largest": (_largest_allocation, (str(folder / "big.safetensors"),)),
+    }
+    for meta in (True, False):
+        calls[f"op {meta}"] = (_failing_ranks, (str(folder / "tiny.safetensors"), meta, "op"))
+        calls[f"nan {meta}"] = (_failing_ranks, (str(folder / "nan.safetensors"), meta, "nan"))
+    return run_scenarios(calls, timeout=400)
+
+
+@pytest.mark.parametrize("meta", ["meta-built", "materialised"])
+def test_placements_shard_rows_columns_uneven_and_replicated(tiny_runs: dict, meta: str) -> None:
+    source = _tiny_source()
     single = Tiny()
     wp.transfer(source, single, rules=TINY_RULES)
     want = single.state_dict()
-    ranks = run_ranks(_tiny_ranks, str(tmp_path / "tiny.safetensors"), meta)
+    ranks = tiny_runs[f"placements {meta}"]
     for rank, got in enumerate(ranks):
         for name, full in want.items():
             assert torch.equal(got["full"][name], full), name
@@ -205,6 +254,8 @@ def test_placements_shard_rows_columns_uneven_and_replicated(tmp_path: Path, met
         assert torch.equal(got["local"]["head.weight"], want["head.weight"].chunk(2)[rank])
         assert got["local"]["head.weight"].shape[0] == (4, 3)[rank]
         assert torch.equal(got["local"]["norm.weight"], want["norm.weight"])
+    assert ranks[0]["opened"] == ranks[1]["opened"] == ["tiny.safetensors"]  # only the file holding needed tensors
+    assert ranks[0]["report"]["unused"] == ["other.weight"]
     # every rank planned the same transfer, reading only the file's header
     assert ranks[0]["preview"] == ranks[1]["preview"] and ranks[0]["preview"]["applied"] is False
     assert all(got["planning_read"] < 64 * 1024 for got in ranks)
@@ -214,6 +265,7 @@ def test_placements_shard_rows_columns_uneven_and_replicated(tmp_path: Path, met
     assert sum(per_rank) == sum(t.nbytes for t in source.values()) + whole
     notes = [w for w in ranks[0]["report"]["warnings"] if "read whole" in w]
     assert notes and "'head.bias' (_halve)" in notes[0] and "qkv" not in notes[0]
+    assert notes[0] in ranks[0]["preview"]["warnings"]  # the plan says so before anything is read
 
 
 def _transformers_ranks(rank: int, world_size: int, folder: str) -> torch.Tensor:
@@ -229,13 +281,15 @@ def _transformers_ranks(rank: int, world_size: int, folder: str) -> torch.Tensor
         return model(input_ids=tokens()).logits
 
 
-def test_fsdp_transformers_llama_built_with_init_empty_gives_the_same_logits(llama_folder: Path) -> None:
+def test_fsdp_transformers_llama_built_with_init_empty_gives_the_same_logits(
+    llama_folder: Path, model_runs: dict
+) -> None:
     import transformers
 
     single = transformers.AutoModelForCausalLM.from_pretrained(llama_folder).eval()
     with torch.no_grad():
         want = single(input_ids=tokens()).logits
-    for got in run_ranks(_transformers_ranks, str(llama_folder)):
+    for got in model_runs["transformers"]:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
@@ -253,13 +307,17 @@ def _failing_ranks(rank: int, world_size: int, path: str, meta: bool, how: str) 
                 raise RuntimeError("injected failure")
             return x
 
-        options: dict = {"rules": (*TINY_RULES, wp.transform("head.bias", "head.bias", breaks_on_rank_1))}
+        options: dict = {"rules": (*TINY_RULES[:2], wp.transform("head.bias", "head.bias", breaks_on_rank_1))}
+    elif how == "strict":  # decided while planning, identically on every rank, before any collective
+        options = {"rules": TINY_RULES[:1], "strict": True}
     else:
         options = {"rules": TINY_RULES, "check_finite": True}
     try:
         wp.transfer(path, model, **options)
     except wp.errors.DistributedError as e:
         error = (type(e).__name__, str(e), dict(e.failures))
+    except wp.errors.StrictnessError as e:
+        error = (type(e).__name__, str(e), {})
     else:
         error = None
     unchanged = all(
@@ -269,19 +327,40 @@ def _failing_ranks(rank: int, world_size: int, path: str, meta: bool, how: str) 
     return {"error": error, "unchanged": unchanged}
 
 
+def test_strictness_fails_on_every_rank_alike(tiny_runs: dict) -> None:
+    for got in tiny_runs["strict"]:
+        assert got["unchanged"] and got["error"][0] == "StrictnessError" and "conv.weight" in got["error"][1]
+
+
 @pytest.mark.parametrize("how", ["op", "nan"])
-def test_a_failure_on_rank_1_leaves_every_rank_unchanged(tmp_path: Path, how: str) -> None:
-    source = _tiny_source()
-    if how == "nan":
-        source["head.weight"][6, 0] = float("nan")  # row 6 is rank 1's
-    save_file(source, str(tmp_path / "tiny.safetensors"))
+def test_a_failure_on_rank_1_leaves_every_rank_unchanged(tiny_runs: dict, how: str) -> None:
     for meta in (False, True):
-        ranks = run_ranks(_failing_ranks, str(tmp_path / "tiny.safetensors"), meta, how)
-        for got in ranks:
+        for got in tiny_runs[f"{how} {meta}"]:
             assert got["unchanged"]
             assert got["error"] is not None and got["error"][0] == "DistributedError"
             assert list(got["error"][2]) == [1], got["error"]
             assert ("injected failure" if how == "op" else "NaN") in got["error"][1]
+
+
+def _rank_1_never_comes(rank: int, world_size: int, path: str) -> dict:
+    import time
+
+    model = _distributed_tiny(meta=False)
+    before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    if rank == 1:
+        time.sleep(6)  # never calls transfer; stays alive past rank 0's timeout
+        return {}
+    start = time.monotonic()
+    with pytest.raises(wp.errors.DistributedError, match="every rank must call weightport.transfer") as e:
+        wp.transfer(path, model, rules=TINY_RULES, timeout=2)
+    unchanged = all(torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
+    return {"seconds": time.monotonic() - start, "unchanged": unchanged, "message": str(e.value)}
+
+
+def test_a_rank_that_never_comes_makes_the_others_raise_not_hang(tmp_path: Path) -> None:
+    save_file(_tiny_source(), str(tmp_path / "tiny.safetensors"))
+    got = run_ranks(_rank_1_never_comes, str(tmp_path / "tiny.safetensors"))[0]
+    assert got["unchanged"] and got["seconds"] < 6, got
 
 
 # -- memory: a meta-built sharded model never holds a full-size tensor -----------------------------------
@@ -308,8 +387,29 @@ def _largest_allocation(rank: int, world_size: int, path: str) -> dict:
     return {"largest": Largest.numel, "local": model[0].weight.to_local().numel()}
 
 
-def test_a_meta_built_sharded_model_never_allocates_a_full_tensor(tmp_path: Path) -> None:
-    source = {"0.weight": torch.randn(512, 256), "1.weight": torch.randn(256, 512)}
-    save_file(source, str(tmp_path / "big.safetensors"))
-    for got in run_ranks(_largest_allocation, str(tmp_path / "big.safetensors")):
+def test_a_meta_built_sharded_model_never_allocates_a_full_tensor(tiny_runs: dict) -> None:
+    for got in tiny_runs["largest"]:
         assert got["largest"] <= got["local"] == 512 * 256 // 2
+
+
+# -- torchtitan: the fused wqkv behind its loading hook ---------------------------------------------------
+
+
+def _titan_ranks(rank: int, world_size: int, folder: str) -> dict:
+    from titan_models import llama3, logits
+
+    model, _ = llama3(fuse_qkv=True, seed=1)
+    _fsdp(model, list(model.layers.values()) if hasattr(model.layers, "values") else list(model.layers))
+    report = wp.transfer(folder, model, mapping="hf.llama->torchtitan.llama", strict=True)
+    return {"logits": logits(model, tokens()), "warnings": report.warnings}
+
+
+def test_fsdp_torchtitan_with_fused_qkv_matches_transformers_and_names_the_whole_reads(model_runs: dict) -> None:
+    pytest.importorskip("torchtitan")
+    from llm_models import hf_logits
+
+    want = hf_logits(hf_model("llama"), tokens())  # the model saved in small_folder
+    for got in model_runs["torchtitan"]:
+        torch.testing.assert_close(got["logits"], want, rtol=0, atol=1e-5)
+        whole = [w for w in got["warnings"] if w.startswith("read whole")]
+        assert whole and "'layers.0.attention.qkv_linear.wqkv.weight' (FusedQKVLinear loading hook)" in whole[0]

@@ -214,3 +214,20 @@ def test_exact_layout_ops_report_loaded_and_value_changing_ops_adapted(monkeypat
     assert report.coverage == 1.0 and report.exact_coverage == pytest.approx(3 / 7)
     assert "(42.86% exact)" in report.summary() and report.to_dict()["exact_coverage"] == report.exact_coverage
     assert get_op("split").exact and not get_op("pad").exact and not get_op("in_channels").exact
+
+
+def test_split_with_groups_along_a_negative_dim_equals_the_positive_one():
+    from weightport.mapping.ops import OpCall
+
+    x = torch.arange(2 * 12).reshape(2, 12)
+    for index in range(3):
+        neg = OpCall("split", {"index": index, "count": 3, "dim": -1, "groups": 2}).run(x)
+        pos = OpCall("split", {"index": index, "count": 3, "dim": 1, "groups": 2}).run(x)
+        assert torch.equal(neg, pos)
+
+
+def test_select_takes_negative_indices_from_the_end():
+    from weightport.mapping.ops import OpCall
+
+    x = torch.arange(5)
+    assert OpCall("select", {"index": [-1, 0, -2]}).run(x).tolist() == [4, 0, 3]

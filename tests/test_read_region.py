@@ -67,8 +67,26 @@ def test_read_region_of_rows_is_one_read_of_those_bytes(files: dict[str, str]) -
     assert nbytes <= read < nbytes + 4096  # the read itself, plus what Python's own bookkeeping reads
 
 
-def test_read_region_without_ranged_reads_reads_whole_and_says_so() -> None:
+def test_read_region_of_tensors_in_memory_copies_the_box() -> None:
     source = wp.open_source({"w": TENSORS["w"]})
+    out, nbytes = source.read_region("w", ((1, 2), (0, 5), (0, 4)))
+    assert torch.equal(out, TENSORS["w"][1:3]) and nbytes == out.nbytes == TENSORS["w"].nbytes // 3
+    out.zero_()
+    assert TENSORS["w"][1:3].abs().sum() > 0  # a copy, not a view of the caller's tensor
+
+
+def test_read_region_without_ranged_reads_reads_whole_and_says_so() -> None:
+    """A source that cannot read part of a tensor reads it whole, and counts it so."""
+    from weightport.sources.base import Source, SourceInfo, TensorMeta
+
+    class Whole(Source):
+        def _meta_of(self, handle: torch.Tensor) -> TensorMeta:
+            return TensorMeta(tuple(handle.shape), handle.dtype)
+
+        def _view_of(self, handle: torch.Tensor) -> torch.Tensor:
+            return handle
+
+    source = Whole({"w": TENSORS["w"]}, SourceInfo(kind="test", location="test"))
     out, nbytes = source.read_region("w", ((1, 2), (0, 5), (0, 4)))
     assert torch.equal(out, TENSORS["w"][1:3]) and nbytes == TENSORS["w"].nbytes
 
@@ -87,3 +105,22 @@ def test_read_region_of_a_sharded_folder_opens_only_the_shard_that_holds_it(file
 def _rchar() -> int:
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch", "sharded"])
+def test_read_region_fills_the_tensor_it_is_given(files: dict[str, str], kind: str) -> None:
+    out = torch.full((2, 5, 4), -1.0)
+    with wp.open_source(files[kind]) as source:
+        got, nbytes = source.read_region("w", ((3, 2), (0, 5), (0, 4)), out=out)
+    assert got is out and torch.equal(out, TENSORS["w"][3:5]) and nbytes == out.nbytes
+
+
+def test_read_region_refuses_a_tensor_of_another_shape_or_dtype(files: dict[str, str]) -> None:
+    with wp.open_source(files["safetensors"]) as source:
+        for out in (
+            torch.empty(3, 5, 4),
+            torch.empty(2, 5, 4, dtype=torch.float64),
+            torch.empty(5, 2, 4).transpose(0, 1),
+        ):
+            with pytest.raises(wp.errors.ShapeMismatchError, match="give a contiguous CPU tensor"):
+                source.read_region("w", ((3, 2), (0, 5), (0, 4)), out=out)

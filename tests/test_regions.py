@@ -7,6 +7,7 @@ The examples pin the read boxes of the cases sharded loading relies on.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from weightport.distributed.regions import RegionPlan, region_plan, whole_read_ops
-from weightport.errors import PlanError
+from weightport.errors import OpError, PlanError
 from weightport.mapping.ops import OpCall
 from weightport.planning.data import Input, Recipe, evaluate
 from weightport.sources.base import Box, box_slices
@@ -39,18 +40,24 @@ def _recipe(
     return Recipe("t", tuple(inputs), fuse_dim, tuple(post), None, None, groups)
 
 
-def _values(shapes: Sequence[Shape], seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g) for s in shapes]
+def _values(shapes: Sequence[Shape], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g).mul(8).to(dtype) for s in shapes]
 
 
 def _meta(shape: Shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _check(recipe: Recipe, shapes: Sequence[Shape], box: Box, target: torch.Tensor | None = None) -> RegionPlan:
+def _check(
+    recipe: Recipe,
+    shapes: Sequence[Shape],
+    box: Box,
+    target: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> RegionPlan:
     """The plan for ``box``, after checking it against the whole recipe, bit for bit."""
-    values = _values(shapes)
+    values = _values(shapes, dtype)
     keys = {inp.key: v for inp, v in zip(recipe.inputs, values)}
     if target is None:
         target = _meta(tuple(evaluate(recipe, lambda k: _meta(tuple(keys[k].shape)), _meta(())).shape))
@@ -127,6 +134,17 @@ def test_grouped_fuse_reads_each_input_s_rows_in_the_box():
     assert _check(recipe, shapes, _rows(0, 16, (16, 4))).reads == whole
 
 
+def test_a_grouped_wqkv_of_rotated_q_and_k_gives_each_rank_its_kv_groups():
+    # torchtitan's fused wqkv from Hugging Face q, k, v: 4 q heads and 2 kv heads of 8 rows, per kv group
+    inputs = [Input("q", (_op("rope_permute", heads=4),)), Input("k", (_op("rope_permute", heads=2),)), Input("v")]
+    recipe = _recipe(inputs, fuse_dim=0, groups=2)
+    shapes = [(32, 6), (16, 6), (16, 6)]
+    rank0, rank1 = _rows(0, 32, (64, 6)), _rows(32, 32, (64, 6))
+    assert _check(recipe, shapes, rank0).reads == (((0, 16), (0, 6)), ((0, 8), (0, 6)), ((0, 8), (0, 6)))
+    assert _check(recipe, shapes, rank1).reads == (((16, 16), (0, 6)), ((8, 8), (0, 6)), ((8, 8), (0, 6)))
+    assert _check(recipe, shapes, _rows(16, 8, (64, 6))).reads == (None, ((0, 8), (0, 6)), None)  # group 0's k
+
+
 def test_rope_permute_reads_the_rows_of_the_heads_in_the_box():
     # interleaved, 4 rows a head: a head's rows 0, 1, 2, 3 are its rows 0, 2, 1, 3 in the source
     recipe = _recipe([Input("wq", (_op("rope_permute", heads=4),))])
@@ -170,6 +188,20 @@ def test_take_narrow_select_and_squeezes_shift_the_box():
     assert _check(squeezes, [(7,)], ((2, 3),)).reads == (((2, 3),),)
 
 
+def test_negative_dims_count_from_the_end():
+    recipe = _recipe([Input("w", (_op("transpose", dim0=-1, dim1=-2), _op("narrow", dim=-1, start=-3, length=2)))])
+    assert _check(recipe, [(2, 5, 4)], ((1, 1), (1, 2), (0, 2))).reads == (((1, 1), (2, 2), (1, 2)),)
+    take = _recipe([Input("w", (_op("take", index=-2, dim=-1),))])
+    assert _check(take, [(3, 4)], ((1, 2),)).reads == (((1, 2), (2, 1)),)
+
+
+def test_a_scalar_target_reads_one_element():
+    recipe = _recipe([Input("scales", (_op("take", index=2),))])
+    plan = _check(recipe, [(4,)], ())
+    assert plan.reads == (((2, 1),),)
+    assert _check(_recipe([Input("s")]), [()], ()).reads == ((),)
+
+
 def test_reshape_keeping_the_rows_reads_only_the_rows():
     recipe = _recipe([Input("fc", (_op("reshape", shape=[4, 2, 3, 3]),))])  # a Linear into a 3x3 conv
     plan = _check(recipe, [(4, 18)], _rows(1, 2, (4, 2, 3, 3)))
@@ -188,6 +220,19 @@ def test_an_op_without_a_region_map_reads_its_input_whole():
     plan = _check(recipe, [(4, 10)], _rows(3, 4, (10, 4)))
     assert plan.reads == (((0, 4), (0, 10)),) and plan.whole == ("_flip",)
     assert whole_read_ops(recipe) == ("_flip",)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "source", "target", "box"),
+    [
+        ("pos_embed", (1, 17, 8), (1, 26, 8), ((0, 1), (0, 26), (4, 4))),
+        ("patch_embed", (4, 3, 4, 4), (4, 3, 6, 6), ((2, 2), (0, 3), (0, 6), (0, 6))),
+    ],
+)
+def test_an_adapter_needing_the_target_s_shape_runs_on_its_whole_input(adapter, source, target, box):
+    recipe = _recipe([Input("w", (_op(adapter),))])
+    plan = _check(recipe, [source], box, _meta(target))
+    assert plan.reads == (tuple((0, n) for n in source),) and plan.whole == (_op(adapter).label(),)
 
 
 def test_a_reshape_of_the_leading_dimension_reads_whole_runs_of_rows():
@@ -403,7 +448,7 @@ def _recipes(draw: st.DrawFn) -> tuple[Recipe, list[Shape], torch.Tensor]:
     post, out = _draw_chain(data, out, draw(st.integers(0, 2)))
     if draw(st.integers(0, 4)) == 0:  # pad to a larger target
         out = tuple(d + draw(st.integers(0, 2)) for d in out)
-        post.append(_op("pad", value=draw(st.sampled_from([0.0, -1.5]))))
+        post.append(_op("pad", value=draw(st.sampled_from([-1.0, 2.5]))))  # never an id
     return _recipe(inputs, post, fuse_dim, groups), shapes, _meta(out)
 
 
@@ -424,8 +469,47 @@ def _boxes(draw: st.DrawFn, shape: Shape) -> Box:
 def _any_box_of_any_recipe(data: st.DataObject) -> None:
     recipe, shapes, target = data.draw(_recipes())
     box = data.draw(_boxes(tuple(target.shape)))
-    plan = _check(recipe, shapes, box, target)
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float64, torch.int32]))
+    plan = _check(recipe, shapes, box, target, dtype)
     assert set(plan.whole) <= set(whole_read_ops(recipe))
+    if _tight(recipe) and math.prod(n for _, n in box):
+        _assert_tight(recipe, shapes, target, box, plan)
+
+
+#: Ops that only move, pick or pad values (a source element's id survives them), and those of
+#: them whose rows in a box come from rows with gaps between them.
+_MOVES = {"transpose", "permute", "narrow", "take", "unsqueeze", "squeeze", "split", "select", "pad"}
+_GAPS = {"select", "rope_permute", "gqa_split"}
+
+
+def _tight(recipe: Recipe) -> bool:
+    """Whether the read boxes are the bounding boxes of what the box needs: a box is all an op
+    learns of what the next needs, so behind an op that leaves gaps, a fuse or another such op
+    reads rows of the gaps (e.g. a fuse before a ``rope_permute``)."""
+    ops = list(recipe.ops)
+    if not all(op.op in _MOVES | _GAPS for op in ops):
+        return False
+    gaps = [op for op in ops if op.op in _GAPS or op.params.get("groups", 1) > 1]
+    return len(gaps) == 0 or (len(gaps) == 1 and not (recipe.fuse_dim is not None and gaps[0] in recipe.post))
+
+
+def _assert_tight(recipe: Recipe, shapes: Sequence[Shape], target: torch.Tensor, box: Box, plan: RegionPlan) -> None:
+    """Each read box is the bounding box of the source elements the target box holds: evaluated on
+    sources whose values are their elements' ids, the box's values say which elements it needs."""
+    starts = [0, *itertools.accumulate(math.prod(s) for s in shapes)]
+    ids = [torch.arange(a, a + math.prod(s), dtype=torch.float64).reshape(s) for a, s in zip(starts, shapes)]
+    keys = {inp.key: v for inp, v in zip(recipe.inputs, ids)}
+    used = evaluate(recipe, keys.__getitem__, target)[box_slices(box)].flatten()
+    used = used[(used >= 0) & (used == used.round())].long()  # not pad's fill
+    for k, (read, shape) in enumerate(zip(plan.reads, shapes)):
+        mine = used[(used >= starts[k]) & (used < starts[k + 1])] - starts[k]
+        if not len(mine):
+            assert read is None or not math.prod(n for _, n in read)
+            continue
+        assert read is not None
+        coords = torch.stack(torch.unravel_index(mine, shape)) if shape else torch.zeros(0, 1, dtype=torch.long)
+        bounds = tuple((int(c.min()), int(c.max()) + 1 - int(c.min())) for c in coords)
+        assert read == bounds
 
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -442,3 +526,107 @@ def test_any_box_of_any_recipe_equals_the_whole_recipe_there(data):
 @given(st.data())
 def test_any_box_of_any_recipe_equals_the_whole_recipe_there_many(data):
     _any_box_of_any_recipe(data)
+
+
+def test_an_op_that_cannot_run_on_the_shapes_is_an_op_error():
+    recipe = _recipe([Input("wq", (_op("rope_permute", heads=3),))])
+    with pytest.raises(OpError, match=r"rope_permute.*not a multiple of heads=3"):
+        region_plan(recipe, [(8, 2)], _meta((8, 2)), _rows(0, 4, (8, 2)))
+
+
+def test_a_box_given_as_lists_is_read_as_a_box():
+    plan = region_plan(_recipe([Input("w")]), [[4, 3]], _meta((4, 3)), [[1, 2], torch.Size([0, 3])])
+    assert plan.reads == (((1, 2), (0, 3)),)
+    with pytest.raises(PlanError, match="not a \\(start, length\\) per dimension"):
+        region_plan(_recipe([Input("w")]), [(4, 3)], _meta((4, 3)), ((1, 2, 3), (0, 3)))
+
+
+def test_biases_fuse_and_permute_by_rows():
+    recipe = _recipe([Input("bq", (_op("rope_permute", heads=2),)), Input("bk"), Input("bv")], fuse_dim=-1)
+    assert _check(recipe, [(8,), (4,), (4,)], ((6, 4),)).reads == (((5, 3),), ((0, 2),), None)  # rows 5, 7
+    grouped = _recipe([Input("bq"), Input("bk"), Input("bv")], fuse_dim=0, groups=2)
+    assert _check(grouped, [(8,), (4,), (4,)], ((2, 4),)).reads == (((2, 2),), ((0, 2),), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int32, torch.float8_e4m3fn])
+def test_sources_of_any_dtype_compute_bit_for_bit(dtype):
+    recipe = _recipe(
+        [Input("q", (_op("rope_permute", heads=2),)), Input("k", (_op("transpose"),))], fuse_dim=0, groups=2
+    )
+    values = [torch.randn(s).mul(8).to(dtype) for s in [(8, 6), (6, 4)]]
+    target = _meta((12, 6), dtype)
+    plan = region_plan(recipe, [(8, 6), (6, 4)], target, ((3, 7), (1, 4)))
+    got = plan.compute([None if r is None else v[box_slices(r)] for r, v in zip(plan.reads, values)])
+    want = evaluate(recipe, dict(zip("qk", values)).__getitem__, target)[3:10, 1:5]
+    assert got.dtype == dtype and torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
+
+
+# -- the shipped mappings, read from a file ------------------------------------------------------------
+
+
+def _tiny_model(mapping: str) -> torch.nn.Module:
+    from weightport.models import GPT2, Bert, BertConfig
+    from weightport.models.llama import Llama, LlamaParams
+
+    if mapping.endswith("gpt2"):
+        return GPT2(layers=1, hidden=16, heads=2, vocab_size=24, max_positions=8)
+    if mapping.endswith("bert"):
+        return Bert(BertConfig(vocab_size=24, hidden=16, layers=1, heads=2, mlp=20, max_positions=8))
+    sizes = {"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 24, "multiple_of": 16}
+    return Llama(LlamaParams.from_dict({**sizes, "norm_eps": 1e-5, "rope_theta": 1e4}))
+
+
+def _chunks(shape: Shape, dim: int, ranks: int) -> list[Box]:
+    """Each rank's box of a ``Shard(dim)`` placement (torch.chunk's rows, as DTensor gives them)."""
+    return [
+        tuple((int(c[0]), len(c)) if k == dim else (0, n) for k, n in enumerate(shape))
+        for c in torch.arange(shape[dim]).chunk(ranks)
+    ]
+
+
+@pytest.mark.parametrize("mapping", ["hf.gpt2->weightport.gpt2", "hf.bert->weightport.bert", "hf.llama->meta.llama"])
+def test_shipped_mappings_read_from_a_file_give_each_shard_its_part_of_the_whole_transfer(tmp_path, mapping):
+    """Every recipe of a real plan (split then transpose, fused q/k/v, rope_permute), Shard(0) and
+    Shard(1) on 2 and 3 ranks, read through ``Source.read_region``: the same values as the whole
+    transfer, and on 2 ranks along the rows the ranks' bytes add up to what one rank reads for all."""
+    from safetensors.torch import save_file
+
+    import weightport as wp
+    from weightport.mapping.verify import map_state_dict
+
+    facts = {"heads": 4, "kv_heads": 2, "head_dim": 8, "hidden": 32}
+    model = _tiny_model(mapping)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    state = map_state_dict(model.state_dict(), wp.load_mapping(mapping).bind(facts).inverse())
+    stored = {}
+    for key, value in state.items():  # one tensor per storage (tied embeddings)
+        if all(value.data_ptr() != v.data_ptr() for v in stored.values()):
+            stored[key] = value.contiguous()
+    save_file(stored, str(tmp_path / "model.safetensors"))
+    plan = wp.plan(str(tmp_path / "model.safetensors"), _tiny_model(mapping), mapping=mapping)
+    source = plan.source
+    assert any(r.fuse_dim is not None or r.ops for r in plan.recipes.values())
+    for recipe in plan.recipes.values():
+        target = plan.targets[recipe.target].tensor
+        keys = [i.key for i in recipe.inputs]
+        shapes = source.shapes(keys)
+        want = evaluate(recipe, source.__getitem__, target)
+
+        def read(box: Box) -> int:
+            planned = region_plan(recipe, shapes, target, box)
+            values, total = [], 0
+            for key, r in zip(keys, planned.reads):
+                value, nbytes = (None, 0) if r is None else source.read_region(key, r)
+                values.append(value)
+                total += nbytes
+            assert torch.equal(planned.compute(values), want[box_slices(box)]), (recipe.target, box)
+            return total
+
+        everything = read(tuple((0, n) for n in target.shape))
+        for dim, ranks in itertools.product(range(target.dim()), (2, 3)):
+            spent = [read(box) for box in _chunks(tuple(target.shape), dim, ranks)]
+            if dim == 0 and ranks == 2:
+                assert sum(spent) == everything, recipe.target

@@ -1,9 +1,10 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, rename over the target."""
+"""Atomic writes: a temporary file (or folder) beside the target, fsync, rename over the target."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -74,3 +75,41 @@ def _fsync_dir(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def temp_folder_for(path: str | os.PathLike[str]) -> str:
+    """A new, empty hidden folder beside ``path`` (``.<name>.tmp-*``) to write a folder's contents
+    into before :func:`replace_folder`; with the usual ``0o777 & ~umask`` permissions."""
+    path = os.fspath(path)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}{TMP_MARK}", dir=_parent(path))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    return tmp
+
+
+def replace_folder(tmp: str, path: str | os.PathLike[str]) -> None:
+    """Put the complete folder ``tmp`` (from :func:`temp_folder_for`) at ``path``.
+
+    A missing or empty ``path`` is replaced by one atomic rename. A folder already there (a previous
+    checkpoint) is first renamed aside, then removed once the new one is in place: a reader sees the
+    old folder, the new one, or (between the two renames) none, never a mix; if the second rename
+    fails the old folder is put back.
+    """
+    path = os.fspath(path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise
+        old = f"{tmp}.old"
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(_parent(path))
+
+
+def _parent(path: str) -> str:
+    return os.path.dirname(os.path.abspath(path))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from weightport._atomic import atomic_write
+from weightport._save_checks import check_value, metadata_strings
 from weightport.errors import SaveError, WeightportError
 from weightport.sources.safetensors import DTYPE_NAMES
 
@@ -20,6 +21,8 @@ ALIGN = 8
 
 #: File formats by extension: what :func:`save` writes.
 FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch"}
+#: What ``save(..., format=)`` accepts.
+FORMAT_NAMES = ("safetensors", "torch", "dcp")
 
 
 def save(
@@ -27,22 +30,33 @@ def save(
     path: str | os.PathLike[str],
     *,
     metadata: Mapping[str, str] | None = None,
+    format: str | None = None,
 ) -> None:
-    """Save tensors atomically, in the format the extension names.
+    """Save tensors atomically, in the format the extension names (or ``format=``).
 
     ``.safetensors`` writes safetensors, streamed tensor by tensor; tensors shared under
     several names (tied weights) are stored once, the other names recorded in the metadata
     (they come back when weightport opens the file). ``.pt``, ``.pth`` and ``.bin`` write a
     torch file of the state dict that ``torch.load(path, weights_only=True)`` reads.
 
+    ``format="dcp"`` writes a ``torch.distributed.checkpoint`` folder at ``path``, which
+    ``torch.distributed.checkpoint.load(state_dict, checkpoint_id=path)`` reads back and weightport
+    opens as a source (see :func:`write_dcp`: a sharded model's state dict of DTensors is written
+    collectively, every rank calling ``save``).
+
     Args:
         state_dict_or_module: A ``Mapping[str, Tensor]`` or a module (its ``state_dict()``).
-        path: Destination file; the previous file stays intact until the new one is complete.
-        metadata: String key/values stored in the header (``__metadata__``; safetensors only).
+        path: Destination file (a folder for ``"dcp"``); the previous one stays intact until the new
+            one is complete.
+        metadata: String key/values stored with the tensors: in the header (``__metadata__``) of a
+            safetensors file, as one JSON string under ``"__metadata__"`` in a DCP folder; a torch
+            file holds none.
+        format: ``"safetensors"``, ``"torch"`` or ``"dcp"``; ``None`` chooses by the extension.
 
     Raises:
-        SaveError: the extension is none of those, the path is a folder, its folder does not
-            exist, or it cannot be written (also an ``OSError``).
+        SaveError: an unknown ``format``, an extension that names no format, the path is a folder
+            (a file, or a folder of other files, for ``"dcp"``), its folder does not exist, or it
+            cannot be written (also an ``OSError``).
         WeightportError: a value is not a tensor, is on the meta device, has a dtype the
             format cannot hold, or metadata is not ``str -> str``.
     """
@@ -50,9 +64,21 @@ def save(
     if not isinstance(tensors, Mapping):
         raise WeightportError(f"save() takes a state dict or a module, not {type(tensors).__name__}")
     target = os.fspath(path)
-    if file_format(target) == "torch":
+    if format is not None and format not in FORMAT_NAMES:
+        raise SaveError(
+            f"save(): {target}: format={format!r} is none of {', '.join(map(repr, FORMAT_NAMES))} "
+            "(or None, to choose by the extension)"
+        )
+    if format == "dcp":
+        from weightport._save_dcp import write_dcp  # imports torch.distributed.checkpoint: only when asked
+
+        write_dcp(tensors, target, metadata)
+        return
+    if format is not None:
+        _check_destination(target)
+    if (format or file_format(target)) == "torch":
         if metadata:
-            raise WeightportError(f"save(): {target}: metadata is stored in .safetensors files only")
+            raise WeightportError(f"save(): {target}: metadata is stored in safetensors files and DCP folders only")
         write_torch(tensors, target)
         return
     write_safetensors(tensors, target, metadata)
@@ -62,7 +88,7 @@ def write_safetensors(tensors: Mapping[str, Any], path: str, metadata: Mapping[s
     """Write ``tensors`` as a safetensors file at ``path`` whatever its extension (training
     checkpoints use it), atomically; tied tensors stored once (see :func:`save`)."""
     stored, aliases = _dedupe(tensors)
-    header, order = _header(stored, _metadata(metadata, aliases))
+    header, order = _header(stored, metadata_strings(metadata, aliases))
     with _writing(path) as f:
         f.write(len(header).to_bytes(8, "little"))
         f.write(header)
@@ -77,7 +103,7 @@ def write_torch(tensors: Mapping[str, Any], path: str, metadata: Mapping[str, st
     _, aliases = _dedupe(tensors, check_dtype=False)  # the same checks: string keys, tensors, none on meta
     obj: dict[str, Any] = {k: t.detach() for k, t in tensors.items()}
     if metadata is not None:
-        obj["__metadata__"] = _metadata(metadata, aliases)
+        obj["__metadata__"] = metadata_strings(metadata, aliases)
     with _writing(path) as f:
         torch.save(obj, f)
 
@@ -85,13 +111,7 @@ def write_torch(tensors: Mapping[str, Any], path: str, metadata: Mapping[str, st
 def file_format(path: str) -> str:
     """The format ``path``'s extension names; a folder, a missing folder or an unknown extension
     is refused before anything is written."""
-    if os.path.isdir(path):
-        raise SaveError(
-            f"save(): {path} is a folder; give a file name such as {os.path.join(path, 'model.safetensors')}"
-        )
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SaveError(f"save(): {path}: the folder {folder} does not exist; create it first")
+    _check_destination(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
         raise SaveError(
@@ -99,6 +119,17 @@ def file_format(path: str) -> str:
             "a torch file"
         )
     return FORMATS[ext]
+
+
+def _check_destination(path: str) -> None:
+    """Refuse a file destination that is a folder, or whose folder does not exist."""
+    if os.path.isdir(path):
+        raise SaveError(
+            f"save(): {path} is a folder; give a file name such as {os.path.join(path, 'model.safetensors')}"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SaveError(f"save(): {path}: the folder {folder} does not exist; create it first")
 
 
 @contextlib.contextmanager
@@ -118,16 +149,7 @@ def _dedupe(tensors: Mapping[str, Any], *, check_dtype: bool = True) -> tuple[di
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
     for name, t in tensors.items():
-        if not isinstance(name, str):
-            raise WeightportError(f"save(): key {name!r} is not a string")
-        if not isinstance(t, torch.Tensor):
-            raise WeightportError(f"save(): {name!r} is a {type(t).__name__}, not a tensor")
-        if t.is_meta:
-            raise WeightportError(f"save(): {name!r} is on the meta device and has no values; load it first")
-        if t.layout != torch.strided:
-            raise WeightportError(
-                f"save(): {name!r} is a {t.layout} tensor; safetensors stores dense tensors (save {name!r}.to_dense())"
-            )
+        check_value(name, t)
         if check_dtype and t.dtype not in DTYPE_NAMES:
             raise WeightportError(f"save(): {name!r} has dtype {t.dtype}, which safetensors cannot store")
         key = (
@@ -142,16 +164,6 @@ def _dedupe(tensors: Mapping[str, Any], *, check_dtype: bool = True) -> tuple[di
             seen[key] = name
         stored[name] = t.detach()
     return stored, aliases
-
-
-def _metadata(metadata: Mapping[str, str] | None, aliases: dict[str, str]) -> dict[str, str]:
-    meta = dict(metadata or {})
-    for k, v in meta.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise WeightportError(f"save(): metadata must map str to str; {k!r}: {v!r} does not")
-    if aliases:
-        meta["weightport.aliases"] = json.dumps(aliases, sort_keys=True)
-    return meta
 
 
 def _header(stored: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[bytes, list[str]]:

@@ -47,21 +47,16 @@ from weightport.apply import (
     _Swap,
 )
 from weightport.distributed.reader import PlanReader
-from weightport.errors import DistributedError, NonFiniteError, OptionError, PlanError, WeightportError
+from weightport.errors import DistributedError, NonFiniteError, OptionError, PlanError
 from weightport.options import ApplyOptions
 
 if TYPE_CHECKING:
-    from weightport.planning.data import Recipe, Target, TransferPlan
+    from weightport.planning.data import Recipe, TransferPlan
     from weightport.report import TransferReport
 
-__all__ = ["apply_sharded", "is_sharded"]
+__all__ = ["apply_sharded"]
 
 log = logging.getLogger(__name__)
-
-
-def is_sharded(targets: dict[str, Target]) -> bool:
-    """Whether any target tensor is a DTensor (FSDP2, tensor parallel): then the plan applies here."""
-    return any(isinstance(t.tensor, DTensor) for t in targets.values())
 
 
 def apply_sharded(plan: TransferPlan, options: ApplyOptions) -> TransferReport:
@@ -74,7 +69,14 @@ def apply_sharded(plan: TransferPlan, options: ApplyOptions) -> TransferReport:
             "the model's parameters are DTensors but no process group is initialised; call "
             "torch.distributed.init_process_group() (torchrun does) before weightport.transfer"
         )
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=options.timeout))
+    try:  # a collective too: every rank must arrive within the timeout
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=options.timeout))
+    except Exception as e:
+        raise DistributedError(
+            f"starting a sharded transfer: rank {dist.get_rank()} did not hear from every rank within "
+            f"timeout={options.timeout} s ({type(e).__name__}: {e}); every rank must call weightport.transfer "
+            "with the same arguments; nothing was changed"
+        ) from e
     try:
         with gc_paused():
             return _apply(plan, options, group)
@@ -129,7 +131,7 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
         applied=True,
         stats=stats,
         bytes_read_per_rank=per_rank,
-        warnings=plan.report.warnings + tuple(notes) + _whole_reads_note(reader),
+        warnings=plan.report.warnings + tuple(notes),
     )
     # 4. commit: nothing here can fail
     with _progress.progress(False, 0, desc="weightport: committing") as bar, _interrupts_deferred(), torch.no_grad():
@@ -143,9 +145,7 @@ def _attempt(step: Any) -> str | None:
     """Run ``step``; its failure as a message for the other ranks (``None``: it worked)."""
     try:
         step()
-    except WeightportError as e:
-        return f"{type(e).__name__}: {e}"
-    except Exception as e:
+    except Exception as e:  # a WeightportError, out of memory, a torch error: every rank must hear of it
         log.debug("a sharded transfer step failed", exc_info=True)
         return f"{type(e).__name__}: {e}"
     return None
@@ -249,10 +249,3 @@ def _write(old: torch.Tensor, new: torch.Tensor, recipe: Recipe | None, owners: 
     if isinstance(old, nn.Parameter):
         new = nn.Parameter(new, requires_grad=old.requires_grad)
     return _Swap(old, new, owners.get(id(old), []))
-
-
-def _whole_reads_note(reader: PlanReader) -> tuple[str, ...]:
-    if not reader.whole:
-        return ()
-    listed = ", ".join(f"{name!r} ({', '.join(ops)})" for name, ops in sorted(reader.whole.items()))
-    return (f"read whole on each rank that holds part of them (ops without a region map): {listed}",)

@@ -41,8 +41,6 @@ class PlanReader(StorageReader):
     Attributes:
         bytes_read: Source bytes this rank read so far (:meth:`Source.read_region`'s count: the
             boxes' bytes where the source reads ranges, the whole tensor where it cannot).
-        whole: Target names whose values needed an input read whole (an op without a region
-            map), with those ops' labels.
     """
 
     def __init__(self, source: Source, recipes: Sequence[Recipe], targets: Mapping[str, torch.Tensor]) -> None:
@@ -55,7 +53,6 @@ class PlanReader(StorageReader):
             for r in recipes
         }
         self.bytes_read = 0
-        self.whole: dict[str, tuple[str, ...]] = {}
 
     # -- DCP's StorageReader interface ----------------------------------------------------------------
     def reset(self, checkpoint_id: Any = None) -> None:
@@ -87,23 +84,30 @@ class PlanReader(StorageReader):
         for item in plan.items:
             name = item.storage_index.fqn
             box = tuple(zip(item.storage_offsets, item.lengths))
-            value = self.region(name, box)
             dest = planner.resolve_tensor(item).detach()
-            dest.copy_(value)
+            recipe = self.recipes[name]
+            if recipe.plain and self._fits(recipe.inputs[0].key, dest):
+                self.bytes_read += self.source.read_region(recipe.inputs[0].key, box, out=dest)[
+                    1
+                ]  # straight into place
+            else:
+                dest.copy_(self.region(name, box))
             planner.commit_tensor(item, dest)
         done: Future[None] = Future()
         done.set_result(None)
         return done
 
     # -- weightport ---------------------------------------------------------------------------------
+    def _fits(self, key: str, dest: torch.Tensor) -> bool:
+        """Whether the source's values can be read into ``dest`` as they are."""
+        return dest.is_cpu and dest.is_contiguous() and dest.dtype == self.source.meta(key).dtype
+
     def region(self, name: str, box: Box) -> torch.Tensor:
         """The values of target ``name`` inside ``box``, read from the source boxes they need."""
         recipe = self.recipes[name]
         keys = [i.key for i in recipe.inputs]
         target = self.targets[name]
         planned = region_plan(recipe, self.source.shapes(keys), target, box)
-        if planned.whole:
-            self.whole[name] = planned.whole
         values: list[torch.Tensor | None] = []
         for key, read in zip(keys, planned.reads):
             if read is None:

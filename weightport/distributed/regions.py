@@ -28,6 +28,10 @@ Ops with a region map (the source box they read):
   the box, and is not read at all without any (a rank whose rows of a fused ``wqkv`` lie in q
   reads only q).
 
+Reads are boxes, so where the rows a box needs have gaps (rotary pairs, the other parts of a
+grouped layout) a read spans them. An empty box (a rank without rows of an unevenly sharded
+target) reads nothing.
+
 Every other op has no region map: user callables and the shape adapters (``in_channels``,
 ``pos_embed``, ``patch_embed``). Such an op reads its input whole (on every rank that needs any
 of its output), runs, and keeps the box; ops before it then compute their whole output too.
@@ -67,7 +71,7 @@ class RegionPlan(NamedTuple):
         reads: Per recipe input, in order: the box of that source tensor to read, or ``None`` when
             the box needs nothing of it.
         compute: The values read (``None`` where ``reads`` is) to a tensor of exactly the box's
-            shape and values.
+            shape and values (it may be a view of a value read).
         whole: Labels of the ops without a region map that read their input whole; ``()`` when
             every read is ranged.
     """
@@ -295,13 +299,13 @@ def _chain_back(ops: Sequence[OpCall], shapes: list[Shape], box: Box, target: to
     steps: list[Fn] = []
     for op, i, o in reversed(list(zip(ops, shapes, shapes[1:]))):
         region = None if _empty(box) else _region_map(op, i, o)
-        if _empty(box):
+        if region is not None:
+            box, fn = region(box)
+        elif _empty(box):
             box, fn = _empty_step(op, i, box, target)
-        elif region is None:
+        else:
             whole.add(op.label())
             box, fn = _whole_step(op, i, box, target)
-        else:
-            box, fn = region(box)
         steps.append(fn)
     steps.reverse()
 
@@ -398,6 +402,7 @@ def region_plan(recipe: Recipe, source_shapes: Sequence[tuple[int, ...]], target
 
     Raises:
         PlanError: an op needs the target's values, or the box does not fit the target.
+        OpError: an op cannot run on the inputs' shapes.
     """
     if len(source_shapes) != len(recipe.inputs):
         raise PlanError(
@@ -405,10 +410,16 @@ def region_plan(recipe: Recipe, source_shapes: Sequence[tuple[int, ...]], target
         )
     _check_values(recipe)
     meta = torch.empty(tuple(target.shape), dtype=target.dtype, device="meta")
-    shapes = [tuple(s) for s in source_shapes]
+    shapes = [tuple(int(n) for n in s) for s in source_shapes]
+    try:  # lists, or offsets and sizes as torch.Size, will do
+        box = tuple((int(s), int(n)) for s, n in box)
+    except (TypeError, ValueError):
+        raise PlanError(f"{recipe.target!r}: the box {box!r} is not a (start, length) per dimension") from None
     try:
         trace = _trace(recipe, shapes, meta)
-    except OpError:  # a callable that cannot run on meta tensors: no shapes to walk back through
+    except OpError:  # registered ops run on meta tensors; a user callable may not: read all whole
+        if all(op.fn is None for op in recipe.ops):
+            raise
         return _whole_plan(recipe, shapes, meta, box)
     _check_box(recipe, trace.post[-1], target, box)
     whole: set[str] = set()

@@ -255,6 +255,7 @@ def _split(
     if groups == 1:
         start, length = split_bounds(x.shape[dim], count, index, sizes)
         return x.narrow(dim, start, length)
+    dim = dim % max(x.dim(), 1)
     blocks = _grouped(x, dim, groups, "split")
     shares = None if sizes is None else [_share(s, groups, "split") for s in sizes]
     start, length = split_bounds(blocks.shape[dim + 1], count, index, shares)
@@ -332,7 +333,7 @@ def _select(x: torch.Tensor, *, index: list[int], dim: int = 0) -> torch.Tensor:
     bad = [i for i in index if not -n <= i < n]
     if bad:
         raise OpError(f"select: index {bad[:5]} out of range for a dimension of {n}")
-    return x.index_select(dim, torch.tensor(index, dtype=torch.long, device=x.device))
+    return x.index_select(dim, torch.tensor([i % n for i in index], dtype=torch.long, device=x.device))
 
 
 @register_op(

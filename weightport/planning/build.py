@@ -16,7 +16,7 @@ from torch import nn
 from weightport._gc import gc_paused
 from weightport._hooks import has_custom_loading
 from weightport.apply import apply_plan
-from weightport.distributed.load import apply_sharded, is_sharded
+from weightport.distributed.detect import apply_sharded, is_sharded, whole_reads_note
 from weightport.errors import NothingLoadedError, StrictnessError
 from weightport.mapping.core import Mapping
 from weightport.mapping.files import shipped_dir
@@ -84,6 +84,9 @@ def _build(
     note = report.fresh_parameters_note()
     if note is not None:
         report = replace(report, warnings=(*report.warnings, note))
+    sharded = is_sharded(targets)
+    if sharded:
+        report = replace(report, warnings=(*report.warnings, *whole_reads_note(targets, decided.recipes.values())))
     if targets and not decided.lane.names and not decided.recipes and not options.allow_empty:
         raise NothingLoadedError(nothing_loaded(keys, list(targets), source.info.location), report=report)
     _check_strictness(report, options.strict, options.require)
@@ -95,7 +98,7 @@ def _build(
         report=report,
         options=options,
         apply_options=apply_options,
-        applier=apply_sharded if is_sharded(targets) else apply_plan,
+        applier=apply_sharded if sharded else apply_plan,
         model=model,
         materialise=materialise,
     )

@@ -270,17 +270,18 @@ class TensorRef(NamedTuple):
         out.copy_(self.view())
         self.release()
 
-    def read_region(self, box: tuple[tuple[int, int], ...]) -> torch.Tensor | None:
-        """The values inside ``box`` ((start, length) per dimension) as a new tensor, reading only
-        the box's byte ranges: one ``preadv`` per run of bytes that lie together in the file (one
-        for a block of whole rows, one per row for a block of columns). ``None`` when the tensor is
-        not one native block (strided, big-endian): then the caller reads it whole."""
-        shape = tuple(length for _, length in box)
-        out = torch.empty(shape, dtype=self.dtype)
-        if out.numel() == 0:
-            return out
+    def read_region(self, box: tuple[tuple[int, int], ...], out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The values inside ``box`` ((start, length) per dimension) in ``out`` (contiguous, on the
+        CPU, the box's shape and this dtype) or a new tensor, reading only the box's byte ranges:
+        one ``preadv`` per run of bytes that lie together in the file (one for a block of whole
+        rows, one per row for a block of columns). ``None`` when the tensor is not one native block
+        (strided, big-endian): then the caller reads it whole."""
         if self.byteswap or not self.contiguous or not box:
             return None
+        if out is None:
+            out = torch.empty(tuple(length for _, length in box), dtype=self.dtype)
+        if out.numel() == 0:
+            return out
         # the innermost dimensions the box covers whole are read with the first one it cuts
         cut = len(box) - 1
         while cut > 0 and box[cut] == (0, self.shape[cut]):

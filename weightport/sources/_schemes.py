@@ -1,8 +1,9 @@
 """Spec schemes (``hf:org/name``, ``torchvision:resnet50`` …): a registry of openers, listable.
 
-The zoo schemes are declared here as data, by the function that opens them, and imported on
-first use: importing weightport imports no zoo module. Any other scheme (``checkpoint:``,
-a user's own) registers an opener with :func:`register_scheme`, which also overrides a zoo one.
+The built-in schemes (the zoos, and ``dcp:`` for DCP folders) are declared here as data, by the
+function that opens them, and imported on first use: importing weightport imports no zoo module.
+Any other scheme (``checkpoint:``, a user's own) registers an opener with
+:func:`register_scheme`, which also overrides a built-in one.
 This module imports no source: the openers depend on the sources, never the other way.
 """
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 SchemeOpener = Callable[..., "Source"]
 
 _ZOO = {
+    "dcp": "weightport.sources.dcp:open_dcp_spec",
     "hf": "weightport.sources.zoo_hf:open_hf",
     "timm": "weightport.sources.zoo_timm:open_timm",
     "torchvision": "weightport.sources.zoo_torchvision:open_torchvision",

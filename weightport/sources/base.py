@@ -49,7 +49,7 @@ class SourceInfo:
 
     Attributes:
         kind: Format or scheme: ``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"``,
-            ``"sharded"``, ``"dict"``, ``"module"``, ``"torchvision"``, ``"timm"``, ``"hf"``.
+            ``"sharded"``, ``"dict"``, ``"module"``, ``"torchvision"``, ``"timm"``, ``"hf"``, ``"dcp"``.
         location: The path or spec the source was opened from.
         files: Every file the source may read.
         wrapper: The key of a nested checkpoint the weights were found under (``"net"``,
@@ -116,6 +116,12 @@ def box_slices(box: Box) -> tuple[slice, ...]:
     return tuple(slice(start, start + length) for start, length in box)
 
 
+def fill_box(tensor: torch.Tensor, box: Box, out: torch.Tensor | None) -> torch.Tensor:
+    """The part of ``tensor`` inside ``box``, copied into ``out`` or into a new contiguous tensor."""
+    part = tensor[box_slices(box)]
+    return part.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(part)
+
+
 class Source(Mapping[str, torch.Tensor]):
     """A lazy, read-only mapping from tensor names to tensors.
 
@@ -161,9 +167,9 @@ class Source(Mapping[str, torch.Tensor]):
     def _mapped_view_of(self, handle: Any) -> torch.Tensor | None:
         return None
 
-    def _read_region_of(self, handle: Any, box: Box) -> tuple[torch.Tensor, int]:
+    def _read_region_of(self, handle: Any, box: Box, out: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """The default for sources that cannot read part of a tensor: read it whole, keep the box."""
-        out = self._view_of(handle)[box_slices(box)].clone(memory_format=torch.contiguous_format)
+        out = fill_box(self._view_of(handle), box, out)
         self._release(handle)
         return out, self._meta_of(handle).nbytes
 
@@ -204,18 +210,30 @@ class Source(Mapping[str, torch.Tensor]):
         """
         return self._mapped_view_of(self._handle(name))
 
-    def read_region(self, name: str, box: Box) -> tuple[torch.Tensor, int]:
-        """The values of ``name`` inside ``box`` as a new contiguous tensor, and the bytes read to
+    def read_region(self, name: str, box: Box, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """The values of ``name`` inside ``box`` as a new contiguous tensor (or in ``out``, a
+        contiguous CPU tensor of the box's shape and the tensor's dtype), and the bytes read to
         get them: only the box's byte ranges where the format stores the tensor as one native
         block (safetensors, torch files), else the whole tensor (then the count says so)."""
         handle = self._handle(name)
-        shape = self._meta_of(handle).shape
+        meta = self._meta_of(handle)
+        shape = meta.shape
+        if out is not None and (
+            tuple(out.shape) != tuple(n for _, n in box)
+            or out.dtype != meta.dtype
+            or not out.is_contiguous()
+            or not out.is_cpu
+        ):
+            raise ShapeMismatchError(
+                f"{self.info.location}: read_region of {name!r} into a {tuple(out.shape)} {out.dtype} tensor on "
+                f"{out.device}; give a contiguous CPU tensor of the box's shape and {meta.dtype}, or none"
+            )
         if len(box) != len(shape) or any(s < 0 or n < 0 or s + n > d for (s, n), d in zip(box, shape)):
             raise ShapeMismatchError(
                 f"{self.info.location}: the box {box} lies outside {name!r} of shape {tuple(shape)}; "
                 "give (start, length) inside the tensor for each of its dimensions"
             )
-        return self._read_region_of(handle, box)
+        return self._read_region_of(handle, box, out)
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Copy the values of ``name`` into ``out`` (same shape), reading once."""

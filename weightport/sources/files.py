@@ -67,7 +67,8 @@ def open_path(
     under the model's own names; ``source.whole`` is every tensor of the file.
 
     Args:
-        path: A weights file, a shard index (``*.index.json``), or a folder holding one.
+        path: A weights file, a shard index (``*.index.json``), a folder holding one, or a
+            ``torch.distributed.checkpoint`` folder (``.metadata`` and ``*.distcp`` files).
         checkpoint_key: Key of the weights inside a nested checkpoint.
         ema: A checkpoint's EMA weights (``True``), its raw weights (``False``), or its raw
             weights when it has both (``None``); see :func:`weightport.sources.unwrap.find_weights`.
@@ -81,6 +82,12 @@ def open_path(
         UnsafeFileError: a pickle whose weights cannot be recovered without running its code.
         HashMismatchError: ``expected_sha256`` does not match.
     """
+    if is_dcp_folder(path) or (os.path.basename(path) == ".metadata" and is_dcp_folder(os.path.dirname(path) or ".")):
+        if expected_sha256 is not None:
+            raise SourceError(f"{path}: expected_sha256 applies to a single file; a DCP checkpoint folder has several")
+        from weightport.sources.dcp import open_dcp  # imports torch.distributed.checkpoint: only when needed
+
+        return open_dcp(path, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle, ema=ema)
     if os.path.isdir(path):
         return open_path(
             choose_weights_file(path),
@@ -110,6 +117,16 @@ def open_path(
     if is_training_checkpoint(source.info.metadata):
         source = model_part(source)
     return source.renamed({}, provenance={**source.info.provenance, **provenance}) if provenance else source
+
+
+def is_dcp_folder(folder: str) -> bool:
+    """Whether ``folder`` is (or was meant to be) a ``torch.distributed.checkpoint`` folder: it holds
+    a ``.metadata`` file or ``*.distcp`` data files (:mod:`weightport.sources.dcp` opens it)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return ".metadata" in names or any(n.endswith(".distcp") for n in names)
 
 
 def sniff(path: str) -> str:

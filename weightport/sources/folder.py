@@ -119,9 +119,9 @@ class ShardedSource(Source):
         shard, name = self._locate(handle)
         shard.release(name)
 
-    def _read_region_of(self, handle: tuple[str, str], box: Box) -> tuple[torch.Tensor, int]:
+    def _read_region_of(self, handle: tuple[str, str], box: Box, out: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         shard, name = self._locate(handle)
-        return shard.read_region(name, box)
+        return shard.read_region(name, box, out)
 
     @property
     def opened_shards(self) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from weightport.sources._mapped import MappedFile, TensorRef, read_refs
-from weightport.sources.base import Box, Source, SourceInfo, TensorMeta
+from weightport.sources.base import Box, Source, SourceInfo, TensorMeta, fill_box
 
 _shape, _dtype, _itemsize = attrgetter("shape"), attrgetter("dtype"), attrgetter("itemsize")
 
@@ -35,6 +35,11 @@ class TensorSource(Source):
 
     def _read_into(self, handle: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(handle.detach())
+
+    def _read_region_of(self, handle: torch.Tensor, box: Box, out: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Tensors in memory: the box is copied, nothing else is touched."""
+        out = fill_box(handle.detach(), box, out)
+        return out, out.nbytes
 
     def _alias_key(self, handle: torch.Tensor) -> Any:
         if handle.numel() == 0 or handle.device.type == "meta":
@@ -86,11 +91,11 @@ class FileSource(Source):
     def _release(self, handle: TensorRef) -> None:
         handle.release()
 
-    def _read_region_of(self, handle: TensorRef, box: Box) -> tuple[torch.Tensor, int]:
-        out = handle.read_region(box)
-        if out is None:
-            return super()._read_region_of(handle, box)
-        return out, out.nbytes
+    def _read_region_of(self, handle: TensorRef, box: Box, out: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        read = handle.read_region(box, out)
+        if read is None:
+            return super()._read_region_of(handle, box, out)
+        return read, read.nbytes
 
     def _alias_key(self, handle: TensorRef) -> Any:
         if handle.numel == 0:
