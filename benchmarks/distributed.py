@@ -256,8 +256,7 @@ class FilePages(threading.Thread):
         while not self.done.wait(0.005):
             self.peak = max(self.peak, _status_kib("RssFile"))
 
-    def stop(self) -> int:
-        """The peak growth in KiB."""
+    def stop(self) -> int:  # the peak growth in KiB
         self.done.set()
         self.join()
         return max(self.peak, _status_kib("RssFile")) - self.base
@@ -387,10 +386,8 @@ def reference(target: str, path: str, size: str) -> list[dict[str, str]]:
         with llm.built(False):
             model = transformers.LlamaForCausalLM(hf_config(SIZES[size]))
         model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True, assign=True)
-    return [
-        {name: digest(rows[rank]) for name, p in model.named_parameters() for rows in [_rows(p.detach())]}
-        for rank in range(WORLD)
-    ]
+    rows = {name: _rows(p.detach()) for name, p in model.named_parameters()}
+    return [{name: digest(r[rank]) for name, r in rows.items()} for rank in range(WORLD)]
 
 
 def _rows(t: torch.Tensor) -> list[torch.Tensor]:
