@@ -9,9 +9,13 @@ peak RSS (absolute and over the interpreter baseline after imports).
 
 ``--models llm`` (not in the default set) ports a 0.5B-parameter Llama checkpoint into litgpt
 and torchtitan models beside each project's own converter (``benchmarks/llm.py``).
+``--models distributed`` (not in the default set) loads a 125M-parameter Llama checkpoint into
+2-rank FSDP2 models (CPU, gloo) beside DCP, ``set_model_state_dict`` and torchtitan's own load,
+per rank (``benchmarks/distributed.py``).
 
-Options: ``--runs N`` (default 3), ``--models vit,bert,plan,llm``, ``--only SUBSTRING``,
-``--work DIR``, ``--llm-size 0.5b|toy``, ``--llm-targets litgpt,torchtitan``.
+Options: ``--runs N`` (default 3), ``--models vit,bert,plan,llm,distributed``, ``--only SUBSTRING``,
+``--work DIR``, ``--llm-size 0.5b|toy``, ``--llm-targets litgpt,torchtitan``,
+``--dist-size 125m|toy``, ``--dist-targets torchtitan,transformers``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+import distributed  # noqa: E402
 import llm  # noqa: E402
 from cases import CASES, PLAN_EXPERTS, PLAN_LAYERS, PLAN_PROJ  # noqa: E402
 
@@ -207,11 +212,17 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.join(HERE, "_work"))
     parser.add_argument("--llm-size", default="0.5b", choices=sorted(llm.SIZES))
     parser.add_argument("--llm-targets", default=",".join(llm.TARGETS), help="of " + ",".join(llm.TARGETS))
+    parser.add_argument("--dist-size", default="125m", choices=sorted(distributed.SIZES))
+    parser.add_argument(
+        "--dist-targets", default=",".join(distributed.TARGETS), help="of " + ",".join(distributed.TARGETS)
+    )
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     prepare(args.work, models)
     if "llm" in models:
         llm.prepare(args.work, args.llm_size)
+    if "distributed" in models:
+        distributed.prepare(args.work, args.dist_size)
     warm(args.work)
     out = [
         f"Machine: {machine()}",
@@ -224,6 +235,10 @@ def main() -> None:
         if model == "llm":
             targets = tuple(t for t in args.llm_targets.split(",") if t)
             out += [llm.run_all(args.work, args.runs, args.only, args.llm_size, targets, _say), ""]
+            continue
+        if model == "distributed":
+            targets = tuple(t for t in args.dist_targets.split(",") if t)
+            out += [distributed.run_all(args.work, args.runs, args.only, args.dist_size, targets, _say), ""]
             continue
         rows = []
         for name in CASES[model]:
