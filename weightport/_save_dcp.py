@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from weightport._atomic import replace_folder, temp_folder_for
 from weightport._save_checks import check_value, metadata_strings
+from weightport.distributed.agree import dcp_failures, describe, exchange, failed
 from weightport.errors import SaveError, WeightportError
 from weightport.sources.dcp import METADATA_KEY
 from weightport.sources.files import is_dcp_folder
@@ -68,20 +69,17 @@ def _write_collectively(tensors: Mapping[str, Any], path: str, metadata: Mapping
         tmp = _start(path) if rank == 0 else None
     except WeightportError as e:
         problem = str(e)
-    agreed: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(agreed, (problem, tmp))
+    agreed = exchange(problem, tmp)
     tmp = agreed[0][1]
     try:
-        _agree(path, {r: p for r, (p, _) in enumerate(agreed) if p})
+        _agree(path, failed(agreed))
         assert tmp is not None
         problem = None
         try:
             _save(state, tmp, path, no_dist=False)
         except SaveError as e:
             problem = str(e)
-        agreed = [None] * dist.get_world_size()
-        dist.all_gather_object(agreed, problem)
-        _agree(path, {r: p for r, p in enumerate(agreed) if p})
+        _agree(path, failed(exchange(problem)))
         if rank == 0:
             try:
                 replace_folder(tmp, path)
@@ -98,10 +96,7 @@ def _write_collectively(tensors: Mapping[str, Any], path: str, metadata: Mapping
 def _agree(path: str, problems: Mapping[int, str]) -> None:
     """Raise on every rank what went wrong on any (the same message everywhere)."""
     if problems:
-        raise SaveError(
-            f"save(): {path}: the DCP checkpoint was not written: "
-            + "; ".join(f"rank {r}: {p}" for r, p in sorted(problems.items()))
-        )
+        raise SaveError(f"save(): {path}: the DCP checkpoint was not written: " + describe(problems))
 
 
 def _state(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None) -> dict[str, Any]:
@@ -146,8 +141,5 @@ def _save(state: dict[str, Any], tmp: str, path: str, *, no_dist: bool) -> None:
 
 def _describe(e: BaseException) -> str:
     """One line per failure: DCP's ``CheckpointException`` carries each rank's exception and traceback."""
-    failures = getattr(e, "failures", None) if isinstance(e, dcp.CheckpointException) else None
-    if isinstance(failures, dict) and failures:
-        pairs = [(r, p[0] if isinstance(p, tuple) and p else p) for r, p in sorted(failures.items())]
-        return "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in pairs)
-    return f"{type(e).__name__}: {e}"
+    failures = dcp_failures(e) if isinstance(e, dcp.CheckpointException) else {}
+    return describe(failures) if failures else f"{type(e).__name__}: {e}"

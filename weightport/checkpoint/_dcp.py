@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from weightport.checkpoint._format import BODY_KEY, FORMAT, FORMAT_KEY, VERSION
+from weightport.distributed.agree import dcp_failures, describe, exchange, failed
 from weightport.errors import CheckpointError
 
 
@@ -72,24 +73,9 @@ def agree(error: BaseException | None, where: str, what: str) -> None:
             raise error
         return
     own = None if error is None else (str(error) or type(error).__name__)
-    messages: list[Any] = [None] * world_size()
-    torch.distributed.all_gather_object(messages, own)
-    failure = failures(messages)
-    if failure:
-        raise CheckpointError(f"{where}: {what} failed on {failure}") from error
-
-
-def failures(messages: list[str | None]) -> str:
-    """``"ranks 0, 1 of 2: message"`` for the ranks whose message is not ``None`` (``""`` when none),
-    each distinct message once."""
-    by_message: dict[str, list[int]] = {}
-    for r, m in enumerate(messages):
-        if m is not None:
-            by_message.setdefault(m, []).append(r)
-    return "; ".join(
-        f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))} of {len(messages)}: {m}"
-        for m, ranks in by_message.items()
-    )
+    answers = exchange(own)
+    if failed(answers):
+        raise CheckpointError(f"{where}: {what} failed on {describe(failed(answers), len(answers))}") from error
 
 
 @contextlib.contextmanager
@@ -118,8 +104,7 @@ def dcp_errors(where: str, what: str) -> Iterator[None]:
     try:
         yield
     except CheckpointException as e:
-        text = "; ".join(f"rank {r}: {type(exc).__name__}: {exc}" for r, (exc, _) in e.failures.items())
-        raise CheckpointError(f"{where}: {what} failed ({text or e})") from None
+        raise CheckpointError(f"{where}: {what} failed ({describe(dcp_failures(e)) or e})") from None
 
 
 # -- reading -------------------------------------------------------------------------------------------
@@ -211,15 +196,14 @@ def write(
 
     own = None if prepared is None else (str(prepared) or type(prepared).__name__)
     text = None if prepared is not None else _text(body)
-    outcome: list[Any] = [(own, rng_doc, text)]
+    outcome: list[Any] = [(own, (rng_doc, text))]
     if distributed() and world_size() > 1:
-        outcome = [None] * world_size()
-        torch.distributed.all_gather_object(outcome, (own, rng_doc, text))
-    failure = failures([o[0] for o in outcome])
-    if failure:
+        outcome = exchange(own, (rng_doc, text))
+    if failed(outcome):
         raise CheckpointError(
-            f"{path}: preparing the checkpoint failed on {failure}; nothing was written"
+            f"{path}: preparing the checkpoint failed on {describe(failed(outcome), len(outcome))}; nothing was written"
         ) from prepared
+    outcome = [(o[0], *o[1]) for o in outcome]  # (failure, rng_doc, text) per rank
     document = json.loads(outcome[0][2])  # rank 0's, so that every rank stores the same document
     document["world_size"] = len(outcome)
     if rng_doc is not None:

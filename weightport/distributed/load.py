@@ -46,6 +46,7 @@ from weightport.apply import (
     _owners,
     _Swap,
 )
+from weightport.distributed.agree import dcp_failures, describe, exchange, failed
 from weightport.distributed.reader import PlanReader
 from weightport.errors import DistributedError, NonFiniteError, OptionError, PlanError
 from weightport.options import ApplyOptions
@@ -156,27 +157,25 @@ def _attempt(step: Any) -> str | None:
     return None
 
 
-def _agree(group: Any, failure: str | None, step: str, value: float = 0) -> list[tuple[str | None, float]]:
+def _agree(group: Any, failure: str | None, step: str, value: float = 0) -> list[tuple[str | None, Any]]:
     """Every rank's ``(failure, value)``; raises :class:`DistributedError` on every rank if any rank failed."""
-    answers: list[Any] = [None] * dist.get_world_size(group)
     try:
-        dist.all_gather_object(answers, (failure, value), group=group)
+        answers = exchange(failure, value, group)
     except Exception as e:
         raise DistributedError(
             f"{step} a sharded transfer: rank {dist.get_rank()} heard nothing from the other ranks "
             f"({type(e).__name__}: {e}); nothing was changed on this rank"
         ) from e
-    failures = {r: msg for r, (msg, _) in enumerate(answers) if msg is not None}
+    failures = failed(answers)
     if failures:
-        listed = "; ".join(f"rank {r}: {m}" for r, m in failures.items())
+        listed = describe(failures, len(answers))
         raise DistributedError(f"{step} a sharded transfer failed, so no rank changed its model: {listed}", failures)
     return answers
 
 
 def _from_dcp(e: BaseException) -> DistributedError:
-    failures = {int(r): f"{type(exc).__name__}: {exc}" for r, (exc, _) in getattr(e, "failures", {}).items()}
-    listed = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
-    return DistributedError(f"reading the shards failed, so no rank changed its model: {listed}", failures)
+    failures = dcp_failures(e)
+    return DistributedError(f"reading the shards failed, so no rank changed its model: {describe(failures)}", failures)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
