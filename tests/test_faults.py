@@ -178,7 +178,7 @@ def test_interrupt_during_commit_finishes_the_commit(monkeypatch, sources):
     for dtype in (None, torch.float64):  # in-place copy_ / swap of cast tensors
         expected = built()
         wp.transfer(sources["zip"], expected, dtype=dtype)
-        model, original, sent = built(), apply_module._commit, []
+        model, original, sent = built(), apply_module.commit, []
 
         def commit_interrupted(
             writes: list[Any], plan: Any, *rest: Any, original: Any = original, sent: list = sent
@@ -190,7 +190,7 @@ def test_interrupt_during_commit_finishes_the_commit(monkeypatch, sources):
             original(writes[half:], plan, *rest)
 
         with monkeypatch.context() as m:
-            m.setattr(apply_module, "_commit", commit_interrupted)
+            m.setattr(apply_module, "commit", commit_interrupted)
             with pytest.raises(KeyboardInterrupt):
                 wp.transfer(sources["zip"], model, dtype=dtype)
         assert sent and digest(model) == digest(expected), dtype
@@ -207,7 +207,7 @@ def test_failed_transfer_keeps_optimizer_identity(sources, monkeypatch):
 
 def _commit_interrupted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Make the commit receive a real SIGINT half way through; returns the list it marks."""
-    original, sent = apply_module._commit, []
+    original, sent = apply_module.commit, []
 
     def commit(writes: list[Any], plan: Any, *rest: Any) -> None:
         half = len(writes) // 2
@@ -216,7 +216,7 @@ def _commit_interrupted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         sent.append(1)
         original(writes[half:], plan, *rest)
 
-    monkeypatch.setattr(apply_module, "_commit", commit)
+    monkeypatch.setattr(apply_module, "commit", commit)
     return sent
 
 

@@ -49,7 +49,7 @@ Owners = dict[int, list[tuple[nn.Module, str, str]]]  # id(tensor) -> (module, "
 
 
 @dataclass(slots=True)
-class _Copy:
+class Copy:
     """Commit: ``dest.copy_(value)`` in place."""
 
     dest: torch.Tensor
@@ -59,7 +59,7 @@ class _Copy:
 
 
 @dataclass(slots=True)
-class _Swap:
+class Swap:
     """Commit: put ``new`` in place of ``old`` (same identity where possible)."""
 
     old: torch.Tensor
@@ -77,8 +77,8 @@ def apply_plan(plan: TransferPlan, options: ApplyOptions) -> TransferReport:
 
 def _apply(plan: TransferPlan, options: ApplyOptions) -> TransferReport:
     start = time.perf_counter()
-    owners = _owners(plan.scope)
-    _check_unchanged(plan, owners)
+    owners = owners_of(plan.scope)
+    check_unchanged(plan, owners)
     recipes = list(plan.recipes.values())
     sizes = _source_bytes(plan.source, recipes)
     total = sum(sizes)
@@ -95,8 +95,8 @@ def _apply(plan: TransferPlan, options: ApplyOptions) -> TransferReport:
         }
         # the report exists before the first write: nothing after the commit can fail
         report = replace(plan.report, applied=True, stats=stats, warnings=plan.report.warnings + tuple(prepared.notes))
-        with _interrupts_deferred(), torch.no_grad():
-            _commit(prepared.writes, plan, bar)
+        with interrupts_deferred(), torch.no_grad():
+            commit(prepared.writes, plan, bar)
             plan.applied = True
     done = time.perf_counter()
     stats.update(commit_s=done - ready, seconds=done - start)  # plain float values: cannot fail
@@ -106,7 +106,7 @@ def _apply(plan: TransferPlan, options: ApplyOptions) -> TransferReport:
     return report
 
 
-def _check_unchanged(plan: TransferPlan, owners: Owners) -> None:
+def check_unchanged(plan: TransferPlan, owners: Owners) -> None:
     """Every planned target tensor is still held by a module of the scope, under its own attribute
     name (the plan holds the tensors, so their ids cannot have been reused)."""
     for name, t in plan.targets.items():
@@ -181,11 +181,11 @@ def _prepare(
             out.writes.append(_swap(t, t.detach().to(device=device, dtype=dtype, copy=True), owners))
     if options.dtype is not None or options.device is not None:
         out.writes.extend(_convert_other_buffers(plan, options, owners))
-    out.writes.extend(_materialise(plan, options, out.notes))
+    out.writes.extend(materialise_others(plan, options, out.notes))
     return out
 
 
-def _materialise(plan: TransferPlan, options: ApplyOptions, notes: list[str]) -> list[_Swap]:
+def materialise_others(plan: TransferPlan, options: ApplyOptions, notes: list[str]) -> list[Swap]:
     """Real tensors for the model's meta tensors that no target covers (``plan.materialise``):
     outside ``into=`` initialised as fresh tensors are, non-persistent buffers recomputed."""
     todo = plan.materialise
@@ -195,7 +195,7 @@ def _materialise(plan: TransferPlan, options: ApplyOptions, notes: list[str]) ->
     place = lambda t: final_place(t, options)  # noqa: E731
     values = fresh_values(model, list(todo.fresh), place, notes)
     values.update(recompute_buffers(model, list(todo.buffers), place))
-    owners = _owners(model)
+    owners = owners_of(model)
     out = []
     for name, value in values.items():
         path, _, attr = name.rpartition(".")
@@ -259,7 +259,7 @@ def _prepare_recipe(
             f"{recipe.target!r}: the ops produced shape {tuple(value.shape)} but the target is "
             f"{tuple(target.shape)}; fix the rule's op"
         )
-    if check_finite and not _finite_as_stored(value, dtype):
+    if check_finite and not finite_as_stored(value, dtype):
         cast = f" once cast to {_dtype_name(dtype)}" if value.dtype != dtype else ""
         message = f"{', '.join(keys)} -> {recipe.target!r}: holds NaN or Inf values{cast}"
         if check_finite == "report":
@@ -270,7 +270,7 @@ def _prepare_recipe(
                 "check_finite='report' to load it and list them in the report)"
             )
     if in_place and _disjoint(target, value):
-        return _Copy(target, value, keys, nbytes)
+        return Copy(target, value, keys, nbytes)
     if _made_by_ops(recipe, value, dtype, device, [*views, base]):
         new = value  # a fuse or a permutation already made a new tensor: no second copy
     else:
@@ -340,7 +340,7 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * size
 
 
-def _finite_as_stored(value: torch.Tensor, dtype: torch.dtype) -> bool:
+def finite_as_stored(value: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether ``value`` holds no NaN or Inf once cast to the dtype it is stored as (1e6 is finite
     in float32 and ``inf`` in float16)."""
     if not (dtype.is_floating_point or dtype.is_complex):
@@ -370,7 +370,7 @@ def _read_later(
     return new
 
 
-def _owners(scope: nn.Module) -> Owners:
+def owners_of(scope: nn.Module) -> Owners:
     found: Owners = {}
     for module in scope.modules():
         for kind in ("_parameters", "_buffers"):
@@ -380,7 +380,7 @@ def _owners(scope: nn.Module) -> Owners:
     return found
 
 
-def _swap(old: torch.Tensor, new: torch.Tensor, owners: Owners) -> _Swap:
+def _swap(old: torch.Tensor, new: torch.Tensor, owners: Owners) -> Swap:
     if isinstance(old, nn.Parameter):
         if type(old) is not nn.Parameter and _can_rebuild(old):  # keep Parameter subclasses
             param = type(old)(new, requires_grad=old.requires_grad)
@@ -389,7 +389,7 @@ def _swap(old: torch.Tensor, new: torch.Tensor, owners: Owners) -> _Swap:
         if old.__dict__:
             param.__dict__.update(old.__dict__)
         new = param
-    return _Swap(old, new, owners.get(id(old), []))
+    return Swap(old, new, owners.get(id(old), []))
 
 
 def _can_rebuild(p: nn.Parameter) -> bool:
@@ -400,7 +400,7 @@ def _can_rebuild(p: nn.Parameter) -> bool:
     return True
 
 
-def _convert_other_buffers(plan: TransferPlan, options: ApplyOptions, owners: Owners) -> list[_Swap]:
+def _convert_other_buffers(plan: TransferPlan, options: ApplyOptions, owners: Owners) -> list[Swap]:
     """Non-persistent buffers follow ``device=`` / ``dtype=`` like the rest of the scope."""
     seen = {id(t.tensor) for t in plan.targets.values()}
     out = []
@@ -417,11 +417,11 @@ def _convert_other_buffers(plan: TransferPlan, options: ApplyOptions, owners: Ow
 # -- commit -----------------------------------------------------------------------------------------
 
 
-def _commit(writes: list[Any], plan: TransferPlan, bar: _progress.Progress) -> None:
+def commit(writes: list[Any], plan: TransferPlan, bar: _progress.Progress) -> None:
     """Every write, each proven possible while preparing: in-place copies into writable, disjoint
     tensors of the same shape, dtype and device, and swaps of new tensors."""
     for w in writes:
-        if isinstance(w, _Copy):
+        if isinstance(w, Copy):
             w.dest.copy_(w.value)
             _release(plan, w.release)
             bar.update(w.nbytes)
@@ -438,7 +438,7 @@ def _release(plan: TransferPlan, keys: tuple[str, ...]) -> None:
             log.debug("releasing %s failed", k, exc_info=True)
 
 
-def _replace(w: _Swap) -> None:
+def _replace(w: Swap) -> None:
     """Swap the new values into the old tensor object where torch allows it (holders keep seeing
     it), else put the new object in each owner's place (which cannot fail)."""
     old, new = w.old, w.new
@@ -453,7 +453,7 @@ def _replace(w: _Swap) -> None:
 
 
 @contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred() -> Iterator[None]:
     """Hold Ctrl-C until the block ends, then hand it to whatever the process had: the commit is
     never half done, and the process's own SIGINT handling is kept. Python's default handler
     raises ``KeyboardInterrupt`` then; a handler of the process's own is called; an ignored

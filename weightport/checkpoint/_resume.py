@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from weightport.api import plan as plan_transfer
-from weightport.apply import _interrupts_deferred
+from weightport.apply import interrupts_deferred
 from weightport.checkpoint import _dcp, _optim, _rng, _sharded
 from weightport.checkpoint._format import CheckpointFile
 from weightport.checkpoint._optim import OptimizerReport
@@ -239,7 +239,7 @@ def _resume(
             _note_unused_parts(body, optimizer, scheduler, scaler, pending)
         # Ctrl-C is held from the model's commit until every part is restored, then handed to the
         # process's own SIGINT handling: an interrupted resume never leaves the model loaded alone.
-        with _interrupts_deferred():
+        with interrupts_deferred():
             # the last step that can refuse; what follows only assigns checked states
             report = loader.apply() if loader is not None else planned.apply()
             restored = ["model", *(r for r in _run(pending, ckpt.path) if r != "rebind")]

@@ -37,14 +37,14 @@ from weightport import _progress
 from weightport._fresh import fresh_values
 from weightport._gc import gc_paused
 from weightport.apply import (
-    _check_unchanged,
-    _commit,
-    _Copy,
-    _finite_as_stored,
-    _interrupts_deferred,
-    _materialise,
-    _owners,
-    _Swap,
+    Copy,
+    Swap,
+    check_unchanged,
+    commit,
+    finite_as_stored,
+    interrupts_deferred,
+    materialise_others,
+    owners_of,
 )
 from weightport.distributed.agree import dcp_failures, describe, exchange, failed
 from weightport.distributed.reader import PlanReader
@@ -99,13 +99,13 @@ def _check_options(options: ApplyOptions) -> None:
 def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferReport:
     start = time.perf_counter()
     rank = dist.get_rank()
-    owners = _owners(plan.scope)
-    _check_unchanged(plan, owners)
+    owners = owners_of(plan.scope)
+    check_unchanged(plan, owners)
     recipes = list(plan.recipes.values())
     notes: list[str] = []
     staged: dict[str, torch.Tensor] = {}
     fresh: dict[str, torch.Tensor] = {}
-    others: list[_Swap] = []  # the model's meta tensors outside the targets (into=, non-persistent buffers)
+    others: list[Swap] = []  # the model's meta tensors outside the targets (into=, non-persistent buffers)
     reader = PlanReader(plan.source, recipes, {r.target: plan.targets[r.target].tensor for r in recipes})
 
     # 1. stage; the ranks agree, and on rank 0's seed for the tensors that load nothing
@@ -140,8 +140,8 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
         warnings=plan.report.warnings + tuple(notes),
     )
     # 4. commit: nothing here can fail
-    with _progress.progress(False, 0, desc="weightport: committing") as bar, _interrupts_deferred(), torch.no_grad():
-        _commit(writes, plan, bar)
+    with _progress.progress(False, 0, desc="weightport: committing") as bar, interrupts_deferred(), torch.no_grad():
+        commit(writes, plan, bar)
         plan.applied = True
     stats.update(commit_s=time.perf_counter() - ready, seconds=time.perf_counter() - start)
     return report
@@ -187,7 +187,7 @@ def _stage(
     options: ApplyOptions,
     recipes: list[Recipe],
     staged: dict[str, torch.Tensor],
-    others: list[_Swap],
+    others: list[Swap],
     notes: list[str],
 ) -> None:
     """New tensors shaped like each loaded target's local shard, and values for the model's meta
@@ -203,7 +203,7 @@ def _stage(
         staged[recipe.target] = new
     if plan.materialise is not None and plan.targets:
         device = _device(next(t.tensor for t in plan.targets.values() if isinstance(t.tensor, DTensor)))
-        others.extend(_materialise(plan, replace(options, device=device), notes))
+        others.extend(materialise_others(plan, replace(options, device=device), notes))
 
 
 def _fresh_names(plan: TransferPlan, recipes: list[Recipe]) -> list[str]:
@@ -262,7 +262,7 @@ def _check_finite(
 ) -> None:
     if not options.check_finite:
         return
-    bad = [r for r in recipes if not _finite_as_stored(_local(staged[r.target]), staged[r.target].dtype)]
+    bad = [r for r in recipes if not finite_as_stored(_local(staged[r.target]), staged[r.target].dtype)]
     if not bad:
         return
     message = "holds NaN or Inf values in this rank's shard: " + ", ".join(repr(r.target) for r in bad)
@@ -275,12 +275,12 @@ def _check_finite(
     )
 
 
-def _write(old: torch.Tensor, new: torch.Tensor, recipe: Recipe | None, owners: Any) -> _Copy | _Swap:
+def _write(old: torch.Tensor, new: torch.Tensor, recipe: Recipe | None, owners: Any) -> Copy | Swap:
     """The commit step for one target: an in-place copy into a materialised local shard, or the new
     tensor in place of a meta one (FSDP2 takes the new parameter up when it next initialises)."""
     if not _local(old).is_meta:
         keys = tuple(i.key for i in recipe.inputs) if recipe is not None else ()
-        return _Copy(_local(old), _local(new), keys, 0)
+        return Copy(_local(old), _local(new), keys, 0)
     if isinstance(old, nn.Parameter):
         new = nn.Parameter(new, requires_grad=old.requires_grad)
-    return _Swap(old, new, owners.get(id(old), []))
+    return Swap(old, new, owners.get(id(old), []))
