@@ -63,6 +63,8 @@ def _entry(rank: int, fn: Callable[..., Any], args: tuple, world_size: int, port
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+        # no rank tears its connections down while another still talks on them (gloo's threads abort then)
+        dist.barrier()
     except BaseException:
         traceback.print_exc()
         raise
