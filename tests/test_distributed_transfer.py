@@ -451,3 +451,35 @@ def test_fsdp_torchtitan_with_fused_qkv_matches_transformers_and_names_the_whole
         torch.testing.assert_close(got["logits"], want, rtol=0, atol=1e-5)
         whole = [w for w in got["warnings"] if w.startswith("read whole")]
         assert whole and "'layers.0.attention.qkv_linear.wqkv.weight' (FusedQKVLinear loading hook)" in whole[0]
+
+
+# -- a 2-D mesh: data parallel x tensor parallel on 4 ranks -----------------------------------------------
+
+
+def _two_d_ranks(rank: int, world_size: int, path: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 10), nn.Linear(10, 5))
+    placements = {"0.weight": [Shard(0), Shard(1)], "0.bias": [Shard(0), Replicate()]}
+    for name, p in model.named_parameters():
+        module, attr = model[int(name[0])], name[2:]
+        chosen = placements.get(name, [Shard(0), Replicate()])
+        setattr(module, attr, nn.Parameter(distribute_tensor(torch.empty(p.shape, device="meta"), mesh, chosen)))
+    report = wp.transfer(path, model, rules=[wp.transform("1.weight", "1.weight", "scale", factor=2.0)])
+    return {"full": {n: p.full_tensor() for n, p in model.named_parameters()}, "read": report.bytes_read_per_rank}
+
+
+def test_a_2d_mesh_of_4_ranks_loads_what_a_single_process_does(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(6, 10), nn.Linear(10, 5)).state_dict()
+    save_file(source, str(tmp_path / "two_d.safetensors"))
+    want = {**source, "1.weight": source["1.weight"] * 2}
+    ranks = run_ranks(_two_d_ranks, str(tmp_path / "two_d.safetensors"), world_size=4)
+    for got in ranks:
+        assert all(torch.equal(got["full"][k], want[k]) for k in want)
+    # 0.weight is split four ways; what the tp dimension replicates, both tp ranks of a dp row read
+    weight, replicated = source["0.weight"].nbytes, sum(source[k].nbytes for k in ("0.bias", "1.weight", "1.bias"))
+    assert sum(ranks[0]["read"]) == weight + 2 * replicated and len(ranks[0]["read"]) == 4
