@@ -106,11 +106,12 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
     staged: dict[str, torch.Tensor] = {}
     fresh: dict[str, torch.Tensor] = {}
     others: list[Swap] = []  # the model's meta tensors outside the targets (into=, non-persistent buffers)
+    fresh_names = _fresh_names(plan, recipes)  # meta-built targets that load nothing
     reader = PlanReader(plan.source, recipes, {r.target: plan.targets[r.target].tensor for r in recipes})
 
     # 1. stage; the ranks agree, and on rank 0's seed for the tensors that load nothing
     failure = _attempt(lambda: _stage(plan, options, recipes, staged, others, notes))
-    seed = _agree(group, failure, "preparing", _seed_if(_fresh_names(plan, recipes)))[0][1]
+    seed = _agree(group, failure, "preparing", _seed_if(fresh_names))[0][1]
     # 2. read: DCP agrees on failures itself, raising CheckpointException (a BaseException) on every rank
     try:
         dcp.load(staged, storage_reader=reader, process_group=group)
@@ -121,7 +122,7 @@ def _apply(plan: TransferPlan, options: ApplyOptions, group: Any) -> TransferRep
 
     # 3. initialise, check, agree, and exchange the bytes read
     def initialise_and_check() -> None:
-        _fresh(plan, recipes, int(seed), fresh, notes)
+        _fresh(plan, fresh_names, int(seed), fresh, notes)
         _check_finite(plan, recipes, staged, options, notes)
 
     failure = _attempt(initialise_and_check)
@@ -220,14 +221,11 @@ def _seed_if(names: list[str]) -> int:
     return int(torch.randint(0, 2**62, ())) if names else 0
 
 
-def _fresh(
-    plan: TransferPlan, recipes: list[Recipe], seed: int, out: dict[str, torch.Tensor], notes: list[str]
-) -> None:
+def _fresh(plan: TransferPlan, names: list[str], seed: int, out: dict[str, torch.Tensor], notes: list[str]) -> None:
     """Initial values for the meta-built targets that load nothing, as their modules' own
     initialisation gives them, computed whole on every rank from rank 0's ``seed`` (so every rank
     computes the same tensor) and cut to the rank's shard: a fresh sharded tensor is held whole
     for a moment, on every rank."""
-    names = _fresh_names(plan, recipes)
     if not names:
         return
     devices = (
